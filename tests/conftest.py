@@ -1,0 +1,8 @@
+"""Shared test set-up: nothing may reach a hub, and Prefect keeps its state in a temporary home."""
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefcurate-prefect-"))
