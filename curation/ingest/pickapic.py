@@ -1,0 +1,126 @@
+"""Reader for Pick-a-Pic v1/v2 Parquet shards (with images, or the metadata-only variant).
+
+Columns (data-and-scorers.md §1.2): caption, jpg_0, jpg_1, label_0, label_1, user_id, ranking_id,
+image_0_uid, image_1_uid, best_image_uid, model_0, model_1, created_at, has_label, are_different,
+num_example_per_prompt, image_0_url, image_1_url, __index_level_0__. The dead URL columns and the
+pandas index are not read. Without jpg_0/jpg_1 (the published no-images variant) the pairs are
+metadata-only: their images are known by image_*_uid until a shard with the bytes is ingested.
+Ties (label_0 = label_1 = 0.5) are kept as 0.5.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.ingest.raw import UnreadableSourceError, raw_table
+
+
+SPLITS = ("train", "validation_unique", "test_unique", "validation", "test")
+_WANTED = {
+    "caption": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(), "label_0": pa.float64(),
+    "label_1": pa.float64(), "user_id": pa.int64(), "ranking_id": pa.int64(), "image_0_uid": pa.string(),
+    "image_1_uid": pa.string(), "model_0": pa.string(), "model_1": pa.string(),
+    "created_at": pa.timestamp("us", tz="UTC"), "has_label": pa.bool_(), "are_different": pa.bool_(),
+    "split": pa.string(),
+}
+
+
+def split_from_name(path: str) -> str:
+    name = os.path.basename(path)
+    for split in SPLITS:  # longest names first, so validation_unique is not read as validation
+        if name.startswith(split + "-") or name.startswith(split + "."):
+            return split
+    return "train"
+
+
+def _coerce(column: pa.ChunkedArray | pa.Array, type_: pa.DataType) -> tuple[pa.Array, list[int]]:
+    """Cast `column` to `type_`; values that cannot be cast become null and their indices are returned."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if column.type.equals(type_):
+        return column, []
+    if pa.types.is_timestamp(type_) and pa.types.is_timestamp(column.type):
+        if column.type.tz is None:  # Pick-a-Pic's created_at is naive; it is UTC
+            column = pc.assume_timezone(column, "UTC")
+        return column.cast(type_), []
+    try:
+        return pc.cast(column, type_, safe=True), []
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        values, bad = [], []
+        for i, value in enumerate(column.to_pylist()):
+            try:
+                values.append(pa.scalar(value).cast(type_).as_py() if value is not None else None)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError, ValueError):
+                values.append(None)
+                bad.append(i)
+        return pa.array(values, type=type_), bad
+
+
+class PickAPicReader:
+    format = "pickapic"
+
+    def __init__(self, batch_rows: int = 256):
+        # 256 rows of 512-768 px JPEGs is ~100-200 MB in flight: bounded whatever the shard size.
+        self.batch_rows = batch_rows
+
+    def batches(self, path: str, fs) -> Iterator[pa.Table]:
+        try:
+            parquet = pq.ParquetFile(fs.open(path, "rb"))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UnreadableSourceError(path, f"not a Parquet file ({exc})") from None
+        names = set(parquet.schema_arrow.names)
+        missing = [c for c in ("caption", "label_0") if c not in names]
+        has_bytes = {"jpg_0", "jpg_1"} <= names
+        if not has_bytes and not {"image_0_uid", "image_1_uid"} <= names:
+            missing.append("jpg_0/jpg_1 or image_0_uid/image_1_uid")
+        if missing:
+            raise UnreadableSourceError(path, f"not a Pick-a-Pic shard: required column(s) missing: {missing}")
+        columns = [c for c in _WANTED if c in names]
+        split = split_from_name(path)
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=columns):
+            yield self._to_raw(batch, split, offset)
+            offset += batch.num_rows
+
+    def _to_raw(self, batch: pa.RecordBatch, split: str, offset: int) -> pa.Table:
+        n = batch.num_rows
+        cols, bad_rows = {}, {}
+        for name in batch.schema.names:
+            array, bad = _coerce(batch.column(name), _WANTED[name])
+            cols[name] = array
+            for i in bad:
+                bad_rows.setdefault(i, f"column {name!r}: value of type {batch.column(name).type} "
+                                       f"cannot be read as {_WANTED[name]}")
+        uid0 = cols.get("image_0_uid", pa.nulls(n, pa.string())).to_pylist()
+        uid1 = cols.get("image_1_uid", pa.nulls(n, pa.string())).to_pylist()
+        ranking = cols.get("ranking_id", pa.nulls(n, pa.int64())).to_pylist()
+        # Identity: the ranking event plus the two images; rows lacking a ranking id use their position.
+        identity = [f"{r if r is not None else f'row{offset + i}'}:{a}:{b}"
+                    for i, (r, a, b) in enumerate(zip(ranking, uid0, uid1))]
+        reasons, details = [None] * n, [None] * n
+        has_label = cols.get("has_label")
+        are_different = cols.get("are_different")
+        for i in range(n):
+            if i in bad_rows:
+                reasons[i], details[i] = "wrong_type", bad_rows[i]
+            elif has_label is not None and has_label[i].as_py() is False:
+                reasons[i], details[i] = "unlabelled", "has_label is false"
+            elif are_different is not None and are_different[i].as_py() is False:
+                reasons[i], details[i] = "identical_images", "are_different is false"
+        user = cols.get("user_id")
+        return raw_table({
+            "row_identity": identity,
+            "split": cols["split"] if "split" in cols else [split] * n,
+            "prompt": cols["caption"],
+            "image_0_bytes": cols.get("jpg_0"), "image_1_bytes": cols.get("jpg_1"),
+            "image_0_uid": uid0, "image_1_uid": uid1,
+            "label_0": cols["label_0"], "label_1": cols.get("label_1"),
+            "user_id": user.cast(pa.string()) if user is not None else None,
+            "created_at": cols.get("created_at"),
+            "model_0": cols.get("model_0"), "model_1": cols.get("model_1"),
+            "ranking_id": [str(r) if r is not None else None for r in ranking],
+            "reader_reason": reasons, "reader_detail": details,
+        })
