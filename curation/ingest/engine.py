@@ -168,28 +168,13 @@ class _Batcher:
             reason, detail = self._check_row(cols, blob_ids, i)
             if reason is None:
                 pid = ids.pair_id(source, cols["row_identity"][i])
+                # A duplicate pair may still bring images the lake lacks (the with-images shard
+                # of pairs first ingested metadata-only): store those either way.
+                image_ids = self._store_images(cols, blob_ids, blobs, decoded, i, new_images, new_refs)
                 if pid in self.known_pairs:
                     result.n_duplicates += 1
                     continue
                 self.known_pairs.add(pid)
-                image_ids = []
-                for side in (0, 1):
-                    content = blob_ids[side][i]
-                    uid = cols[f"image_{side}_uid"][i]
-                    if content is None:  # metadata-only: the source's own id stands in
-                        image_ids.append(ids.ref_id(source, uid))
-                        continue
-                    image_ids.append(content)
-                    if content not in self.known_images:
-                        fmt, width, height = decoded[content]
-                        new_images.append({"image_id": content, "bytes": blobs[content], "format": fmt,
-                                           "width": width, "height": height, "ingest_id": self.ingest_id})
-                        self.known_images.add(content)
-                    if uid is not None:
-                        ref = ids.ref_id(source, uid)
-                        if ref not in self.known_refs:
-                            new_refs.append({"ref_id": ref, "image_id": content, "ingest_id": self.ingest_id})
-                            self.known_refs.add(ref)
                 pairs.append({
                     "pair_id": pid, "source": source, "split": cols["split"][i] or "train",
                     "prompt": cols["prompt"][i], "prompt_id": ids.prompt_id(cols["prompt"][i]),
@@ -211,6 +196,29 @@ class _Batcher:
         result.n_images_new += len(new_images)
         return {"pairs": pa.Table.from_pylist(pairs), "quarantine": pa.Table.from_pylist(quarantine),
                 "images": pa.Table.from_pylist(new_images), "image_refs": pa.Table.from_pylist(new_refs)}
+
+    def _store_images(self, cols, blob_ids, blobs, decoded, i, new_images, new_refs) -> list[str]:
+        """The lake ids of row i's two images; appends images and refs the lake does not have yet."""
+        source = self.config.source
+        image_ids = []
+        for side in (0, 1):
+            content = blob_ids[side][i]
+            uid = cols[f"image_{side}_uid"][i]
+            if content is None:  # metadata-only: the source's own id stands in
+                image_ids.append(ids.ref_id(source, uid))
+                continue
+            image_ids.append(content)
+            if content not in self.known_images:
+                fmt, width, height = decoded[content]
+                new_images.append({"image_id": content, "bytes": blobs[content], "format": fmt,
+                                   "width": width, "height": height, "ingest_id": self.ingest_id})
+                self.known_images.add(content)
+            if uid is not None:
+                ref = ids.ref_id(source, uid)
+                if ref not in self.known_refs:
+                    new_refs.append({"ref_id": ref, "image_id": content, "ingest_id": self.ingest_id})
+                    self.known_refs.add(ref)
+        return image_ids
 
     def _check_row(self, cols: dict, blob_ids: list, i: int) -> tuple[str | None, str | None]:
         """(reason, detail) of the first problem of row i, or (None, None) if it is acceptable."""

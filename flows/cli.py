@@ -1,0 +1,192 @@
+"""`prefcurate`: the command line. Each command is a thin shell over a flow or a curation function.
+
+Exit codes (documented in the README):
+  0  success
+  2  usage error (unknown option, missing argument) - argparse's own code
+  3  input error: missing lake, unreadable source file, refused SQL, unknown name
+  1  unexpected internal error (a bug: please report it with the traceback from --debug)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 3."""
+
+
+def _quiet_prefect_defaults() -> None:
+    # No network here: Prefect's telemetry would log an error on every server start.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="prefcurate", formatter_class=formatter,
+        description="Curate human-preference pair data and fine-tune text-to-image models on it.",
+        epilog=textwrap.dedent("""\
+            examples:
+              prefcurate demo --out demo-out
+              prefcurate ingest --lake lake --format pickapic shards/train-*.parquet
+              prefcurate sql --lake lake "SELECT user_id, count(*) FROM pairs GROUP BY 1 ORDER BY 2 DESC LIMIT 5"
+            exit codes: 0 ok, 1 internal error, 2 usage error, 3 input error"""))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="ingest source files into a lake", formatter_class=formatter,
+                       description="Ingest preference-pair files into the lake (created if missing). Rows are "
+                                   "accepted, deduplicated or quarantined with a reason; a file already "
+                                   "ingested is a no-op.",
+                       epilog=textwrap.dedent("""\
+                           examples:
+                             prefcurate ingest --lake lake --format pickapic pickapic_v2/train-0000*.parquet
+                             prefcurate ingest --lake lake --format pickapic --source pickapic_v2 no_images/*.parquet
+                             prefcurate ingest --lake lake --format hpdv2 --image-root HPDv2/train HPDv2/train.json
+                             prefcurate ingest --lake lake --format jsonl my_pairs.jsonl"""))
+    p.add_argument("--lake", required=True, help="lake directory or fsspec URL")
+    p.add_argument("--format", required=True, help="reader: pickapic, hpdv2, jsonl, csv, wmt")
+    p.add_argument("--source", help="source label stored with each pair (default: the format name)")
+    p.add_argument("--image-root", help="folder that image paths are relative to (hpdv2, jsonl, csv)")
+    p.add_argument("paths", nargs="+", metavar="SOURCE", help="files to ingest")
+
+    p = sub.add_parser("sql", help="run a read-only SQL query over the lake", formatter_class=formatter,
+                       description="DuckDB over the lake tables as views (pairs, images, image_refs, quarantine, "
+                                   "ingests, scores, and the curation tables when present). Read-only: "
+                                   "statements that write, attach or copy out are refused.",
+                       epilog=textwrap.dedent("""\
+                           examples:
+                             prefcurate sql --lake lake "SELECT reason, count(*) FROM quarantine GROUP BY 1"
+                             prefcurate sql --lake lake --format csv "SELECT * FROM ingests" > ingests.csv"""))
+    p.add_argument("--lake", required=True)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("query", help="SQL text")
+
+    p = sub.add_parser("tables", help="describe the lake tables' columns", formatter_class=formatter,
+                       epilog="example:\n  prefcurate tables pairs")
+    p.add_argument("names", nargs="*", help="tables to describe (default: all)")
+
+    p = sub.add_parser("sample", help="write the embedded synthetic Pick-a-Pic-shaped sample",
+                       formatter_class=formatter, epilog="example:\n  prefcurate sample --out sample --seed 0")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="the small configuration the tests use")
+
+    p = sub.add_parser("demo", help="run the pipeline on the embedded sample, offline", formatter_class=formatter,
+                       epilog="example:\n  prefcurate demo --out demo-out")
+    p.add_argument("--out", default="demo-out", help="working folder (sample, lake)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _print_table(table, fmt: str) -> None:
+    import polars as pl
+
+    frame = pl.from_arrow(table) if table.num_columns else pl.DataFrame()
+    if fmt == "csv":
+        sys.stdout.write(frame.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(json.dumps(frame.to_dicts(), default=str) + "\n")
+    else:
+        with pl.Config(tbl_rows=50, tbl_cols=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=False):
+            print(frame)
+
+
+def cmd_ingest(args) -> int:
+    from curation.ingest import READERS
+
+    if args.format not in READERS:
+        raise UserError(f"unknown format {args.format!r}; formats: {', '.join(sorted(READERS))}")
+    _quiet_prefect_defaults()
+    from flows.ingest import ingest_flow
+
+    options = {"image_root": args.image_root} if args.image_root else {}
+    results = ingest_flow(args.lake, args.paths, args.format, args.source, options)
+    failed = 0
+    for r in results:
+        if "error" in r:
+            failed += 1
+            print(f"error: {r['error']}", file=sys.stderr)
+        else:
+            head = "already ingested: " if r["already_ingested"] else ""
+            print(f"{head}{r['source_file']}: read {r['n_read']} = accepted {r['n_accepted']} + duplicates "
+                  f"{r['n_duplicates']} + quarantined {r['n_quarantined']}")
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def cmd_sql(args) -> int:
+    from curation.lake import Lake
+    from curation.sql import query
+
+    _print_table(query(Lake(args.lake), args.query), args.format)
+    return EXIT_OK
+
+
+def cmd_tables(args) -> int:
+    from data_schemas import TABLES, describe
+
+    for name in args.names or list(TABLES):
+        if name not in TABLES:
+            raise UserError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
+        print(describe(name) + "\n")
+    return EXIT_OK
+
+
+def cmd_sample(args) -> int:
+    from curation.sample import SampleConfig, generate_sample
+
+    config = SampleConfig.small(seed=args.seed) if args.small else SampleConfig(seed=args.seed)
+    paths = generate_sample(args.out, config)
+    print(f"sample written: {paths}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from flows.demo import run_demo
+
+    _quiet_prefect_defaults()
+    run_demo(args.out, seed=args.seed)
+    return EXIT_OK
+
+
+COMMANDS = {"ingest": cmd_ingest, "sql": cmd_sql, "tables": cmd_tables, "sample": cmd_sample, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from curation.ingest import UnreadableSourceError
+    from curation.lake import LakeError
+    from curation.sql import ReadOnlyError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, LakeError, UnreadableSourceError, ReadOnlyError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        print(f"prefcurate {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as exc:
+        import duckdb
+
+        if isinstance(exc, duckdb.Error) and args.command == "sql":
+            if args.debug:
+                raise
+            print(f"prefcurate sql: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return EXIT_INPUT
+        raise
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,249 @@
+"""Ingest of Pick-a-Pic-shaped shards: acceptance, every kind of bad input, dedup, idempotence,
+metadata-only pairs whose images arrive later, unreadable files, and crash safety."""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation.ids import content_id, pair_id
+from curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader
+from curation.lake import Lake
+from data_schemas import PAIRS, validate
+
+
+PICKAPIC_TYPES = {
+    "are_different": pa.bool_(), "best_image_uid": pa.string(), "caption": pa.string(),
+    "created_at": pa.timestamp("ns"), "has_label": pa.bool_(), "image_0_uid": pa.string(),
+    "image_0_url": pa.string(), "image_1_uid": pa.string(), "image_1_url": pa.string(), "jpg_0": pa.binary(),
+    "jpg_1": pa.binary(), "label_0": pa.float64(), "label_1": pa.float64(), "model_0": pa.string(),
+    "model_1": pa.string(), "ranking_id": pa.int64(), "user_id": pa.int64(), "num_example_per_prompt": pa.int64(),
+    "__index_level_0__": pa.int64(),
+}
+
+
+def jpeg(color, size=24) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+RED, BLUE, GREEN = jpeg((220, 30, 30)), jpeg((30, 30, 220)), jpeg((30, 200, 30))
+
+
+def row(i, *, caption="a red bicycle", jpg_0=RED, jpg_1=BLUE, label_0=1.0, label_1=None, user=7, uid0=None,
+        uid1=None, has_label=True, are_different=True):
+    label_1 = (1.0 - label_0 if label_0 == label_0 else label_0) if label_1 is None else label_1
+    uid0 = uid0 or f"img-{content_id(jpg_0)[:8]}" if jpg_0 is not None else uid0
+    uid1 = uid1 or f"img-{content_id(jpg_1)[:8]}" if jpg_1 is not None else uid1
+    return {"are_different": are_different, "best_image_uid": uid0, "caption": caption,
+            "created_at": dt.datetime(2023, 5, 1) + dt.timedelta(minutes=i), "has_label": has_label,
+            "image_0_uid": uid0, "image_0_url": "https://dead/0", "image_1_uid": uid1, "image_1_url": "https://dead/1",
+            "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label_0, "label_1": label_1, "model_0": "sd-1.5",
+            "model_1": "sdxl", "ranking_id": 1000 + i, "user_id": user, "num_example_per_prompt": 1,
+            "__index_level_0__": i}
+
+
+def write_shard(path, rows, drop=()):
+    types = {k: v for k, v in PICKAPIC_TYPES.items() if k not in drop}
+    table = pa.table({k: pa.array([r[k] for r in rows], type=t) for k, t in types.items()})
+    pq.write_table(table, path, row_group_size=4)
+    return str(path)
+
+
+def ingest(lake, path, source="pickapic"):
+    return ingest_file(lake, str(path), IngestConfig(source=source, format="pickapic"),
+                       make_reader("pickapic", batch_rows=3))
+
+
+@pytest.fixture
+def lake(tmp_path):
+    return Lake(str(tmp_path / "lake"), create=True)
+
+
+def test_good_rows_are_accepted_with_exact_values(tmp_path, lake):
+    shard = write_shard(tmp_path / "train-00000-of-00001.parquet",
+                        [row(0), row(1, label_0=0.0, jpg_1=GREEN), row(2, label_0=0.5, user=8)])
+    result = ingest(lake, shard)
+    assert (result.n_read, result.n_accepted, result.n_duplicates, result.n_quarantined) == (3, 3, 0, 0)
+    pairs = lake.read("pairs")
+    assert validate(pairs, PAIRS) == []
+    rows = sorted(pairs.to_pylist(), key=lambda r: r["ranking_id"])
+    assert [r["label_0"] for r in rows] == [1.0, 0.0, 0.5]  # ties kept as 0.5
+    assert rows[0]["image_0_id"] == content_id(RED) and rows[1]["image_1_id"] == content_id(GREEN)
+    assert rows[0]["pair_id"] == pair_id("pickapic", f"1000:{rows[0]['image_0_uid']}:{rows[0]['image_1_uid']}")
+    assert rows[2]["user_id"] == "8" and rows[0]["split"] == "train"
+    assert rows[0]["created_at"] == dt.datetime(2023, 5, 1, tzinfo=dt.timezone.utc)
+    # RED is used by all three pairs but stored once.
+    images = lake.read("images")
+    assert sorted(images.column("image_id").to_pylist()) == sorted({content_id(RED), content_id(BLUE),
+                                                                    content_id(GREEN)})
+    assert set(images.column("format").to_pylist()) == {"JPEG"} and images.column("width").to_pylist()[0] == 24
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(jpg_0=RED[: len(RED) // 2]), "corrupt_image"),
+    (dict(jpg_1=b"not an image at all"), "corrupt_image"),
+    (dict(label_0=float("nan")), "nan_label"),
+    (dict(label_0=1.0, label_1=1.0), "inconsistent_labels"),
+    (dict(label_0=1.5, label_1=-0.5), "label_out_of_range"),
+    (dict(caption="   "), "empty_prompt"),
+    (dict(jpg_1=RED), "identical_images"),
+    (dict(are_different=False, jpg_1=GREEN), "identical_images"),
+    (dict(has_label=False), "unlabelled"),
+])
+def test_each_kind_of_bad_row_is_quarantined_and_the_ingest_goes_on(tmp_path, lake, bad, reason):
+    shard = write_shard(tmp_path / "train-0.parquet", [row(0), row(1, **bad), row(2, jpg_1=GREEN)])
+    result = ingest(lake, shard)
+    assert (result.n_read, result.n_accepted, result.n_quarantined) == (3, 2, 1)
+    [q] = lake.read("quarantine").to_pylist()
+    assert q["reason"] == reason and q["row_identity"].startswith("1001:")
+    assert q["source_file"] == shard and q["detail"]
+    assert '"caption"' not in q["raw"] and '"prompt"' in q["raw"]  # the raw values a person needs, by our names
+
+
+def test_wrong_type_values_are_quarantined(tmp_path, lake):
+    rows = [row(0), row(1)]
+    table = pa.table({k: pa.array([r[k] for r in rows], type=t) for k, t in PICKAPIC_TYPES.items()})
+    table = table.set_column(table.schema.get_field_index("label_0"), "label_0", pa.array(["1.0", "left"]))
+    pq.write_table(table, tmp_path / "train-0.parquet")
+    result = ingest(lake, tmp_path / "train-0.parquet")
+    assert (result.n_accepted, result.n_quarantined) == (1, 1)
+    [q] = lake.read("quarantine").to_pylist()
+    assert q["reason"] == "wrong_type" and "label_0" in q["detail"]
+
+
+def test_duplicates_within_a_file_and_across_files(tmp_path, lake):
+    first = write_shard(tmp_path / "train-0.parquet", [row(0), row(0), row(1, jpg_1=GREEN)])
+    r1 = ingest(lake, first)
+    assert (r1.n_read, r1.n_accepted, r1.n_duplicates) == (3, 2, 1)
+    second = write_shard(tmp_path / "train-1.parquet", [row(1, jpg_1=GREEN), row(2, label_0=0.0)])
+    r2 = ingest(lake, second)  # a new shard appends; its repeated row is a duplicate
+    assert (r2.n_read, r2.n_accepted, r2.n_duplicates) == (2, 1, 1)
+    assert lake.read("pairs").num_rows == 3
+    # The same row under another source label is a different pair.
+    r3 = ingest(lake, first, source="pickapic_mirror")
+    assert r3.n_accepted == 2 and lake.read("pairs").num_rows == 5
+
+
+def test_reingest_is_a_noop(tmp_path, lake):
+    shard = write_shard(tmp_path / "train-0.parquet", [row(0), row(1, caption="")])
+    first = ingest(lake, shard)
+    files_before = {t: lake.files(t) for t in ("pairs", "images", "quarantine", "ingests")}
+    again = ingest(lake, shard)
+    assert again.already_ingested and (again.n_read, again.n_accepted, again.n_quarantined) == (2, 1, 1)
+    assert {t: lake.files(t) for t in files_before} == files_before
+    assert first.ingest_id == again.ingest_id and lake.read("ingests").num_rows == 1
+
+
+def test_metadata_only_pairs_get_their_images_when_a_shard_with_bytes_arrives(tmp_path, lake):
+    rows = [row(0, uid0="u-red", uid1="u-blue"), row(1, uid0="u-red", uid1="u-green", jpg_1=GREEN)]
+    meta = write_shard(tmp_path / "train-meta.parquet", [dict(r, jpg_0=None, jpg_1=None) for r in rows],
+                       drop=("jpg_0", "jpg_1"))
+    r1 = ingest(lake, meta)
+    assert (r1.n_accepted, r1.n_images_new) == (2, 0)
+    pairs = lake.read("pairs").to_pylist()
+    assert {p["image_0_id"] for p in pairs} == {"pickapic:u-red"}
+    full = write_shard(tmp_path / "train-full.parquet", rows)
+    r2 = ingest(lake, full)
+    assert (r2.n_read, r2.n_duplicates, r2.n_images_new) == (2, 2, 3)  # same pairs, new images
+    refs = {r["ref_id"]: r["image_id"] for r in lake.read("image_refs").to_pylist()}
+    assert refs["pickapic:u-red"] == content_id(RED) and refs["pickapic:u-green"] == content_id(GREEN)
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"PAR1 this is not parquet", "not a Parquet file"),
+    (None, "required column(s) missing"),
+])
+def test_unreadable_file_fails_with_one_line_and_writes_nothing(tmp_path, lake, content, what):
+    path = tmp_path / "train-bad.parquet"
+    if content is None:
+        pq.write_table(pa.table({"prompt": ["x"], "winner": [1]}), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UnreadableSourceError) as error:
+        ingest(lake, path)
+    assert what in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+    for table in ("pairs", "images", "quarantine", "ingests"):
+        assert lake.files(table) == []
+    assert not os.path.exists(os.path.join(lake.path, "_staging")) or not os.listdir(
+        os.path.join(lake.path, "_staging"))
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from curation.ingest import IngestConfig, ingest_file, make_reader
+    from curation.lake import Lake
+    lake = Lake(sys.argv[1], create=True)
+    if sys.argv[3] == "during-moves":
+        # Die like a SIGKILL right after the first staged file is moved into place.
+        real_mv = lake.fs.mv
+        def mv(src, dst, *a, **k):
+            real_mv(src, dst, *a, **k)
+            if "_staging" in src and dst.endswith(".parquet"):
+                os._exit(9)
+        lake.fs.mv = mv
+    ingest_file(lake, sys.argv[2], IngestConfig("pickapic", "pickapic"), make_reader("pickapic", batch_rows=50))
+""")
+
+
+def _many_rows(n):
+    colors = [jpeg((i * 7 % 256, i * 13 % 256, i * 29 % 256), size=48) for i in range(64)]
+    return [row(i, jpg_0=colors[i % 64], jpg_1=colors[(i + 1) % 64], user=i % 9) for i in range(n)]
+
+
+def _assert_clean_complete_lake(lake, n_rows):
+    pairs = lake.read("pairs")
+    assert pairs.num_rows == n_rows
+    assert len(set(pairs.column("pair_id").to_pylist())) == n_rows
+    assert lake.read("ingests").num_rows == 1
+    for table in ("pairs", "images", "ingests"):
+        for f in lake.files(table):
+            pq.read_metadata(f)  # every visible file is a complete Parquet file
+    leftovers = [f for _, _, fs in os.walk(lake.path) for f in fs if ".tmp-" in f]
+    assert leftovers == []
+
+
+def test_crash_while_moving_files_is_rolled_forward(tmp_path):
+    shard = write_shard(tmp_path / "train-0.parquet", _many_rows(400))
+    root = str(tmp_path / "lake")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    crashed = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, root, shard, "during-moves"], env=env)
+    assert crashed.returncode == 9
+    lake = Lake(root)
+    assert lake.read("ingests").num_rows == 0  # not yet committed in the visible tables
+    result = ingest(lake, shard)  # recovery rolls the committed transaction forward first
+    assert result.already_ingested
+    _assert_clean_complete_lake(lake, 400)
+
+
+def test_killed_mid_write_leaves_nothing_visible_and_a_rerun_completes(tmp_path):
+    shard = write_shard(tmp_path / "train-0.parquet", _many_rows(6000))
+    root = str(tmp_path / "lake")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    process = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, root, shard, "kill"], env=env)
+    staging = os.path.join(root, "_staging")
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until staged Parquet files are being written
+        if os.path.isdir(staging) and any(f.endswith(".parquet") for _, _, fs in os.walk(staging) for f in fs):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    lake = Lake(root)
+    assert lake.files("pairs") == [] and lake.files("ingests") == []  # nothing half-written is visible
+    result = ingest(lake, shard)
+    assert not result.already_ingested and result.n_accepted == 6000
+    assert not os.listdir(staging)
+    _assert_clean_complete_lake(lake, 6000)
