@@ -220,9 +220,9 @@ def test_margin_types_and_scale():
     assert L.adaptive_margin(u, ell, beta=2000.0).tolist() == pytest.approx([-0.25e-3 + 2e-4, -1e-3 + 2e-4])
     assert L.adaptive_margin(u, ell, beta=2000.0, margin_type="linear").tolist() == pytest.approx(
         [-0.5e-3 + 2e-4, -1e-3 + 2e-4])
-    # margin_scale = k: both terms in logit units, Γ = −u² + k·mean(ℓ)
+    # margin_scale = k: the u-term in logit units, Γ = −u² + mean(ℓ)
     assert L.adaptive_margin(u, ell, beta=2000.0, margin_scale=1000.0).tolist() == pytest.approx(
-        [-0.25 + 0.2, -1.0 + 0.2])
+        [-0.25 + 2e-4, -1.0 + 2e-4])
 
 
 def test_combine_minority_scores():
@@ -235,6 +235,8 @@ def test_combine_minority_scores():
         L.combine_minority_scores(online, None, "max")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         L.combine_minority_scores(online, t64(1.5, 0.0), "mean")
+    with pytest.raises(ValueError, match="NaN"):
+        L.combine_minority_scores(None, t64(float("nan"), 0.0), "offline")
     with pytest.raises(ValueError, match="mode"):
         L.combine_minority_scores(online, offline, "min")  # type: ignore[arg-type]
 

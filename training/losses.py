@@ -295,9 +295,10 @@ def combine_minority_scores(
 ) -> Tensor:
     """One u (B,) in [0, 1] from the online metric and an offline one from the data snapshot.
 
-    ``online`` reproduces Adaptive-DPO (the model's own view); ``offline`` uses only the curated per-pair score
-    (same meaning: high = likely minority, e.g. annotator/scorer disagreement); ``max`` down-weights a pair when
-    either source flags it (conservative: label noise seen by one source is enough); ``mean`` averages them.
+    ``online`` (default) reproduces Adaptive-DPO: the model's own view. ``offline`` uses only the curated
+    per-pair score, same meaning (high = likely minority): ``curation.pair_metrics`` ``minority_score``, whose
+    nulls (ties, < 2 annotators) the caller must fill. ``max`` down-weights a pair when either source flags it
+    (conservative: label noise seen by one source is enough); ``mean`` averages the two.
     """
     needs_online, needs_offline = mode in ("online", "max", "mean"), mode in ("offline", "max", "mean")
     if mode not in ("online", "offline", "max", "mean"):
@@ -307,8 +308,8 @@ def combine_minority_scores(
     given = {name: t.detach() for name, t in (("online_u", online_u), ("offline_u", offline_u)) if t is not None}
     _check_per_sample(**given)
     for name, t in given.items():
-        if bool(((t < 0) | (t > 1)).any()):
-            raise ValueError(f"{name} must lie in [0, 1]")
+        if not bool(((t >= 0) & (t <= 1)).all()):  # also catches NaN (a null minority_score read as NaN)
+            raise ValueError(f"{name} must lie in [0, 1] with no NaN")
     if mode == "online":
         return given["online_u"]
     if mode == "offline":
@@ -346,12 +347,12 @@ def adaptive_margin(
 ) -> Tensor:
     """Adaptive-DPO margin Γ (arXiv 2503.16921 Eq. 15; code ``use_margin``), detached, in logit units:
 
-        Γ_i = margin_scale · (−u_i^p / k + mean_j ℓ_j),   p = 2 (quadratic) or 1 (linear),   k = β/2
+        Γ_i = −margin_scale · u_i^p / k + mean_j ℓ_j,   p = 2 (quadratic) or 1 (linear),   k = β/2
 
     k is the code's ``beta_dpo`` (see ``beta_from_adaptive_dpo``); ``raw_logits`` is the current model's ℓ.
     ``margin_scale = 1`` reproduces the code, where Γ (order 1e-4 to 1e-3) is negligible next to k·ℓ (order
-    0.1-1) and the effect comes from W (methods.md §2.4, scale caveat). ``margin_scale = k`` puts both terms in
-    logit units, Γ = −u^p + k·mean(ℓ), for a margin that matters.
+    0.1-1) and the effect comes from W (methods.md §2.4, scale caveat); ``margin_scale = k`` makes the u-term
+    −u^p, of order one in logit units. The knob scales the u-term only, as in ``curation.pair_metrics``.
     """
     _check_per_sample(u=u, raw_logits=raw_logits)
     k = dpo_logit_scale(beta)
@@ -361,7 +362,7 @@ def adaptive_margin(
         penalty = u.detach()
     else:
         raise ValueError(f"margin_type must be 'quadratic' or 'linear', got {margin_type!r}")
-    return margin_scale * (-penalty / k + raw_logits.detach().mean())
+    return -margin_scale * penalty / k + raw_logits.detach().mean()
 
 
 def adaptive_dpo_loss(
