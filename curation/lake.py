@@ -88,11 +88,17 @@ class Lake:
         """Committed Parquet files of `table`, sorted (deterministic reads)."""
         if table not in TABLES:
             raise KeyError(f"unknown table {table!r}; tables: {sorted(TABLES)}")
-        return sorted(self.fs.glob(self._join(table, "**", "*.parquet")) + self.fs.glob(self._join(table, "*.parquet")))
+        return self.glob_parquet(table)
+
+    def glob_parquet(self, folder: str) -> list[str]:
+        """Parquet files anywhere under `folder`, each once, sorted. (fsspec's '**' also matches
+        zero folders, so the top-level files would otherwise be listed twice.)"""
+        found = self.fs.glob(self._join(folder, "**", "*.parquet")) + self.fs.glob(self._join(folder, "*.parquet"))
+        return sorted(set(found))
 
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """The whole table (or some columns of it) as Arrow; empty, with the right schema, if absent."""
-        files = sorted(set(self.files(table)))
+        files = self.files(table)
         schema = TABLES[table]
         if columns:
             schema = pa.schema([schema.field(c) for c in columns])

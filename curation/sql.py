@@ -60,9 +60,9 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     for name, schema in TABLES.items():
         con.execute(_view_sql(name, [lake.local_path(*_rel(lake, f)) for f in lake.files(name)], schema))
     for name in DERIVED_TABLES:
-        files = sorted(lake.fs.glob(lake._join(name, "**", "*.parquet")) + lake.fs.glob(lake._join(name, "*.parquet")))
+        files = lake.glob_parquet(name)
         if files:
-            con.execute(_view_sql(name, [lake.local_path(*_rel(lake, f)) for f in sorted(set(files))], None))
+            con.execute(_view_sql(name, [lake.local_path(*_rel(lake, f)) for f in files], None))
     return con
 
 
