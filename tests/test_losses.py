@@ -327,7 +327,8 @@ def test_gradients_reach_the_policy_only():
     model_w, model_l = MODEL_W.clone().requires_grad_(), MODEL_L.clone().requires_grad_()
     ref_w, ref_l = REF_W.clone().requires_grad_(), REF_L.clone().requires_grad_()
     u = t64(0.3, 0.8).requires_grad_()  # as if someone forgot to detach it
-    weight, margin = L.adaptive_weight(u), L.adaptive_margin(u, t64(0.2, -0.1), beta=10.0)
+    raw_logits = L.dpo_raw_logits(model_w, model_l, ref_w, ref_l)  # (0.2, −0.1), requires grad
+    weight, margin = L.adaptive_weight(u), L.adaptive_margin(u, raw_logits, beta=10.0)
     assert not weight.requires_grad and not margin.requires_grad
     assert not L.minority_metric(torch.stack([model_w, model_l]), rho=1.0).u.requires_grad
     loss, metrics = L.adaptive_dpo_loss(model_w, model_l, ref_w, ref_l, u, beta=10.0)
