@@ -35,7 +35,8 @@ from curation.palette import COLOR_NAMES
 from curation.sample_scene import render_scene
 
 ANNOTATOR_TYPES = ("reliable", "minority", "position_biased", "spammer", "tie_prone")
-DEFECT_KINDS = ("duplicate_row", "corrupt_image", "nan_label", "inconsistent_labels", "empty_prompt", "identical_images")
+DEFECT_KINDS = ("duplicate_row", "corrupt_image", "nan_label", "inconsistent_labels", "empty_prompt",
+                "identical_images")
 OBJECTS = {"bicycle": "triangle", "car": "rectangle", "umbrella": "ellipse", "teapot": "ellipse", "kite": "diamond",
            "house": "rectangle", "balloon": "ellipse", "chair": "rectangle", "boat": "triangle", "lamp": "diamond"}
 SETTINGS = ("on a quiet street", "in a sunny field", "on a wooden table", "under a cloudy sky", "by the sea",
@@ -117,6 +118,7 @@ class SampleConfig:
 @dataclass(frozen=True)
 class SamplePaths:
     root: Path
+    pickapic_dir: Path        # out_dir/pickapic: the shards and nothing else
     shards: tuple[Path, ...]  # out_dir/pickapic/train-0000i-of-0000N.parquet, in row order
     annotators: Path          # out_dir/truth/annotators.parquet
     rows: Path                # out_dir/truth/rows.parquet
@@ -148,6 +150,11 @@ def generate_sample(out_dir: str | Path, config: SampleConfig | None = None) -> 
     annotators = _annotators(cfg, rng)
     rows = _rows(cfg, rng, images, prompts, annotators)
     root = Path(out_dir)
+    names = {f"train-{k:05d}-of-{cfg.n_shards:05d}.parquet" for k in range(cfg.n_shards)}
+    stale = sorted(p.name for p in (root / "pickapic").glob("*.parquet") if p.name not in names)
+    if stale:  # a reader globbing the folder would mix them in
+        raise FileExistsError(f"{root / 'pickapic'} holds Parquet files this sample would not overwrite: {stale}; "
+                              "remove them or choose another out_dir")
     (root / "pickapic").mkdir(parents=True, exist_ok=True)
     (root / "truth").mkdir(parents=True, exist_ok=True)
     shards = _write_shards(cfg, root / "pickapic", rows, images, prompts)
@@ -161,7 +168,8 @@ def generate_sample(out_dir: str | Path, config: SampleConfig | None = None) -> 
     }).sort_by("user_id")
     pq.write_table(annotator_table, root / "truth" / "annotators.parquet")
     pq.write_table(_truth_table(rows, images, prompts, cfg.n_shards), root / "truth" / "rows.parquet")
-    return SamplePaths(root, shards, root / "truth" / "annotators.parquet", root / "truth" / "rows.parquet")
+    return SamplePaths(root, root / "pickapic", shards, root / "truth" / "annotators.parquet",
+                       root / "truth" / "rows.parquet")
 
 
 def _sigmoid(x: float) -> float:
@@ -174,9 +182,8 @@ def _images(cfg: SampleConfig, rng: np.random.Generator) -> tuple[dict[str, np.n
     n_combinations = len(PROMPT_COLOURS) * len(objects) * len(SETTINGS)
     if cfg.n_prompts > n_combinations:
         raise ValueError(f"n_prompts={cfg.n_prompts} exceeds the {n_combinations} distinct prompts the templates make")
-    prompts: dict[str, list] = {"caption": [], "colour": [], "images": []}
-    columns: dict[str, list] = {k: [] for k in ("prompt", "uid", "colour", "colour_match", "blur_radius",
-                                                "exposure", "model", "bytes", "format")}
+    prompts: dict[str, list] = {"caption": [], "colour": [], "images": []}  # images: indices into the image arrays
+    records: list[dict] = []
     for combo in rng.choice(n_combinations, cfg.n_prompts, replace=False):
         colour = PROMPT_COLOURS[combo // (len(objects) * len(SETTINGS))]
         obj = objects[combo // len(SETTINGS) % len(objects)]
@@ -184,27 +191,26 @@ def _images(cfg: SampleConfig, rng: np.random.Generator) -> tuple[dict[str, np.n
         prompts["colour"].append(colour)
         n_images = int(rng.integers(cfg.images_per_prompt[0], cfg.images_per_prompt[1] + 1))
         n_named = min(max(round(cfg.named_colour_rate * n_images), 1), n_images - 1)  # both kinds in every prompt
-        uses_named = rng.permutation(np.arange(n_images) < n_named)
-        prompts["images"].append(list(range(len(columns["uid"]), len(columns["uid"]) + n_images)))
-        for named in uses_named:
+        prompts["images"].append(list(range(len(records), len(records) + n_images)))
+        for named in rng.permutation(np.arange(n_images) < n_named):
             drawn = colour if named else colours[int(rng.choice([i for i, c in enumerate(colours) if c != colour]))]
             distance = np.linalg.norm(np.subtract(COLOR_NAMES[drawn], COLOR_NAMES[colour], dtype=np.float64))
-            blur, stops = rng.uniform(0, cfg.max_blur_radius), rng.uniform(-cfg.max_exposure, cfg.max_exposure)
+            blur, exposure = rng.uniform(0, cfg.max_blur_radius), rng.uniform(-cfg.max_exposure, cfg.max_exposure)
             fmt = "PNG" if rng.random() < cfg.png_rate else "JPEG"
-            image = render_scene(COLOR_NAMES[drawn], OBJECTS[obj], blur, stops, cfg.image_size, rng)
+            image = render_scene(COLOR_NAMES[drawn], OBJECTS[obj], blur, exposure, cfg.image_size, rng)
             buffer = io.BytesIO()
             image.save(buffer, fmt, **({"quality": cfg.jpeg_quality} if fmt == "JPEG" else {}))
-            for key, value in (("prompt", len(prompts["caption"]) - 1), ("colour", drawn), ("blur_radius", blur),
-                               ("colour_match", max(0.0, 1 - distance / 255)), ("exposure", stops),
-                               ("uid", str(uuid.UUID(bytes=rng.bytes(16), version=4))), ("format", fmt),
-                               ("model", MODELS[int(rng.integers(len(MODELS)))]), ("bytes", buffer.getvalue())):
-                columns[key].append(value)
-    images = {k: np.array(v, dtype=object if k == "bytes" else None) for k, v in columns.items()}
+            records.append({
+                "prompt": len(prompts["caption"]) - 1, "colour": drawn, "blur_radius": blur, "exposure": exposure,
+                "colour_match": max(0.0, 1 - distance / 255),  # 1 = the named colour; RGB distance 255 or more = 0
+                "uid": str(uuid.UUID(bytes=rng.bytes(16), version=4)), "format": fmt,
+                "model": MODELS[int(rng.integers(len(MODELS)))], "bytes": buffer.getvalue()})
+    images = {k: np.array([r[k] for r in records], dtype=object if k == "bytes" else None) for k in records[0]}
     images["sharpness"] = 1 - images["blur_radius"] / cfg.max_blur_radius
     images["exposure_quality"] = 1 - np.abs(images["exposure"]) / cfg.max_exposure
     images["utility"] = majority_utility(images["colour_match"], images["sharpness"], images["exposure_quality"],
                                          cfg.utility_weights)
-    # the minority flips the sign of sharpness: it prefers soft images (U_min = U - w_s*sharpness + w_s*(1-sharpness))
+    # the minority flips the sign of sharpness, preferring soft images: U_min = U - w_s*sharpness + w_s*(1 - sharpness)
     images["minority_utility"] = images["utility"] + cfg.utility_weights[1] * (1 - 2 * images["sharpness"])
     return images, prompts
 

@@ -65,6 +65,7 @@ def rank_correlation(a, b) -> float:
 def test_shards_have_the_exact_pickapic_schema(sample):
     config, paths, *_ = sample
     assert [p.name for p in paths.shards] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert sorted(paths.pickapic_dir.iterdir()) == list(paths.shards)
     expected = pa.schema(list(PICKAPIC_COLUMNS.items()))
     assert pickapic_arrow_schema().equals(expected)
     for path in paths.shards:
@@ -81,16 +82,26 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
 
     first = digests(tmp_path / "a", seed=3)
     assert first == digests(tmp_path / "b", seed=3)
+    assert first == digests(tmp_path / "a", seed=3)  # regenerating in place overwrites
     assert all(a != b for a, b in zip(first, digests(tmp_path / "c", seed=4), strict=True))
 
 
+def test_refuses_to_leave_stale_shards_beside_new_ones(tmp_path):
+    generate_sample(tmp_path, SampleConfig.small())
+    with pytest.raises(FileExistsError, match="train-00001-of-00002.parquet"):
+        generate_sample(tmp_path, SampleConfig(n_prompts=24, n_rows=900, n_annotators=24, n_shards=1))
+
+
 def test_truth_rows_match_the_shards(sample):
-    config, _, shards, truth, annotators = sample
+    config, paths, shards, truth, annotators = sample
     assert truth["row_number"].to_list() == list(range(config.n_rows))
     joined = shards.join(truth, on="row_number", suffix="_truth")
     assert joined.height == config.n_rows
     for column in ("ranking_id", "user_id", "image_0_uid", "image_1_uid"):
         assert (joined[column] == joined[f"{column}_truth"]).all(), column
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in paths.shards]
+    shard_of_row = np.concatenate([np.full(n, k) for k, n in enumerate(sizes)])
+    assert np.array_equal(truth["shard"].to_numpy(), shard_of_row)
     given = joined["given_label_0"].to_numpy()
     assert np.array_equal(joined["label_0"].to_numpy(), given, equal_nan=True)
     assert np.array_equal(joined["label_1"].to_numpy(), joined["given_label_1"].to_numpy())
@@ -160,7 +171,8 @@ def test_every_defect_is_planted_and_detectable(sample):
 
     assert by_kind["nan_label"]["label_0"].is_nan().all()
     assert rows.filter(pl.col("planted_defect") != "nan_label")["label_0"].is_nan().sum() == 0
-    label_sum = rows.filter(~pl.col("label_0").is_nan()).select("planted_defect", s=pl.col("label_0") + pl.col("label_1"))
+    label_sum = rows.filter(~pl.col("label_0").is_nan()).select(
+        "planted_defect", s=pl.col("label_0") + pl.col("label_1"))
     assert (label_sum.filter(pl.col("planted_defect") == "inconsistent_labels")["s"] != 1).all()
     assert (label_sum.filter(pl.col("planted_defect") != "inconsistent_labels")["s"] == 1).all()
 
