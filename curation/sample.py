@@ -52,7 +52,7 @@ class SampleConfig:
     seed: int = 0
     n_prompts: int = 150               # ~20 rows per prompt: pairs repeat, so consensus per pair is estimable
     images_per_prompt: tuple[int, int] = (4, 6)  # inclusive range; Pick-a-Pic draws pairs among 4-6 images a prompt
-    n_rows: int = 3000                 # rows in the shards, duplicates included; generates in ~1 s on one core
+    n_rows: int = 3000                 # rows in the shards, duplicates included; 0.7-2 s on one shared core
     n_annotators: int = 60             # enough for per-type statistics, few enough that most have dozens of rows
     image_size: int = 64               # px; big enough for Laplacian/colour statistics, small enough for CPU tests
     # share of annotators per type (min_annotators_per_type applies first; reliable takes the remainder)
@@ -86,7 +86,7 @@ class SampleConfig:
 
     @classmethod
     def small(cls, seed: int = 0) -> SampleConfig:
-        """A test-sized sample (~0.3 s): still 3 annotators of every non-reliable type and every defect kind."""
+        """A test-sized sample (0.2-0.5 s): still 3 annotators of every non-reliable type and every defect kind."""
         return cls(seed=seed, n_prompts=24, n_rows=900, n_annotators=24, n_shards=2, row_groups_per_shard=2)
 
     def __post_init__(self) -> None:
