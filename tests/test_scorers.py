@@ -287,3 +287,82 @@ def test_cuda_autocast_path_close_to_cpu(tmp_path, tiny_arch):
     cpu = build_scorer("hpsv2", weights_dir=tmp_path, arch=tiny_arch).score(images, PROMPTS)
     gpu = build_scorer("hpsv2", weights_dir=tmp_path, arch=tiny_arch, device="cuda").score(images, PROMPTS)
     np.testing.assert_allclose(gpu, cpu, atol=2e-2)
+
+
+# ---- ImageReward (BLIP on transformers' Blip classes) ------------------------------------------------------
+
+def _blip_vit_reference(sd: dict[str, torch.Tensor], pixels: torch.Tensor, heads: int) -> torch.Tensor:
+    """BLIP's ViT (timm layout: fused qkv, pre-norm blocks, LayerNorm eps 1e-6) from raw checkpoint tensors."""
+    w = sd["patch_embed.proj.weight"]
+    x = F.conv2d(pixels, w, sd["patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x], dim=1) + sd["pos_embed"]
+    b, n, d = x.shape
+    ln = lambda t, name: F.layer_norm(t, (d,), sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-6)  # noqa: E731
+    for i in range(sum(k.endswith("attn.qkv.weight") for k in sd)):
+        p = f"blocks.{i}."
+        qkv = F.linear(ln(x, p + "norm1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (d // heads) ** -0.5).softmax(-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(b, n, d), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        h = F.gelu(F.linear(ln(x, p + "norm2"), sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+        x = x + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return ln(x, "norm")
+
+
+def test_imagereward_matches_blip_reference(tmp_path):
+    from torchvision import transforms
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
+    words = "a red kite by the sea blue car on quiet street".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words) | set("bcdefghijklmnopqrstuvwxyz"))]
+    (tmp_path / "bert-base-uncased").mkdir()
+    (tmp_path / "bert-base-uncased" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    med = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": len(vocab) + 2, "hidden_size": 32,
+           "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 40,
+           "hidden_act": "gelu", "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1,
+           "attention_probs_dropout_prob": 0.1, "pad_token_id": 0, "type_vocab_size": 2, "encoder_width": 768,
+           "add_cross_attention": True}
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    torch.manual_seed(14)
+    width, depth, patch, size = 128, 2, 16, 32  # head width 64 -> 2 heads
+    rnd = lambda *shape: 0.05 * torch.randn(*shape)  # noqa: E731
+    vit = {"cls_token": rnd(1, 1, width), "pos_embed": rnd(1, (size // patch) ** 2 + 1, width),
+           "patch_embed.proj.weight": rnd(width, 3, patch, patch), "patch_embed.proj.bias": rnd(width),
+           "norm.weight": 1 + rnd(width), "norm.bias": rnd(width)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        vit |= {p + "norm1.weight": 1 + rnd(width), p + "norm1.bias": rnd(width), p + "norm2.weight": 1 + rnd(width),
+                p + "norm2.bias": rnd(width), p + "attn.qkv.weight": rnd(3 * width, width),
+                p + "attn.qkv.bias": rnd(3 * width), p + "attn.proj.weight": rnd(width, width),
+                p + "attn.proj.bias": rnd(width), p + "mlp.fc1.weight": rnd(4 * width, width),
+                p + "mlp.fc1.bias": rnd(4 * width), p + "mlp.fc2.weight": rnd(width, 4 * width),
+                p + "mlp.fc2.bias": rnd(width)}
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=32, encoder_hidden_size=width, intermediate_size=37,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40, pad_token_id=0), add_pooling_layer=False).eval()
+    head = RefMLP(32).eval()
+    ckpt = {f"blip.visual_encoder.{k}": v for k, v in vit.items()}
+    ckpt |= {f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()}
+    ckpt["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]  # saved by BLIP's med.py
+    ckpt |= {"blip.vision_proj.weight": rnd(256, width), "blip.text_proj.weight": rnd(256, 32)}  # unused upstream
+    ckpt |= {f"mlp.{k}": v for k, v in head.state_dict().items()}
+    torch.save(ckpt, tmp_path / "ImageReward.pt")
+
+    images = _images(seed=15)
+    transform = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(size), transforms.ToTensor(),
+                                    transforms.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)])
+    tokens = BertTokenizer.from_pretrained(tmp_path / "bert-base-uncased")(
+        PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tokens["input_ids"].shape == (3, 35) and tokens["input_ids"][0, 1] == vocab.index("a")
+    with torch.no_grad():
+        image_tokens = _blip_vit_reference(vit, torch.stack([transform(im) for im in images]), heads=2)
+        cls = text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                   encoder_hidden_states=image_tokens,
+                   encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        expected = ((head.layers(cls).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072).numpy()
+    scorer = build_scorer("imagereward", weights_dir=tmp_path, batch_size=2)
+    np.testing.assert_allclose(scorer.score(images, PROMPTS), expected, rtol=1e-4, atol=1e-5)
+    del ckpt["blip.visual_encoder.blocks.1.mlp.fc2.bias"]
+    torch.save(ckpt, tmp_path / "ImageReward.pt")
+    with pytest.raises(CheckpointFormatError, match="missing keys"):
+        build_scorer("imagereward", weights_dir=tmp_path)
