@@ -167,7 +167,8 @@ class HPDv2Reader:
                 continue
             ranks = _numbers(raw_ranks)
             if ranks is None:
-                rows.append(_problem(prefix, "wrong_type", f"entry {index}: rank {raw_ranks!r} is not a list of numbers"))
+                rows.append(_problem(prefix, "wrong_type",
+                                     f"entry {index}: rank {raw_ranks!r} is not a list of numbers"))
                 continue
             if len(ranks) != len(paths):
                 rows.append(_problem(prefix, "malformed_entry", f"entry {index}: {len(ranks)} ranks for "

@@ -145,6 +145,10 @@ class _PairMapper:
             return None, None, "?", "wrong_type", problem
         if value is None or value == "":
             return None, own_id, str(own_id), None, None  # no id either: the engine says missing_image
+        if self.metadata_only:
+            value, problem = _text(value, f"image_{side}")  # ids may be numbers in JSON
+            uid = own_id or value
+            return None, uid, str(uid), ("wrong_type" if problem else None), problem
         if not isinstance(value, str):
             return None, own_id, "?", "wrong_type", f"image_{side} {value!r} is not text"
         encoded = value[len("base64:"):] if value.startswith("base64:") else None
@@ -158,9 +162,6 @@ class _PairMapper:
                 return base64.b64decode("".join(encoded.split()), validate=True), own_id, ref, None, None
             except (binascii.Error, ValueError) as exc:
                 return None, own_id, ref, "corrupt_image", f"image_{side}: invalid base64 ({exc})"
-        if self.metadata_only:
-            uid = own_id or value
-            return None, uid, uid, None, None
         data, reason, detail = self.images.read(value)
         return data, own_id or value, own_id or value, reason, detail
 

@@ -14,13 +14,14 @@ every pair is metadata-only, shaped "prompt x model x judge" like text-to-image 
 
 All k(k-1)/2 pairs of the ranked systems of a row are emitted, in column order. A slot with an
 empty system id, or rank empty or -1, is a system that was not ranked. Row identity:
-``<row>:<judge>:<srcIndex>:<system a>:<system b>`` with data rows counted from 1; the row number
-is part of it because judges re-ranked identical sets on purpose (WMT measures intra-annotator
-agreement that way: in the train file 248 (segment, judge, systems) sets are ranked more than
-once), and a repeat is a new judgement, not a duplicate. Problem rows give one quarantined row each: ``wrong_type`` (a rank that is not an
-integer), ``fewer_than_two_ranked`` (nothing to compare), ``malformed_csv_row`` (cell count
-differs from the header). The file is refused if srcIndex, judgeId, system1Id/rank or
-system2Id/rank are missing from the header. It is read row by row with the csv module.
+``<row>:<judge>:<srcIndex>:<system a>:<system b>`` with data rows counted from 1. The row number
+is part of it because a judge ranking the same set again is a new judgement, not a duplicate
+(WMT computes intra-annotator agreement from such repeats; in the train file 248 (segment,
+judge, systems) sets are ranked more than once). Problem rows give one quarantined row each:
+``wrong_type`` (a rank that is not an integer), ``fewer_than_two_ranked`` (nothing to compare),
+``malformed_csv_row`` (cell count differs from the header). The file is refused if srcIndex,
+judgeId, system1Id/rank or system2Id/rank are missing from the header. It is read row by row
+with the csv module, in batches of ``batch_rows`` pairs.
 """
 from __future__ import annotations
 
