@@ -188,17 +188,30 @@ class Transaction:
     lake: Lake
     txid: str
     _writers: dict = field(default_factory=dict)
+    _pending: dict = field(default_factory=dict)
     _moves: list = field(default_factory=list)
     _counter: int = 0
 
     def write(self, table: str, batch: pa.Table, partition: str | None = None,
-              max_file_bytes: int = 256 << 20) -> None:
-        """Append `batch` (conformed to the table schema) to a staged part file of `table`,
-        under folder `partition` if given. A part file is closed after about `max_file_bytes`."""
+              max_file_bytes: int = 256 << 20, row_group_bytes: int = 32 << 20) -> None:
+        """Append `batch` (conformed to the table schema) to a staged part file of `table`, under
+        folder `partition` if given. Small batches are buffered into row groups of about
+        `row_group_bytes` (or 128k rows); a part file is closed after about `max_file_bytes`."""
         if batch.num_rows == 0:
             return
         batch = conform(batch, TABLES[table])
         key = (table, partition)
+        pending = self._pending.setdefault(key, [])
+        pending.append(batch)
+        if sum(b.nbytes for b in pending) >= row_group_bytes or sum(b.num_rows for b in pending) >= 128_000:
+            self._flush(key, max_file_bytes)
+
+    def _flush(self, key: tuple, max_file_bytes: int = 256 << 20) -> None:
+        pending = self._pending.pop(key, [])
+        if not pending:
+            return
+        table, partition = key
+        batch = pa.concat_tables(pending)
         state = self._writers.get(key)
         if state is None or state["bytes"] >= max_file_bytes:
             if state is not None:
@@ -207,19 +220,20 @@ class Transaction:
             self._counter += 1
             name = f"part-{self.txid}-{self._counter:05d}.parquet"
             final_rel = "/".join(p for p in (table, partition, name) if p)
-            staged_rel = final_rel
-            staged = self.lake._join(STAGING, self.txid, staged_rel)
+            staged = self.lake._join(STAGING, self.txid, final_rel)
             self.lake.fs.makedirs(staged.rsplit("/", 1)[0], exist_ok=True)
             handle = self.lake.fs.open(staged, "wb")
             state = {"file": handle, "writer": pq.ParquetWriter(handle, TABLES[table], compression="zstd"),
                      "bytes": 0}
             self._writers[key] = state
-            self._moves.append([staged_rel, final_rel])
-        state["writer"].write_table(batch)
+            self._moves.append([final_rel, final_rel])
+        state["writer"].write_table(batch, row_group_size=max(1, batch.num_rows))
         state["bytes"] += batch.nbytes
 
     def commit(self, records: dict[str, list[dict]]) -> None:
         """Close the part files, write COMMIT.json, move files into place, write `records`."""
+        for key in list(self._pending):
+            self._flush(key)
         for state in self._writers.values():
             state["writer"].close()
             if self.lake.is_local:
@@ -233,6 +247,7 @@ class Transaction:
         self.lake.fs.rm(self.lake._join(STAGING, self.txid), recursive=True)
 
     def abort(self) -> None:
+        self._pending.clear()
         for state in self._writers.values():
             state["writer"].close()
             state["file"].close()
