@@ -108,13 +108,20 @@ def test_exposure_prefers_well_exposed():
 def test_prompt_colour_named_colour_scores_higher():
     canvas = np.full((64, 64, 3), 120, dtype=np.uint8)
     red_img, green_img = canvas.copy(), canvas.copy()
-    red_img[16:48, 16:48] = (215, 40, 40)  # 25 % of the pixels in palette red
+    red_img[16:48, 16:48] = (215, 40, 40)  # 25 % of the pixels exactly palette red (> the 20 % region)
     green_img[16:48, 16:48] = (45, 170, 65)
     scorer = build_scorer("prompt_colour")
     s = scorer.score([Image.fromarray(red_img), Image.fromarray(green_img)], ["a red kite", "a red kite"])
-    assert s[0] == pytest.approx(0.25, abs=0.02) and s[1] == pytest.approx(0.0)
-    assert scorer.score([Image.fromarray(green_img)], ["A GREEN chair"])[0] > 0.2
+    grey_to_red = np.linalg.norm(np.subtract((120, 120, 120), (215, 40, 40))) / 255
+    assert s[0] == pytest.approx(0.0, abs=1e-12)
+    assert s[1] == pytest.approx(-min(grey_to_red, np.linalg.norm(np.subtract((45, 170, 65), (215, 40, 40))) / 255))
+    assert scorer.score([Image.fromarray(green_img)], ["A GREEN chair"])[0] == pytest.approx(0.0, abs=1e-12)
+    # two named colours: mean of the two distances (red present, blue absent)
+    grey_to_blue = np.linalg.norm(np.subtract((120, 120, 120), (45, 85, 215))) / 255
+    assert scorer.score([Image.fromarray(red_img)], ["red and blue"])[0] == pytest.approx(-grey_to_blue / 2)
     assert scorer.score([Image.fromarray(red_img)], ["a chair in a studio"])[0] == 0.0  # no colour: neutral
+    big = Image.fromarray(red_img).resize((512, 512), Image.Resampling.NEAREST)  # scored on a 128 px copy
+    assert scorer.score([big], ["a red kite"])[0] == pytest.approx(0.0, abs=1e-6)
     assert named_colours("a gray cat and a Red hat, red again") == ["grey", "red"]
 
 

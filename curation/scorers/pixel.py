@@ -5,11 +5,12 @@
 | `sharpness`     | sharper                           | variance of the 4-neighbour Laplacian of the luma image                |
 | `colourfulness` | more colourful                    | Hasler & Süsstrunk (2003) M3 on 0-255 RGB: σ_rgyb + 0.3·μ_rgyb         |
 | `exposure`      | better exposed                    | −abs(mean luma − 0.5) − share of clipped pixels (luma ≤ 0.02 or ≥ 0.98) |
-| `prompt_colour` | shows the colour the prompt names | share of pixels whose nearest palette colour is a named one (and near)  |
+| `prompt_colour` | shows the colour the prompt names | −mean RGB distance to the named colour of the 20 % closest pixels       |
 
 `prompt_colour` reads colour words from `curation.palette.COLOR_NAMES` ("gray" counts as "grey").
-A prompt naming no known colour scores a neutral 0.0 for every image, so both images of a pair
-tie and the scorer casts no vote on it. Scores depend on resolution for `sharpness` (computed at the
+`prompt_colour` lies in [−√3, 0]. A prompt naming no known colour scores a neutral 0.0 for every image, so
+both images of a pair tie and the scorer casts no vote on it; compare its scores only between images of
+one prompt (as a pair's images are), never across prompts. Scores depend on resolution for `sharpness` (computed at the
 image's own size); compare images of one pair, which share a prompt and usually a size.
 """
 from __future__ import annotations
@@ -27,11 +28,14 @@ from curation.scorers.base import Scorer
 PIXEL_CODE_VERSION = "1"
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, on gamma-encoded sRGB (what "luma" means)
 CLIP_LOW, CLIP_HIGH = 0.02, 0.98  # luma at or beyond these counts as crushed / blown out (about 5/255 from the ends)
-COLOUR_MATCH_SIDE = 128  # prompt_colour works on a ≤128 px box-filtered copy: a share of pixels needs no more
-COLOUR_MAX_DISTANCE = 0.35  # RGB distance (0-1 scale, max √3) beyond which a pixel matches no palette colour
+COLOUR_MATCH_SIDE = 128  # prompt_colour works on a ≤128 px box-filtered copy: a region's colour needs no more
+# the named object is taken to cover at least this share of the image; its pixels are the ones closest to
+# the colour. On the embedded sample (objects cover 30-45 %) 0.1-0.3 all work; the share-of-nearest-palette
+# variant agreed less with the planted colour order (0.72 vs 0.88 of pairs).
+COLOUR_REGION_SHARE = 0.2
 
 _PALETTE_NAMES = list(COLOR_NAMES)
-_PALETTE = np.array([COLOR_NAMES[n] for n in _PALETTE_NAMES], dtype=np.float64) / 255.0  # (K, 3)
+_PALETTE = np.array([COLOR_NAMES[n] for n in _PALETTE_NAMES], dtype=np.float64) / 255.0  # (K, 3), 0-1 RGB
 _COLOUR_ALIASES = {"gray": "grey"}
 _COLOUR_WORD = re.compile(r"\b(" + "|".join(sorted([*COLOR_NAMES, *_COLOUR_ALIASES], key=len, reverse=True)) + r")\b",
                           re.IGNORECASE)
@@ -78,18 +82,18 @@ def named_colours(prompt: str) -> list[str]:
     return list(dict.fromkeys(_COLOUR_ALIASES.get(w, w) for w in words))
 
 
-def colour_share(rgb: np.ndarray, colours: Sequence[str]) -> float:
-    """Share of pixels whose nearest palette colour is one of `colours` and lies within COLOUR_MAX_DISTANCE."""
+def colour_distance(rgb: np.ndarray, colours: Sequence[str]) -> float:
+    """−(mean RGB distance to the named colour of the COLOUR_REGION_SHARE of pixels closest to it), averaged
+    over the named colours: 0 when a region that large shows the colour exactly, down to −√3."""
     pixels = rgb.reshape(-1, 3)
-    dist = np.linalg.norm(pixels[:, None, :] - _PALETTE[None, :, :], axis=-1)  # (P, K)
-    nearest = dist.argmin(axis=1)
-    close = dist[np.arange(len(pixels)), nearest] <= COLOUR_MAX_DISTANCE
-    wanted = np.isin(nearest, [_PALETTE_NAMES.index(c) for c in colours])
-    return float(np.count_nonzero(wanted & close) / len(pixels))
+    k = max(1, int(COLOUR_REGION_SHARE * len(pixels)))
+    distances = [np.partition(np.linalg.norm(pixels - _PALETTE[_PALETTE_NAMES.index(c)], axis=1), k - 1)[:k].mean()
+                 for c in colours]
+    return float(-np.mean(distances))
 
 
 def prompt_colour_match(image: Image.Image, prompt: str) -> float:
-    """colour_share of the prompt's named colours on a ≤128 px copy; 0.0 (neutral) if it names none."""
+    """colour_distance of the prompt's named colours on a ≤128 px copy; 0.0 if it names none (see module doc)."""
     colours = named_colours(prompt)
     if not colours:
         return 0.0
@@ -97,7 +101,7 @@ def prompt_colour_match(image: Image.Image, prompt: str) -> float:
     if max(small.size) > COLOUR_MATCH_SIDE:
         small = small.copy()
         small.thumbnail((COLOUR_MATCH_SIDE, COLOUR_MATCH_SIDE), Image.Resampling.BOX)
-    return colour_share(to_rgb_array(small), colours)
+    return colour_distance(to_rgb_array(small), colours)
 
 
 class PixelScorer(Scorer):
