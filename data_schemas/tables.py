@@ -91,6 +91,25 @@ SCORES = _schema("scores", [
     _field("score", pa.float64(), "the scorer's raw score; see the scorer's higher_is_better", False),
 ])
 
+# Training snapshots (not lake tables): immutable folders of shards plus manifest.json, read by
+# training/ without any curation code. One row per training pair, winner first.
+SNAPSHOT_PAIRS = _schema("snapshot_pairs", [
+    _field("pair_id", pa.string(), "lake pair id", False),
+    _field("prompt", pa.string(), "caption the pair was judged for", False),
+    _field("winner_image_id", pa.string(), "content hash of the preferred image", False),
+    _field("loser_image_id", pa.string(), "content hash of the other image", False),
+    _field("winner_image", pa.binary(), "encoded bytes of the preferred image", False),
+    _field("loser_image", pa.binary(), "encoded bytes of the other image", False),
+    _field("label_source", pa.string(), "what decided the winner: human, consensus, human_fallback", False),
+    _field("weight", pa.float64(), "per-pair loss weight W (1.0 = plain DPO)", False),
+    _field("margin", pa.float64(), "offline adaptive margin term (0.0 = none); see training.losses", False),
+    _field("minority_score", pa.float64(), "offline minority score u in [0, 1] (0 when not computed)", False),
+    _field("confidence", pa.float64(), "offline confidence c (NaN when not computed)"),
+    _field("stability", pa.float64(), "offline stability v (NaN when not computed)"),
+    _field("vote_fraction", pa.float64(), "share of voters for the winner (NaN when no votes)"),
+    _field("user_id", pa.string(), "human annotator of the pair, if any"),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "pairs": PAIRS,
     "images": IMAGES,
