@@ -310,7 +310,8 @@ def _blip_vit_reference(sd: dict[str, torch.Tensor], pixels: torch.Tensor, heads
         qkv = F.linear(ln(x, p + "norm1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
         q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
         attn = (q @ k.transpose(-2, -1) * (d // heads) ** -0.5).softmax(-1)
-        x = x + F.linear((attn @ v).transpose(1, 2).reshape(b, n, d), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        mixed = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        x = x + F.linear(mixed, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         h = F.gelu(F.linear(ln(x, p + "norm2"), sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
         x = x + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
     return ln(x, "norm")
@@ -345,7 +346,8 @@ def test_imagereward_matches_blip_reference(tmp_path):
                 p + "mlp.fc2.bias": rnd(width)}
     text = BlipTextModel(BlipTextConfig(
         vocab_size=med["vocab_size"], hidden_size=32, encoder_hidden_size=width, intermediate_size=37,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40, pad_token_id=0), add_pooling_layer=False).eval()
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40, pad_token_id=0),
+        add_pooling_layer=False).eval()
     head = RefMLP(32).eval()
     ckpt = {f"blip.visual_encoder.{k}": v for k, v in vit.items()}
     ckpt |= {f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()}

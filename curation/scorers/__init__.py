@@ -2,17 +2,22 @@
 
 `build_scorer(name, weights_dir=DIR, device=...)` looks for these public files inside DIR:
 
-| name            | file(s) inside weights_dir                                   | public source                                   |
-|-----------------|--------------------------------------------------------------|-------------------------------------------------|
-| `pickscore`     | `PickScore_v1/` config.json + model.safetensors (or pytorch_model.bin) | Hub `yuvalkirstain/PickScore_v1`      |
-|                 | `CLIP-ViT-H-14-laion2B-s32B-b79K/` preprocessor_config.json, vocab.json, merges.txt | Hub `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` |
-| `hpsv2`         | `HPS_v2_compressed.pt` (open_clip ViT-H-14 state dict)       | Hub `xswu/HPSv2`                                |
-| `hpsv2.1`       | `HPS_v2.1_compressed.pt`                                     | Hub `xswu/HPSv2`                                |
-| `clip`          | `vit_large_patch14_clip_224.openai/` open_clip_config.json + open_clip_model.safetensors (or open_clip_pytorch_model.bin) | Hub `timm/vit_large_patch14_clip_224.openai` |
-| `aesthetic`     | `sac+logos+ava1-l14-linearMSE.pth` + the `clip` directory above | GitHub `christophschuhmann/improved-aesthetic-predictor` |
-| `imagereward`   | `ImageReward.pt`, `med_config.json`                           | Hub `THUDM/ImageReward`                         |
-|                 | `bert-base-uncased/` vocab.txt (+ tokenizer_config.json)      | Hub `google-bert/bert-base-uncased`             |
-| `sharpness`, `colourfulness`, `exposure`, `prompt_colour` | none (pixel statistics)  | –                                               |
+| name          | files inside weights_dir                                | public source                           |
+|---------------|---------------------------------------------------------|-----------------------------------------|
+| `pickscore`   | `PickScore_v1/`: config.json, model.safetensors         | Hub `yuvalkirstain/PickScore_v1`        |
+|               |   (or pytorch_model.bin)                                |                                         |
+|               | `CLIP-ViT-H-14-laion2B-s32B-b79K/`:                     | Hub                                     |
+|               |   preprocessor_config.json, vocab.json, merges.txt      | `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` |
+| `hpsv2`       | `HPS_v2_compressed.pt` (open_clip ViT-H-14 state dict)  | Hub `xswu/HPSv2`                        |
+| `hpsv2.1`     | `HPS_v2.1_compressed.pt`                                | Hub `xswu/HPSv2`                        |
+| `clip`        | `vit_large_patch14_clip_224.openai/`:                   | Hub                                     |
+|               |   open_clip_config.json, open_clip_model.safetensors    | `timm/vit_large_patch14_clip_224.openai` |
+|               |   (or open_clip_pytorch_model.bin)                      |                                         |
+| `aesthetic`   | `sac+logos+ava1-l14-linearMSE.pth` + the `clip` folder  | GitHub `christophschuhmann/`            |
+|               |                                                         |   `improved-aesthetic-predictor`        |
+| `imagereward` | `ImageReward.pt`, `med_config.json`                     | Hub `THUDM/ImageReward`                 |
+|               | `bert-base-uncased/vocab.txt`                           | Hub `google-bert/bert-base-uncased`     |
+| `sharpness`, `colourfulness`, `exposure`, `prompt_colour` | none (pixel statistics, see pixel.py) |   |
 
 Options per factory (keyword arguments of build_scorer): `batch_size` for every neural scorer; `arch` for
 hpsv2/hpsv2.1 (default "ViT-H-14"); `arch` + `checkpoint` (a .safetensors or .pt state dict of any open_clip

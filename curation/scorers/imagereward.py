@@ -93,7 +93,8 @@ def text_config_from(med_config: Path, encoder_width: int) -> BlipTextConfig:
             attention_probs_dropout_prob=cfg.get("attention_probs_dropout_prob", 0.0),
             pad_token_id=cfg.get("pad_token_id", 0))
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
-        raise CheckpointFormatError(f"{med_config} is not a BLIP med_config.json: {type(err).__name__}: {err}") from err
+        raise CheckpointFormatError(
+            f"{med_config} is not a BLIP med_config.json: {type(err).__name__}: {err}") from err
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -125,7 +126,8 @@ class ImageRewardScorer(NeuralScorer):
                                 return_tensors="pt").to(self._device)  # (P, 35) each
         return list(zip(tokens["input_ids"], tokens["attention_mask"]))
 
-    def _score_batch(self, pixels: torch.Tensor, text_entries: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _score_batch(self, pixels: torch.Tensor,
+                     text_entries: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         image_tokens = self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, vision width)
         input_ids = torch.stack([ids for ids, _ in text_entries])
         attention_mask = torch.stack([mask for _, mask in text_entries])

@@ -51,7 +51,8 @@ class PickScoreScorer(NeuralScorer):
     def _encode_texts(self, prompts: list[str]) -> list[torch.Tensor]:
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=MAX_PROMPT_TOKENS,
                                 return_tensors="pt").to(self._device)
-        pooled = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        pooled = self.model.text_model(input_ids=tokens["input_ids"],
+                                       attention_mask=tokens["attention_mask"]).pooler_output  # (P, text width)
         return list(F.normalize(self.model.text_projection(pooled).float(), dim=-1))  # P × (D,)
 
     def _score_batch(self, pixels: torch.Tensor, text_entries: list[torch.Tensor]) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Weight-free pixel scorers: cheap, deterministic curation signals (numpy only, vectorised per image).
 
-| name            | higher means                      | formula (RGB in [0, 1] unless stated)                                  |
-|-----------------|-----------------------------------|------------------------------------------------------------------------|
-| `sharpness`     | sharper                           | variance of the 4-neighbour Laplacian of the luma image                |
-| `colourfulness` | more colourful                    | Hasler & Süsstrunk (2003) M3 on 0-255 RGB: σ_rgyb + 0.3·μ_rgyb         |
-| `exposure`      | better exposed                    | −abs(mean luma − 0.5) − share of clipped pixels (luma ≤ 0.02 or ≥ 0.98) |
-| `prompt_colour` | shows the colour the prompt names | −mean RGB distance to the named colour of the 20 % closest pixels       |
+- `sharpness` (higher = sharper): variance of the 4-neighbour Laplacian of the luma image.
+- `colourfulness` (higher = more colourful): Hasler & Süsstrunk (2003) M3 on 0-255 RGB,
+  σ_rgyb + 0.3·μ_rgyb.
+- `exposure` (higher = better exposed): −abs(mean luma − 0.5) − share of clipped pixels (luma ≤ 0.02 or ≥ 0.98),
+  luma in [0, 1].
+- `prompt_colour` (higher = shows the colour the prompt names): −mean RGB distance (0-1 scale) to the named
+  colour of the 20 % of pixels closest to it.
 
 `prompt_colour` reads colour words from `curation.palette.COLOR_NAMES` ("gray" counts as "grey").
 `prompt_colour` lies in [−√3, 0]. A prompt naming no known colour scores a neutral 0.0 for every image, so
