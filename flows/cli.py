@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                              prefcurate ingest --lake lake --format hpdv2 --image-root HPDv2/train HPDv2/train.json
                              prefcurate ingest --lake lake --format jsonl my_pairs.jsonl"""))
     p.add_argument("--lake", required=True, help="lake directory or fsspec URL")
-    p.add_argument("--format", required=True, help="reader: pickapic, hpdv2, jsonl, csv, wmt")
+    p.add_argument("--format", required=True, help="reader: pickapic, hpdv2, jsonl, csv, wmt (see README: formats)")
     p.add_argument("--source", help="source label stored with each pair (default: the format name)")
     p.add_argument("--image-root", help="folder that image paths are relative to (hpdv2, jsonl, csv)")
     p.add_argument("paths", nargs="+", metavar="SOURCE", help="files to ingest")
@@ -150,9 +150,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    _quiet_prefect_defaults()
     from flows.demo import run_demo
 
-    _quiet_prefect_defaults()
     run_demo(args.out, seed=args.seed)
     return EXIT_OK
 
