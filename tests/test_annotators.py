@@ -1,0 +1,167 @@
+"""Annotator statistics, shrinkage, Dawid-Skene and AUROC against hand-computed or planted truths."""
+import numpy as np
+import polars as pl
+import pytest
+
+from curation.annotators import (
+    AnnotatorStatsConfig,
+    annotator_stats,
+    auroc,
+    beta_prior_strength,
+    dawid_skene_pairs,
+)
+
+
+# Three annotators on images x, y, z. Items (unordered pairs): {x, y} and {y, z} and {x, z}.
+#   u1: p1 (x, y) picks x; p2 (y, z) picks z; p3 (x, z) tie
+#   u2: p4 (y, x) picks x; p5 (z, y) picks z
+#   u3: p6 (x, y) picks y
+PAIRS = pl.DataFrame({
+    "pair_id": ["p1", "p2", "p3", "p4", "p5", "p6"],
+    "user_id": ["u1", "u1", "u1", "u2", "u2", "u3"],
+    "label_0": [1.0, 0.0, 0.5, 0.0, 1.0, 0.0],
+    "image_0_id": ["x", "y", "x", "y", "z", "x"],
+    "image_1_id": ["y", "z", "z", "x", "y", "y"],
+})
+# Scorer majority (votes_for_0 / n_scorers): p1 3/4 -> image_0, p2 1/4 -> image_1, p3 split,
+# p4 1/4 -> image_1, p5 split, p6 3/4 -> image_0.
+CONSENSUS = pl.DataFrame({
+    "pair_id": ["p1", "p2", "p3", "p4", "p5", "p6"],
+    "n_scorers": [4, 4, 4, 4, 4, 4],
+    "votes_for_0": [3.0, 1.0, 2.0, 1.0, 2.0, 3.0],
+    "consensus_label": [1.0, 0.0, None, 0.0, 1.0, 1.0],
+})
+PAIR_METRICS = pl.DataFrame({
+    "pair_id": ["p1", "p2", "p3", "p4", "p5", "p6"],
+    "minority_score": [0.1, 0.2, None, 0.1, 0.6, 0.9],
+})
+
+
+def by_user(stats: pl.DataFrame) -> dict[str, dict]:
+    return {r["user_id"]: r for r in stats.iter_rows(named=True)}
+
+
+def test_hand_computed_rates_and_agreements():
+    stats = by_user(annotator_stats(PAIRS, CONSENSUS, PAIR_METRICS))
+    u1, u2, u3 = stats["u1"], stats["u2"], stats["u3"]
+    assert (u1["n_labels"], u1["n_ties"], u1["tie_rate"]) == (3, 1, pytest.approx(1 / 3))
+    assert (u1["left_rate"], u2["left_rate"], u3["left_rate"]) == (0.5, 0.5, 0.0)
+    # agreement with the scorer majority: u1 2/2, u2 1/1 (p5 is split), u3 0/1
+    assert [s["consensus_agreement"] for s in (u1, u2, u3)] == [1.0, 1.0, 0.0]
+    assert [s["n_reference"] for s in (u1, u2, u3)] == [2, 1, 1]
+    # peers: u1 on {x,y} meets u2 (agrees) and u3 (disagrees), on {y,z} meets u2 (agrees): 2/3
+    assert (u1["peer_agreement"], u1["n_peer_pairs"]) == (pytest.approx(2 / 3), 2)
+    assert (u2["peer_agreement"], u2["n_peer_pairs"]) == (pytest.approx(2 / 3), 2)
+    assert (u3["peer_agreement"], u3["n_peer_pairs"]) == (0.0, 1)
+    assert (u1["mean_minority_score"], u1["minority_rate"]) == (pytest.approx(0.15), 0.0)
+    assert (u2["mean_minority_score"], u2["minority_rate"]) == (pytest.approx(0.35), 0.5)
+    assert (u3["mean_minority_score"], u3["minority_rate"]) == (pytest.approx(0.9), 1.0)
+    assert u3["reliability"] < min(u1["reliability"], u2["reliability"])
+
+
+def test_consensus_label_reference_and_method_switch():
+    config = AnnotatorStatsConfig(agreement_reference="consensus_label", reliability_method="dawid_skene")
+    stats = annotator_stats(PAIRS, CONSENSUS, PAIR_METRICS, config)
+    u2 = by_user(stats)["u2"]
+    assert (u2["consensus_agreement"], u2["n_reference"]) == (1.0, 2)  # p5 now has a reference (1.0)
+    assert stats["reliability"].to_list() == stats["reliability_dawid_skene"].to_list()
+    assert stats["reliability_method"].unique().to_list() == ["dawid_skene"]
+
+
+def test_same_user_twice_on_an_item_is_not_a_peer():
+    pairs = PAIRS.with_columns(user_id=pl.lit("solo"))
+    assert by_user(annotator_stats(pairs, CONSENSUS, PAIR_METRICS))["solo"]["n_peer_pairs"] == 0
+
+
+def test_beta_prior_method_of_moments_by_hand():
+    # k/n = 2/10, 8/10: mu = 0.5, S = 0.09, m = 0.1, tau^2 = (0.09 - 0.025) / 0.9, strength = 0.25 / tau^2 - 1
+    mu, strength = beta_prior_strength(np.array([2, 8]), np.array([10, 10]), lo=1.0, hi=1000.0)
+    assert mu == 0.5 and strength == pytest.approx(0.25 / (0.065 / 0.9) - 1)
+    # identical rates: no between-annotator variance, the upper clip applies
+    assert beta_prior_strength(np.array([5, 5]), np.array([10, 10]), lo=1.0, hi=77.0) == (0.5, 77.0)
+
+
+def test_shrinkage_pulls_a_two_label_annotator_toward_the_population():
+    rng = np.random.default_rng(0)
+    rows, consensus = [], []
+    accuracies = rng.uniform(0.65, 0.85, 20)
+    for j, accuracy in enumerate(accuracies):  # 20 annotators x 100 labels, the reference always image_0
+        for i in range(100):
+            rows.append((f"w{j}", float(rng.random() < accuracy)))
+    rows += [("newcomer", 0.0), ("newcomer", 0.0)]  # disagrees twice
+    pairs = pl.DataFrame({
+        "pair_id": [f"p{i}" for i in range(len(rows))], "user_id": [u for u, _ in rows],
+        "label_0": [y for _, y in rows],
+        "image_0_id": [f"a{i}" for i in range(len(rows))], "image_1_id": [f"b{i}" for i in range(len(rows))],
+    })
+    consensus = pairs.select("pair_id", n_scorers=pl.lit(3), votes_for_0=pl.lit(3.0), consensus_label=pl.lit(1.0))
+    metrics = pairs.select("pair_id", minority_score=pl.lit(0.0))
+    stats = by_user(annotator_stats(pairs, consensus, metrics, AnnotatorStatsConfig(left_penalty=0.0)))
+    population = sum(stats[f"w{j}"]["consensus_agreement"] for j in range(20)) / 20
+    newcomer = stats["newcomer"]
+    assert newcomer["consensus_agreement"] == 0.0
+    assert newcomer["agreement_shrunk"] > 0.6 * population  # pulled most of the way back
+    veteran = stats["w0"]
+    assert abs(veteran["agreement_shrunk"] - veteran["consensus_agreement"]) < 0.05  # 100 labels barely move
+
+
+def planted_crowd(seed: int, n_items: int = 2000, labels_per_item: int = 5):
+    """30 workers with planted symmetric accuracies plus one position-biased worker (index 30)."""
+    rng = np.random.default_rng(seed)
+    accuracy = rng.uniform(0.55, 0.95, 30)
+    first_better = rng.random(n_items) < 0.5  # latent winner of each item
+    worker = np.concatenate([rng.choice(31, labels_per_item, replace=False) for _ in range(n_items)])
+    item = np.repeat(np.arange(n_items), labels_per_item)
+    flipped = rng.random(item.size) < 0.5  # the item's second image shown as image_0
+    image_0_better = first_better[item] != flipped
+    correct = rng.random(item.size) < np.append(accuracy, 0.5)[worker]
+    chose_0 = np.where(correct, image_0_better, ~image_0_better)
+    biased = worker == 30
+    chose_0[biased] = rng.random(biased.sum()) < 0.9
+    return worker, item, flipped, chose_0, accuracy, first_better
+
+
+def test_dawid_skene_recovers_planted_accuracies():
+    worker, item, flipped, chose_0, accuracy, first_better = planted_crowd(seed=1)
+    sens, spec, posterior = dawid_skene_pairs(worker, item, flipped, chose_0, np.full(first_better.size, 0.5))
+    balanced = (sens + spec) / 2
+    assert np.abs(balanced[:30] - accuracy).mean() < 0.035  # ~320 labels a worker: sampling error ~0.025
+    assert np.corrcoef(balanced[:30], accuracy)[0, 1] > 0.93
+    assert sens[30] > 0.8 and spec[30] < 0.2 and abs(balanced[30] - 0.5) < 0.06  # position bias, no skill
+    assert ((posterior > 0.5) == first_better).mean() > 0.9
+
+
+def test_dawid_skene_uses_the_prior_when_every_item_has_one_label():
+    worker, item, flipped, chose_0, accuracy, first_better = planted_crowd(seed=2, n_items=3000, labels_per_item=1)
+    informative = np.where(first_better, 0.8, 0.2)  # scorers right 100 % of the time, at 80 % confidence
+    sens, spec, _ = dawid_skene_pairs(worker, item, flipped, chose_0, informative)
+    # with one label per item only the prior identifies a worker: P(agree with the 0.8 side) =
+    # 0.8 a + 0.2 (1 - a). The prior is under-confident here (it is always right), so the
+    # scale of a is overstated, but the ranking of the workers is kept.
+    balanced = (sens + spec) / 2
+    assert np.corrcoef(balanced[:30], accuracy)[0, 1] > 0.85
+    assert balanced[30] < np.median(balanced[:30])
+
+
+def test_auroc_by_hand_with_ties():
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: wins (0.35>0.1), (0.8>0.1), (0.8>0.4) = 3 of 4
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
+    # a tie counts 1/2: positive 1 vs negatives 1 (tie) and 2 (loss) = 0.5 / 2
+    assert auroc(np.array([1.0, 1.0, 2.0]), np.array([True, False, False])) == 0.25
+    assert auroc(np.array([3.0, 3.0]), np.array([True, False])) == 0.5
+    with pytest.raises(ValueError, match="positives and negatives"):
+        auroc(np.array([1.0, 2.0]), np.array([True, True]))
+    with pytest.raises(ValueError, match="NaN"):
+        auroc(np.array([np.nan, 2.0]), np.array([True, False]))
+
+
+def test_empty_in_empty_out():
+    stats = annotator_stats(PAIRS.clear(), CONSENSUS.clear(), PAIR_METRICS.clear())
+    assert stats.height == 0 and "reliability" in stats.columns
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="reliability_method"):
+        AnnotatorStatsConfig(reliability_method="vibes")
+    with pytest.raises(ValueError, match="agreement_reference"):
+        AnnotatorStatsConfig(agreement_reference="oracle")
