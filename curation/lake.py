@@ -201,17 +201,19 @@ class Transaction:
             return
         batch = conform(batch, TABLES[table])
         key = (table, partition)
-        pending = self._pending.setdefault(key, [])
-        pending.append(batch)
-        if sum(b.nbytes for b in pending) >= row_group_bytes or sum(b.num_rows for b in pending) >= 128_000:
+        pending = self._pending.setdefault(key, {"batches": [], "bytes": 0, "rows": 0})
+        pending["batches"].append(batch)
+        pending["bytes"] += batch.get_total_buffer_size()  # O(columns); .nbytes walks every chunk
+        pending["rows"] += batch.num_rows
+        if pending["bytes"] >= row_group_bytes or pending["rows"] >= 128_000:
             self._flush(key, max_file_bytes)
 
     def _flush(self, key: tuple, max_file_bytes: int = 256 << 20) -> None:
-        pending = self._pending.pop(key, [])
+        pending = self._pending.pop(key, None)
         if not pending:
             return
         table, partition = key
-        batch = pa.concat_tables(pending)
+        batch = pa.concat_tables(pending["batches"])
         state = self._writers.get(key)
         if state is None or state["bytes"] >= max_file_bytes:
             if state is not None:
@@ -228,7 +230,7 @@ class Transaction:
             self._writers[key] = state
             self._moves.append([final_rel, final_rel])
         state["writer"].write_table(batch, row_group_size=max(1, batch.num_rows))
-        state["bytes"] += batch.nbytes
+        state["bytes"] += pending["bytes"]
 
     def commit(self, records: dict[str, list[dict]]) -> None:
         """Close the part files, write COMMIT.json, move files into place, write `records`."""

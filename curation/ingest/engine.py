@@ -219,63 +219,70 @@ class _Batcher:
         return results
 
     def process(self, raw: pa.Table, result: IngestResult) -> dict[str, pa.Table]:
-        # Row-wise checks need Python values, but the bulky columns (image bytes, timestamps)
-        # are carried to the output with Arrow `take`, never converted.
-        small = ("row_identity", "split", "prompt", "image_0_uid", "image_1_uid", "label_0", "label_1",
-                 "reader_reason", "reader_detail")
-        cols = {name: raw.column(name).to_pylist() for name in small}
+        """Split one RAW batch into accepted pairs, duplicates and quarantined rows.
+
+        The checks run as Arrow kernels over the whole batch; only rows that fail one of them go
+        through the row-wise `_check_row` (which names the first problem). The bulky columns
+        (image bytes, timestamps) reach the output through Arrow `take`, never through Python."""
         n = raw.num_rows
         result.n_read += n
-        blob_ids: list[list[str | None]] = [[None] * n, [None] * n]
+        source = self.config.source
         blobs: dict[str, bytes] = {}
-        for side in (0, 1):
-            for i, data in enumerate(raw.column(f"image_{side}_bytes").to_pylist()):
-                if data is not None:
-                    image_id = hashlib.blake2b(data, digest_size=16).hexdigest()
-                    blob_ids[side][i] = image_id
-                    blobs.setdefault(image_id, data)
+        content = [self._hash_column(raw.column(f"image_{side}_bytes"), blobs) for side in (0, 1)]
         decoded = self._decode_new(blobs)
 
-        accepted: list[int] = []
-        pair_ids, image_0_ids, image_1_ids, prompt_ids = [], [], [], []
-        quarantine, new_images, new_refs = [], [], []
-        source = self.config.source
+        suspect = self._suspect_rows(raw, content)
+        cols = {name: raw.column(name).to_pylist() for name in
+                ("row_identity", "prompt", "image_0_uid", "image_1_uid", "label_0", "label_1", "reader_reason",
+                 "reader_detail")}
+        quarantine = []
+        ok_rows = []
         for i in range(n):
-            reason, detail = self._check_row(cols, blob_ids, i)
-            if reason is None:
-                pid = ids.pair_id(source, cols["row_identity"][i])
-                # A duplicate pair may still bring images the lake lacks (the with-images shard
-                # of pairs first ingested metadata-only): store those either way.
-                image_ids = self._store_images(cols, blob_ids, blobs, decoded, i, new_images, new_refs)
-                if pid in self.known_pairs:
-                    result.n_duplicates += 1
+            if suspect[i]:
+                reason, detail = self._check_row(cols, content, i)
+                if reason is not None:
+                    result.n_quarantined += 1
+                    result.reasons[reason] += 1
+                    row = {k: (raw.column(k)[i].as_py() if k not in cols else cols[k][i])
+                           for k in RAW.names if k not in ("reader_reason", "reader_detail")}
+                    quarantine.append({"source": source, "source_file": self.source_file,
+                                       "row_identity": str(cols["row_identity"][i]), "reason": reason,
+                                       "detail": detail, "raw": raw_summary(row), "ingest_id": self.ingest_id})
                     continue
-                self.known_pairs.add(pid)
-                accepted.append(i)
-                pair_ids.append(pid)
-                image_0_ids.append(image_ids[0])
-                image_1_ids.append(image_ids[1])
-                prompt = cols["prompt"][i]
-                if prompt not in self.prompt_ids:
-                    self.prompt_ids[prompt] = ids.prompt_id(prompt)
-                prompt_ids.append(self.prompt_ids[prompt])
-            else:
-                result.n_quarantined += 1
-                result.reasons[reason] += 1
-                row = {k: (raw.column(k)[i].as_py() if k not in cols else cols[k][i])
-                       for k in RAW.names if k not in ("reader_reason", "reader_detail")}
-                quarantine.append({"source": source, "source_file": self.source_file,
-                                   "row_identity": str(cols["row_identity"][i]), "reason": reason,
-                                   "detail": detail, "raw": raw_summary(row), "ingest_id": self.ingest_id})
+            ok_rows.append(i)
+
+        # A duplicate pair may still bring images the lake lacks (the with-images shard of pairs
+        # first ingested metadata-only), so images and refs are stored for every valid row.
+        new_images, new_refs = self._new_images_and_refs(ok_rows, content, cols, blobs, decoded)
+        accepted, pair_ids = [], []
+        identity = cols["row_identity"]
+        for i in ok_rows:
+            pid = ids.pair_id(source, identity[i])
+            if pid in self.known_pairs:
+                result.n_duplicates += 1
+                continue
+            self.known_pairs.add(pid)
+            accepted.append(i)
+            pair_ids.append(pid)
         result.n_accepted += len(accepted)
         result.n_images_new += len(new_images)
-        kept = raw.take(pa.array(accepted, pa.int64()))
+
+        take = pa.array(accepted, pa.int64())
+        kept = raw.take(take)
         m = len(accepted)
+        image_ids = []
+        for side in (0, 1):
+            hashes = pa.array(content[side], pa.string()).take(take)
+            refs = pc.binary_join_element_wise(source, kept.column(f"image_{side}_uid"), ":")
+            image_ids.append(pc.coalesce(hashes, refs))  # metadata-only: the source's own id stands in
+        prompts = kept.column("prompt").to_pylist()
+        for prompt in set(prompts) - self.prompt_ids.keys():
+            self.prompt_ids[prompt] = ids.prompt_id(prompt)
         pairs = pa.table({
             "pair_id": pa.array(pair_ids, pa.string()), "source": pa.array([source] * m, pa.string()),
             "split": pc.fill_null(kept.column("split"), "train"), "prompt": kept.column("prompt"),
-            "prompt_id": pa.array(prompt_ids, pa.string()),
-            "image_0_id": pa.array(image_0_ids, pa.string()), "image_1_id": pa.array(image_1_ids, pa.string()),
+            "prompt_id": pa.array([self.prompt_ids[p] for p in prompts], pa.string()),
+            "image_0_id": image_ids[0], "image_1_id": image_ids[1],
             "image_0_uid": kept.column("image_0_uid"), "image_1_uid": kept.column("image_1_uid"),
             "label_0": kept.column("label_0"), "user_id": kept.column("user_id"),
             "created_at": kept.column("created_at"), "model_0": kept.column("model_0"),
@@ -285,28 +292,63 @@ class _Batcher:
         return {"pairs": pairs, "quarantine": pa.Table.from_pylist(quarantine),
                 "images": pa.Table.from_pylist(new_images), "image_refs": pa.Table.from_pylist(new_refs)}
 
-    def _store_images(self, cols, blob_ids, blobs, decoded, i, new_images, new_refs) -> list[str]:
-        """The lake ids of row i's two images; appends images and refs the lake does not have yet."""
-        source = self.config.source
-        image_ids = []
-        for side in (0, 1):
-            content = blob_ids[side][i]
-            uid = cols[f"image_{side}_uid"][i]
-            if content is None:  # metadata-only: the source's own id stands in
-                image_ids.append(ids.ref_id(source, uid))
+    @staticmethod
+    def _hash_column(column: pa.ChunkedArray, blobs: dict[str, bytes]) -> list[str | None]:
+        """Content ids of a column of image bytes; each distinct image's bytes go into `blobs`."""
+        hashes = []
+        for data in column.to_pylist():
+            if data is None:
+                hashes.append(None)
                 continue
-            image_ids.append(content)
-            if content not in self.known_images:
-                fmt, width, height = decoded[content]
-                new_images.append({"image_id": content, "bytes": blobs[content], "format": fmt,
-                                   "width": width, "height": height, "ingest_id": self.ingest_id})
-                self.known_images.add(content)
-            if uid is not None:
-                ref = ids.ref_id(source, uid)
-                if ref not in self.known_refs:
-                    new_refs.append({"ref_id": ref, "image_id": content, "ingest_id": self.ingest_id})
-                    self.known_refs.add(ref)
-        return image_ids
+            image_id = hashlib.blake2b(data, digest_size=16).hexdigest()
+            blobs.setdefault(image_id, data)
+            hashes.append(image_id)
+        return hashes
+
+    def _suspect_rows(self, raw: pa.Table, content: list[list]) -> list[bool]:
+        """True for every row that fails at least one check (vectorised); False rows are valid."""
+        label_0, label_1 = raw.column("label_0"), raw.column("label_1")
+        prompt = raw.column("prompt")
+        hashes = [pa.array(c, pa.string()) for c in content]
+        uids = [raw.column("image_0_uid"), raw.column("image_1_uid")]
+        bad = pa.array(list(self.bad_images), pa.string())
+        checks = [
+            pc.is_valid(raw.column("reader_reason")),
+            pc.is_null(prompt), pc.equal(pc.utf8_trim_whitespace(prompt), ""),
+            pc.is_null(label_0), pc.is_nan(label_0), pc.fill_null(pc.is_nan(label_1), False),
+            pc.less(label_0, 0.0), pc.greater(label_0, 1.0),
+            pc.fill_null(pc.greater(pc.abs(pc.subtract(pc.add(label_0, label_1), 1.0)), 1e-6), False),
+            pc.equal(hashes[0], hashes[1]),
+            pc.and_(pc.is_null(hashes[0]), pc.equal(uids[0], uids[1])),
+        ]
+        for side in (0, 1):
+            checks.append(pc.and_(pc.is_null(hashes[side]), pc.is_null(uids[side])))
+            checks.append(pc.is_in(hashes[side], value_set=bad))
+        suspect = checks[0]
+        for check in checks[1:]:
+            suspect = pc.or_(suspect, pc.fill_null(check, True))
+        return suspect.to_pylist()
+
+    def _new_images_and_refs(self, rows, content, cols, blobs, decoded) -> tuple[list[dict], list[dict]]:
+        source = self.config.source
+        new_images, new_refs = [], []
+        for side in (0, 1):
+            hashes, uids = content[side], cols[f"image_{side}_uid"]
+            for i in rows:
+                image_id = hashes[i]
+                if image_id is None:
+                    continue
+                if image_id not in self.known_images:
+                    fmt, width, height = decoded[image_id]
+                    new_images.append({"image_id": image_id, "bytes": blobs[image_id], "format": fmt,
+                                       "width": width, "height": height, "ingest_id": self.ingest_id})
+                    self.known_images.add(image_id)
+                if uids[i] is not None:
+                    ref = ids.ref_id(source, uids[i])
+                    if ref not in self.known_refs:
+                        new_refs.append({"ref_id": ref, "image_id": image_id, "ingest_id": self.ingest_id})
+                        self.known_refs.add(ref)
+        return new_images, new_refs
 
     def _check_row(self, cols: dict, blob_ids: list, i: int) -> tuple[str | None, str | None]:
         """(reason, detail) of the first problem of row i, or (None, None) if it is acceptable."""

@@ -62,9 +62,25 @@ def _coerce(column: pa.ChunkedArray | pa.Array, type_: pa.DataType) -> tuple[pa.
 class PickAPicReader:
     format = "pickapic"
 
-    def __init__(self, batch_rows: int = 256):
-        # 256 rows of 512-768 px JPEGs is ~100-200 MB in flight: bounded whatever the shard size.
+    def __init__(self, batch_rows: int | None = None, batch_bytes: int = 48 << 20):
+        # Batches hold about `batch_bytes` of (uncompressed) row data, estimated from the file's
+        # metadata: ~100 rows of 512-768 px Pick-a-Pic JPEGs, thousands of metadata-only rows.
+        # Memory stays bounded whatever the shard size; `batch_rows` fixes the count instead.
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+
+    def _rows_per_batch(self, parquet: pq.ParquetFile, columns: list[str]) -> int:
+        if self.batch_rows:
+            return self.batch_rows
+        meta = parquet.metadata
+        if meta.num_rows == 0:
+            return 1024
+        wanted = set(columns)
+        size = sum(rg.column(c).total_uncompressed_size for r in range(meta.num_row_groups)
+                   for rg in [meta.row_group(r)] for c in range(rg.num_columns)
+                   if rg.column(c).path_in_schema in wanted)
+        per_row = max(1, size // meta.num_rows)
+        return int(min(8192, max(16, self.batch_bytes // per_row)))
 
     def batches(self, path: str, fs) -> Iterator[pa.Table]:
         try:
@@ -81,7 +97,7 @@ class PickAPicReader:
         columns = [c for c in _WANTED if c in names]
         split = split_from_name(path)
         offset = 0
-        for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=columns):
+        for batch in parquet.iter_batches(batch_size=self._rows_per_batch(parquet, columns), columns=columns):
             yield self._to_raw(batch, split, offset)
             offset += batch.num_rows
 
