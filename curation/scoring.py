@@ -1,0 +1,401 @@
+"""The scoring stage: every image the pairs table needs, scored once per (scorer version, image, prompt).
+
+1. `plan_work` lists the work with DuckDB: the distinct (image_id, prompt_id) pairs of the pairs table,
+   metadata-only ids ('<source>:<uid>') resolved through image_refs, pairs with an image that has no bytes
+   in the lake skipped and counted, minus what `scores` already holds for the same scorer AND
+   scorer_version. Prompt-free scorers need each image once, under `votes.PROMPT_FREE_PROMPT_ID`.
+2. `score_shard` reads only the needed rows of the images table (the Parquet files the plan names, with an
+   IN filter on image_id that DuckDB applies inside the scan), decodes and preprocesses in worker processes
+   (they get the picklable `image_transform`, or the weight-free pixel scorer, never a model), runs the
+   scorer's batched inference path, and writes `scores/<scorer>/` in lake transactions of `commit_every`
+   batches: a crash loses at most the batches since the last commit.
+
+Concurrency and crash safety. A transaction is begun, written and committed while holding the lake's
+writer lock (`Lake.writing()`), and only then: scoring itself holds no lock and leaves nothing staged. So
+shards scored in parallel (threads of one process, or processes on one machine) serialise only their
+short commits (`_writer_lock` waits for the lock; threads also queue on a process-wide lock, because
+`flock` refuses a second holder even within one process), and the recovery that `Lake.writing()` runs
+never meets another scorer's half-staged transaction. `run_scoring` (and the flow) recover before
+planning, so a transaction committed just before a crash is rolled forward before the plan is computed:
+it is never scored twice. Remote (non-local) lakes have no lock: run one scoring process at a time there.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import multiprocessing
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from curation.lake import Lake, LakeError
+from curation.scorers import SCORERS, NeuralScorer, Scorer, build_scorer
+from curation.votes import PROMPT_FREE_PROMPT_ID
+
+
+WORK_SCHEMA = pa.schema([("image_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
+                         ("file", pa.string())])  # file: the images Parquet file holding the bytes
+_PROCESS_LOCK = threading.Lock()
+
+
+@dataclass
+class ScoringConfig:
+    batch_size: int = 64            # images per preprocessing job and per model call (GPU: as large as fits)
+    workers: int = 2                # decode + preprocess processes; 0 = in the calling process (tests, tiny runs)
+    shard_size: int = 4096          # work items per shard (one flow task each); shards never split an image
+    commit_every: int = 8           # batches per lake transaction: what a crash can lose, vs. files per run
+    mp_context: str = "forkserver"  # workers fork from a clean server process, never from a parent that
+                                    # runs threads (Prefect, Ray, CUDA), which plain fork does not survive
+    lock_timeout_s: float = 600.0   # how long a commit waits for another writer (an ingest) to finish
+
+
+@dataclass
+class WorkPlan:
+    scorer: str
+    scorer_version: str
+    items: pa.Table       # WORK_SCHEMA rows still to score, ordered by file, image_id, prompt_id
+    n_pairs: int          # pairs in the lake
+    n_pairs_skipped: int  # pairs with an image whose bytes are not in the lake yet
+    n_needed: int         # distinct (image, prompt) the scorable pairs need
+    n_done: int           # of those, already scored by this scorer_version
+
+    def shards(self, shard_size: int) -> list[pa.Table]:
+        """Consecutive slices of about `shard_size` items, cut only between images."""
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        image_ids = self.items.column("image_id").to_pylist()
+        out, start = [], 0
+        while start < len(image_ids):
+            end = min(start + shard_size, len(image_ids))
+            while end < len(image_ids) and image_ids[end] == image_ids[end - 1]:
+                end += 1
+            out.append(self.items.slice(start, end - start))
+            start = end
+        return out
+
+    def skipped_line(self) -> str:
+        return f"{self.n_pairs_skipped} pairs skipped: images not in the lake yet"
+
+
+@dataclass
+class ShardResult:
+    n_scores: int = 0
+    n_images: int = 0
+    n_commits: int = 0
+
+
+@dataclass
+class ScorerSummary:
+    name: str
+    version: str
+    n_pairs: int
+    n_pairs_skipped: int
+    n_needed: int
+    n_done_before: int
+    n_scores: int = 0      # rows written by this run
+    n_images: int = 0      # distinct images decoded and scored by this run
+    seconds: float = 0.0   # wall time of the scoring (planning excluded)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.name}: {self.n_scores} scores of {self.n_images} images in {self.seconds:.1f} s "
+                f"({self.images_per_s:.1f} images/s); {self.n_done_before} of {self.n_needed} already scored; "
+                f"{self.n_pairs_skipped} pairs skipped: images not in the lake yet")
+
+
+@dataclass
+class ScoringResult:
+    scorers: list[ScorerSummary] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [s.line() for s in self.scorers]
+
+
+# ---- planning ----------------------------------------------------------------------------------------------
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _file_list(lake: Lake, files: list[str]) -> str:
+    return "[" + ", ".join(_sql_str(lake.local_path(*f[len(lake.path) + 1:].split("/"))) for f in files) + "]"
+
+
+def _source(lake: Lake, table: str, columns: str) -> str:
+    """A FROM-clause source for a lake table's committed files, or an empty typed relation."""
+    files = lake.files(table)
+    if files:
+        return f"(SELECT {columns} FROM read_parquet({_file_list(lake, files)}, filename=true))"
+    cols = {"image_id": "NULL::VARCHAR AS image_id", "ref_id": "NULL::VARCHAR AS ref_id",
+            "prompt_id": "NULL::VARCHAR AS prompt_id", "filename": "NULL::VARCHAR AS filename",
+            "scorer": "NULL::VARCHAR AS scorer", "scorer_version": "NULL::VARCHAR AS scorer_version"}
+    return "(SELECT " + ", ".join(cols[c.strip()] for c in columns.split(",")) + " WHERE false)"
+
+
+def plan_work(lake: Lake, scorer: Scorer) -> WorkPlan:
+    """What `scorer` (at its version) still has to score for the lake's pairs; see the module docstring."""
+    con = duckdb.connect(":memory:")
+    try:
+        pairs = lake.files("pairs")
+        if not pairs:
+            return WorkPlan(scorer.name, scorer.version, WORK_SCHEMA.empty_table(), 0, 0, 0, 0)
+        key = ("r.prompt_id", "min(r.prompt)") if scorer.uses_prompt else (
+            _sql_str(PROMPT_FREE_PROMPT_ID), "NULL::VARCHAR")
+        pair_files = _file_list(lake, pairs)
+        con.sql(f"""
+            CREATE TEMP TABLE resolved AS
+            WITH sides AS (
+                SELECT pair_id, prompt_id, prompt, image_0_id AS ref FROM read_parquet({pair_files})
+                UNION ALL
+                SELECT pair_id, prompt_id, prompt, image_1_id FROM read_parquet({pair_files})),
+            refs AS (SELECT ref_id, min(image_id) AS image_id FROM {_source(lake, 'image_refs', 'ref_id, image_id')}
+                     GROUP BY ref_id),
+            stored AS (SELECT image_id, min(filename) AS file FROM {_source(lake, 'images', 'image_id, filename')}
+                       GROUP BY image_id)
+            SELECT s.pair_id, s.prompt_id, s.prompt, st.image_id, st.file FROM sides s
+            LEFT JOIN refs ON refs.ref_id = s.ref
+            LEFT JOIN stored st ON st.image_id = coalesce(refs.image_id, s.ref)""")
+        con.sql(f"""
+            CREATE TEMP TABLE needed AS
+            SELECT r.image_id, {key[0]} AS prompt_id, {key[1]} AS prompt, min(r.file) AS file
+            FROM resolved r ANTI JOIN (SELECT pair_id FROM resolved WHERE image_id IS NULL) USING (pair_id)
+            GROUP BY 1, 2""")
+        n_pairs, n_skipped = con.sql("SELECT count(DISTINCT pair_id), count(DISTINCT pair_id) "
+                                     "FILTER (WHERE image_id IS NULL) FROM resolved").fetchall()[0]
+        done_files = lake.glob_parquet(f"scores/{scorer.name}")
+        done = (f"(SELECT DISTINCT image_id, prompt_id FROM read_parquet({_file_list(lake, done_files)}) "
+                f"WHERE scorer = {_sql_str(scorer.name)} AND scorer_version = {_sql_str(scorer.version)})"
+                if done_files else "(SELECT NULL::VARCHAR AS image_id, NULL::VARCHAR AS prompt_id WHERE false)")
+        n_needed = con.sql("SELECT count(*) FROM needed").fetchall()[0][0]
+        items = con.sql(f"SELECT n.image_id, n.prompt_id, n.prompt, n.file FROM needed n "
+                        f"ANTI JOIN {done} d USING (image_id, prompt_id) "
+                        f"ORDER BY n.file, n.image_id, n.prompt_id").to_arrow_table()
+    finally:
+        con.close()
+    items = items.cast(WORK_SCHEMA)
+    return WorkPlan(scorer.name, scorer.version, items, int(n_pairs), int(n_skipped), int(n_needed),
+                    int(n_needed) - items.num_rows)
+
+
+# ---- worker side: decode + preprocess (or score, for weight-free scorers) ----------------------------------
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
+
+
+def _ready() -> bool:
+    return True
+
+
+def _prepare(job: tuple) -> np.ndarray:
+    """Worker body. job = (fn, is_neural, blobs, prompt_lists). Neural: fn is the image transform,
+    returns (n_images, 3, H, W) float32. Pixel: fn is the scorer, returns one float64 per (image, prompt)."""
+    fn, is_neural, blobs, prompt_lists = job
+    images = [Image.open(io.BytesIO(data)) for data in blobs]
+    if is_neural:
+        return np.stack([fn(im).numpy() for im in images])
+    scores = [fn.score([im] * len(prompts), None if prompts == [None] else prompts)
+              for im, prompts in zip(images, prompt_lists)]
+    return np.concatenate(scores)
+
+
+def make_pool(workers: int, mp_context: str = "forkserver") -> ProcessPoolExecutor | None:
+    """The decode/preprocess worker pool (None for workers=0). Forkserver workers start from a server
+    that has imported this module once, so each new worker costs a fork, not a torch import."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0:
+        return None
+    context = multiprocessing.get_context(mp_context)
+    if mp_context == "forkserver":
+        context.set_forkserver_preload(["curation.scoring"])
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+
+
+# ---- main side ---------------------------------------------------------------------------------------------
+
+def _image_batches(lake: Lake, shard: pa.Table, batch_rows: int):
+    """(image_ids, blobs) batches of the shard's images: only the files the plan names, only the rows the
+    IN filter passes (DuckDB reads the bytes column only where the image_id filter holds)."""
+    ids = sorted(set(shard.column("image_id").to_pylist()))
+    files = sorted(set(shard.column("file").to_pylist()))
+    if not ids:
+        return
+    con = duckdb.connect(":memory:")
+    try:
+        listing = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+        relation = con.sql(f"SELECT image_id, bytes FROM read_parquet({listing}) "
+                           f"WHERE image_id IN ({', '.join(_sql_str(i) for i in ids)})")
+        seen: set[str] = set()
+        for batch in relation.fetch_record_batch(batch_rows):
+            got = [(i, b) for i, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()) if i not in seen]
+            seen.update(i for i, _ in got)
+            if got:
+                yield [i for i, _ in got], [b for _, b in got]
+    finally:
+        con.close()
+
+
+def _ordered(pool: ProcessPoolExecutor | None, jobs, depth: int):
+    """(meta, _prepare(job)) in job order; with a pool, up to `depth` jobs run ahead of the consumer."""
+    if pool is None:
+        for meta, job in jobs:
+            yield meta, _prepare(job)
+        return
+    pending: deque = deque()
+    for meta, job in jobs:
+        pending.append((meta, pool.submit(_prepare, job)))
+        if len(pending) >= depth:
+            head_meta, future = pending.popleft()
+            yield head_meta, future.result()
+    while pending:
+        head_meta, future = pending.popleft()
+        yield head_meta, future.result()
+
+
+@contextlib.contextmanager
+def _writer_lock(lake: Lake, timeout_s: float):
+    """Lake.writing(), waiting up to timeout_s for another writer instead of failing at once."""
+    deadline = time.monotonic() + timeout_s
+    with _PROCESS_LOCK, contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(lake.writing())
+                break
+            except LakeError:
+                if time.monotonic() >= deadline:
+                    raise LakeError(f"waited {timeout_s:.0f} s for another writer of {lake.root} to finish") from None
+                time.sleep(0.05)
+        yield
+
+
+def commit_scores(lake: Lake, scorer_name: str, rows: pa.Table, timeout_s: float = 600.0) -> None:
+    """One lake transaction appending `rows` (SCORES columns) to scores/<scorer_name>/."""
+    with _writer_lock(lake, timeout_s):
+        tx = lake.begin(f"score-{uuid.uuid4().hex}")
+        try:
+            tx.write("scores", rows, partition=scorer_name)
+            tx.commit({})
+        except BaseException:
+            tx.abort()
+            raise
+
+
+def score_shard(lake: Lake, scorer: Scorer, shard: pa.Table, config: ScoringConfig | None = None,
+                pool: ProcessPoolExecutor | None = None, progress=None) -> ShardResult:
+    """Score one shard of `plan_work` items and commit the rows every `config.commit_every` batches.
+    `pool` from `make_pool` (None: decode in this process); `progress`: a tqdm-like bar, advanced per row."""
+    config = config or ScoringConfig()
+    neural = isinstance(scorer, NeuralScorer)
+    fn = scorer.image_transform if neural else scorer
+    prompts_of: dict[str, list[tuple[str, str | None]]] = {}
+    for image_id, prompt_id, prompt in zip(*(shard.column(c).to_pylist() for c in ("image_id", "prompt_id", "prompt"))):
+        prompts_of.setdefault(image_id, []).append((prompt_id, prompt if scorer.uses_prompt else None))
+
+    def jobs():
+        for ids, blobs in _image_batches(lake, shard, config.batch_size):
+            lists = [[p for _, p in prompts_of[i]] for i in ids]
+            yield ids, (fn, neural, blobs, lists)
+
+    result, pending = ShardResult(), []
+    for ids, prepared in _ordered(pool, jobs(), depth=2 * max(1, config.workers) + 1):
+        counts = [len(prompts_of[i]) for i in ids]
+        keys = [k for i in ids for k in prompts_of[i]]
+        if neural:
+            index = torch.from_numpy(np.repeat(np.arange(len(ids)), counts))  # an image once per prompt it needs
+            pixels = torch.from_numpy(prepared)[index]
+            scores = scorer.score_tensors(pixels, [p for _, p in keys] if scorer.uses_prompt else None)
+        else:
+            scores = prepared
+        pending.append(pa.table({
+            "image_id": pa.array(np.repeat(np.array(ids, dtype=object), counts).tolist(), pa.string()),
+            "prompt_id": pa.array([k for k, _ in keys], pa.string()),
+            "scorer": pa.array([scorer.name] * len(keys), pa.string()),
+            "scorer_version": pa.array([scorer.version] * len(keys), pa.string()),
+            "score": pa.array(np.asarray(scores, dtype=np.float64)),
+        }))
+        result.n_images += len(ids)
+        result.n_scores += len(keys)
+        if progress is not None:
+            progress.update(len(keys))
+        if len(pending) >= config.commit_every:
+            commit_scores(lake, scorer.name, pa.concat_tables(pending), config.lock_timeout_s)
+            result.n_commits += 1
+            pending = []
+    if pending:
+        commit_scores(lake, scorer.name, pa.concat_tables(pending), config.lock_timeout_s)
+        result.n_commits += 1
+    return result
+
+
+def load_scorers(names: list[str], weights_dir: str | Path | None, device: str, batch_size: int,
+                 options: dict[str, dict] | None = None) -> list[Scorer]:
+    """Build every named scorer before any work starts, so an unknown name or a missing checkpoint fails at
+    once. `options[name]` holds extra build_scorer keywords (arch, checkpoint, ...)."""
+    unknown = [n for n in names if n not in SCORERS]
+    if unknown:
+        raise ValueError(f"unknown scorer(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(sorted(SCORERS))}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"scorer names repeat: {names}")
+    scorers = []
+    for name in names:
+        kwargs = dict((options or {}).get(name, {}))
+        if "batch_size" in inspect.signature(SCORERS[name]).parameters:
+            kwargs.setdefault("batch_size", batch_size)
+        scorers.append(build_scorer(name, weights_dir=weights_dir, device=device, **kwargs))
+    return scorers
+
+
+def run_scoring(lake: Lake, scorer_names: list[str], weights_dir: str | Path | None = None, device: str = "cpu",
+                batch_size: int = 64, workers: int = 2, shard_size: int = 4096, *,
+                scorer_options: dict[str, dict] | None = None, config: ScoringConfig | None = None,
+                progress: bool = False) -> ScoringResult:
+    """Plan and score everything missing for each scorer, in this process (the flow spreads shards instead)."""
+    config = config or ScoringConfig(batch_size=batch_size, workers=workers, shard_size=shard_size)
+    result = ScoringResult()
+    pool = make_pool(config.workers, config.mp_context)
+    try:
+        warm = [pool.submit(_ready) for _ in range(config.workers)] if pool is not None else []  # workers start
+        scorers = load_scorers(scorer_names, weights_dir, device, config.batch_size, scorer_options)  # meanwhile
+        with lake.writing():  # recover first: a commit a crash left half-applied is rolled forward, not rescored
+            pass
+        for future in warm:  # throughput figures exclude the one-time worker start
+            future.result()
+        for scorer in scorers:
+            plan = plan_work(lake, scorer)
+            summary = ScorerSummary(scorer.name, scorer.version, plan.n_pairs, plan.n_pairs_skipped, plan.n_needed,
+                                    plan.n_done)
+            bar = _progress_bar(plan.items.num_rows, scorer.name) if progress else None
+            started = time.perf_counter()
+            for shard in plan.shards(config.shard_size):
+                done = score_shard(lake, scorer, shard, config, pool, bar)
+                summary.n_scores += done.n_scores
+                summary.n_images += done.n_images
+            summary.seconds = time.perf_counter() - started
+            if bar is not None:
+                bar.close()
+            result.scorers.append(summary)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return result
+
+
+def _progress_bar(total: int, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit="score", dynamic_ncols=True)
