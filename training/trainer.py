@@ -1,0 +1,363 @@
+"""Preference fine-tuning of a diffusion UNet with LoRA: ``train(config) -> TrainResult`` and ``main(argv)``.
+
+One micro-step (methods.md §1.3): B pairs -> 2B latents, winners first; each pair shares its timestep, noise
+and caption embedding; policy ε-prediction with grad; reference ε-prediction under no_grad from the same UNet
+(adapters disabled, or the BalancedDPO ``ref`` adapter); per-sample errors (ε-MSE, or NCP perceptual distance)
+-> a loss of ``training.losses``. Every random draw comes from one seeded ``torch.Generator`` in a fixed order,
+so runs are reproducible, resumable, and identical with and without the latent cache.
+
+Several GPUs: ``accelerate launch -m training.trainer --snapshot ... --model ... --output ...``; one process
+(CPU tests) runs the same code through the same ``Accelerator``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+from torch import Tensor
+
+from training import losses as L
+from training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from training.components import encode_prompts, load_components, sdxl_time_ids
+from training.config import TrainConfig, parse_args
+from training.latent_cache import LatentCache, build_cache, cache_key, vae_posterior
+from training.lora import (
+    POLICY, REFERENCE, LoraEMA, add_policy_lora, add_reference_lora, copy_adapter, encoder_features, lora_tensors,
+    reference_view,
+)
+from training.snapshot import DataPosition, PairBatch, PairStream, open_snapshot
+
+
+NO_REFERENCE = ("cpo", "sft")  # reference-free losses skip the reference pass
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    global_step: int
+    losses: list[float]  # per optimiser step of this call, mean over its micro-steps
+    lora_dir: Path  # load with pipe.load_lora_weights(lora_dir)
+    last_checkpoint: Path | None
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = c = config
+        cuda = torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=c.mixed_precision if cuda else "no", cpu=not cuda,
+                                       gradient_accumulation_steps=c.gradient_accumulation_steps)
+        self.device = self.accelerator.device
+        self.snapshot = open_snapshot(c.snapshot)
+        torch.manual_seed(c.seed)  # LoRA A init; the step randomness has its own generator below
+        self.components = comp = load_components(c.model)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
+                                                                                torch.float32)
+        self.unet = unet = comp.unet
+        vae_dtype = torch.float32 if comp.is_sdxl else self.weight_dtype  # the SDXL VAE overflows in fp16
+        for module, dtype in ((unet, self.weight_dtype), (comp.vae, vae_dtype),
+                              *((enc, self.weight_dtype) for enc in comp.text_encoders)):
+            module.to(self.device)
+            if dtype != torch.float32:
+                module.to(dtype=dtype)
+        for enc in comp.text_encoders:
+            enc.eval()
+        self.lora_config = add_policy_lora(unet, c.lora_rank, c.lora_alpha, c.lora_target_modules)
+        self.dynamic_ref = c.loss == "balanced-dpo" and (c.ref_update_every > 0 or c.ref_ema_tau > 0)
+        if self.dynamic_ref:
+            add_reference_lora(unet, self.lora_config)
+        policy = lora_tensors(unet, POLICY)
+        for p in policy.values():  # trained in fp32 even when the frozen weights are half precision
+            p.data = p.data.float()
+        if c.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.emas = [LoraEMA(unet, d) for d in (c.ema_decay_long, c.ema_decay_short)] if c.needs_online_u else []
+        params = list(policy.values())
+        opt_kw = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
+                      eps=c.adam_epsilon)
+        if c.use_8bit_adam:
+            import bitsandbytes as bnb
+            optimizer = bnb.optim.AdamW8bit(params, **opt_kw)
+        else:
+            optimizer = torch.optim.AdamW(params, **opt_kw)
+        self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.generator = torch.Generator().manual_seed(c.seed + self.accelerator.process_index)
+        self.alphas_cumprod = comp.noise_scheduler.alphas_cumprod.to(self.device)
+        self.global_step, self.position = 0, DataPosition()
+        self.cache = self._prepare_cache() if c.latent_cache else None
+        self.empty_text = (self.cache.empty if self.cache else
+                           dict(zip(("text", "pooled"), encode_prompts(comp, [""], self.device, self.weight_dtype))))
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare_cache(self) -> LatentCache:
+        c = self.config
+        root = Path(c.cache_dir or Path(c.output) / "latent_cache")
+        root = root / cache_key(self.snapshot, c.model, c.resolution)
+        if self.accelerator.is_main_process:
+            build_cache(self.components, self.snapshot, root, c.resolution, self.device)
+        self.accelerator.wait_for_everyone()
+        return LatentCache(root, self.snapshot)
+
+    def _encoded(self, batch: PairBatch) -> dict[str, Tensor]:
+        """Posterior mean/std of winners and losers and caption embeddings, from the cache or the encoders."""
+        if self.cache is not None:
+            return {k: v.to(self.device) for k, v in self.cache.get(batch.rows).items()}
+        w_mean, w_std = vae_posterior(self.components, batch.winner_pixels.to(self.device))
+        l_mean, l_std = vae_posterior(self.components, batch.loser_pixels.to(self.device))
+        text, pooled = encode_prompts(self.components, batch.prompts, self.device, self.weight_dtype)
+        out = {"w_mean": w_mean, "w_std": w_std, "l_mean": l_mean, "l_std": l_std, "text": text}
+        return out | ({"pooled": pooled} if pooled is not None else {})
+
+    def _inputs(self, batch: PairBatch) -> dict[str, Tensor]:
+        """Noisy latents (2B, 4, h, w), targets and conditioning; all randomness drawn here, in a fixed order."""
+        enc, g, b = self._encoded(batch), self.generator, len(batch.pair_ids)
+        shape = enc["w_mean"].shape[1:]
+        vae_eps = torch.randn((2 * b, *shape), generator=g).to(self.device)
+        drop = (torch.rand(b, generator=g) < self.config.proportion_empty_prompts).to(self.device)
+        noise = torch.randn((b, *shape), generator=g).repeat(2, 1, 1, 1).to(self.device)  # shared per pair
+        t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=g).repeat(2).to(self.device)
+        z = torch.randn((b, *shape), generator=g).repeat(2, 1, 1, 1).to(self.device)  # NCP reverse-step noise
+        mean = torch.cat([enc["w_mean"], enc["l_mean"]])
+        std = torch.cat([enc["w_std"], enc["l_std"]])
+        latents = (mean + std * vae_eps) * self.components.vae.config.scaling_factor
+        x_t = self.components.noise_scheduler.add_noise(latents, noise, t)
+        empty = self.empty_text["text"].to(self.device, enc["text"].dtype)
+        text = torch.where(drop[:, None, None], empty, enc["text"]).repeat(2, 1, 1).to(self.weight_dtype)
+        added = None
+        if self.components.is_sdxl:
+            pooled = torch.where(drop[:, None], self.empty_text["pooled"].to(self.device), enc["pooled"])
+            added = {"text_embeds": pooled.repeat(2, 1).to(self.weight_dtype),
+                     "time_ids": sdxl_time_ids(self.config.resolution, 2 * b, self.device, self.weight_dtype)}
+        return {"x_t": x_t.to(self.weight_dtype), "noise": noise, "t": t, "z": z, "text": text, "added": added}
+
+    # ------------------------------------------------------------------ errors and loss
+    def _eps(self, module: torch.nn.Module, inp: dict) -> Tensor:
+        with self.accelerator.autocast():
+            return module(inp["x_t"], inp["t"], encoder_hidden_states=inp["text"],
+                          added_cond_kwargs=inp["added"]).sample.float()
+
+    def _errors(self, eps: dict[str, Tensor], inp: dict, need_grad: set[str]) -> dict[str, Tensor]:
+        """Per-sample errors (2B,) of each ε-prediction: mean squared ε error, or the NCP perceptual distance
+        ‖f(x_{t−1}(ε̂)) − f(x_{t−1}(ε))‖² of the frozen base encoder f at t−1 (gradients only through ε̂)."""
+        if not self.config.uses_perceptual:
+            return {k: L.per_sample_mse(v, inp["noise"]) for k, v in eps.items()}
+        t_prev = L.ncp_previous_timestep(inp["t"])
+
+        def step(e: Tensor) -> Tensor:
+            return L.ddpm_reverse_step(inp["x_t"].float(), e, inp["t"], self.alphas_cumprod, inp["z"])
+
+        def features(x: Tensor) -> list[Tensor]:
+            added = inp["added"]
+            with self.accelerator.autocast():
+                return encoder_features(self.unet, x.to(self.weight_dtype), t_prev, inp["text"],
+                                        self.config.ncp_encoder_tap, added)
+
+        out = {}
+        self.unet.disable_adapters()
+        try:
+            with torch.no_grad():
+                target = features(step(inp["noise"]))
+            for k, e in eps.items():
+                with torch.set_grad_enabled(k in need_grad):
+                    out[k] = L.perceptual_distance(features(step(e)), target)
+        finally:
+            self.unet.enable_adapters()
+        return out
+
+    def _ema_errors(self, inp: dict) -> list[Tensor]:
+        """ε-MSE (2B,) of the EMA annotators (decays 0.9999, 0.5), each swapped into the policy adapter under
+        no_grad. Called before the policy forward: the swap writes into tensors the policy graph would save."""
+        if not self.config.needs_online_u or self.global_step < self.config.ema_warmup_steps:
+            return []
+        errors = []
+        for ema in self.emas:
+            with torch.no_grad(), ema.swapped_in(self.unet):
+                errors.append(self._errors({"ema": self._eps(self.unet, inp)}, inp, set())["ema"])
+        return errors
+
+    def _adaptive_u(self, err: dict[str, Tensor], ema_errors: list[Tensor], batch: PairBatch) -> Tensor:
+        """u (B,): Adaptive-DPO's online metric over (policy, EMA 0.9999, EMA 0.5) logits (zero during the EMA
+        warm-up), and/or the snapshot's offline minority_score, combined per ``u_source``."""
+        c, (ref_w, ref_l) = self.config, L.split_winner_loser(err["ref"])
+        online = None
+        if c.needs_online_u:
+            online = torch.zeros(len(batch.pair_ids), device=self.device)
+            if ema_errors:
+                logits = [L.dpo_raw_logits(*L.split_winner_loser(e.detach()), ref_w, ref_l)
+                          for e in [err["policy"], *ema_errors]]  # (K=3) x (B,)
+                online = L.minority_metric(torch.stack(logits), rho=c.rho, normalize=c.normalize_logits).u
+        offline = batch.minority_score.to(self.device) if c.u_source != "online" else None
+        return L.combine_minority_scores(online, offline, c.u_source)
+
+    def loss(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        c, inp = self.config, self._inputs(batch)
+        eps = {}
+        if c.loss not in NO_REFERENCE:
+            with torch.no_grad(), reference_view(self.unet, self.dynamic_ref):
+                eps["ref"] = self._eps(self.unet, inp)
+        ema_errors = self._ema_errors(inp)
+        eps["policy"] = self._eps(self.model, inp)
+        err = self._errors(eps, inp, need_grad={"policy"})
+        mw, ml = L.split_winner_loser(err["policy"])
+        rw, rl = L.split_winner_loser(err["ref"]) if "ref" in err else (None, None)
+        weight = batch.weight.to(self.device) if c.use_snapshot_weights else None
+        if c.loss == "dpo":
+            margin = batch.margin.to(self.device) if c.use_snapshot_weights else None
+            return L.diffusion_dpo_loss(mw, ml, rw, rl, beta=c.beta, weight=weight, margin=margin)
+        if c.loss == "adaptive-dpo":
+            u = self._adaptive_u(err, ema_errors, batch)
+            return L.adaptive_dpo_loss(mw, ml, rw, rl, u, beta=c.beta, use_weight=c.use_weight,
+                                       weight_type=c.weight_type, k1=c.k1, c1=c.c1, use_margin=c.use_margin,
+                                       margin_type=c.margin_type, margin_scale=c.margin_scale)
+        if c.loss == "balanced-dpo":
+            votes = batch.vote_fraction.to(self.device) if c.balanced_soft_target else None
+            if votes is not None and bool(votes.isnan().any()):
+                raise ValueError("balanced_soft_target needs vote_fraction in every snapshot row; some are NaN")
+            return L.balanced_dpo_loss(mw, ml, rw, rl, beta=c.beta, winner_vote_fraction=votes)
+        if c.loss == "ncp-dpo":
+            return L.ncp_dpo_loss(mw, ml, rw, rl, beta=c.beta)
+        if c.loss == "cpo":
+            return L.cpo_loss(mw, ml, beta=c.beta, sft_weight=c.cpo_lambda)
+        if c.loss == "sft":
+            return L.sft_loss(mw)
+        if c.loss == "ipo":
+            return L.ipo_loss(mw, ml, rw, rl, beta_ipo=c.beta_ipo, weight=weight)
+        raise ValueError(f"unknown loss {c.loss!r}; expected one of {L.LOSS_TYPES}")
+
+    # ------------------------------------------------------------------ state
+    def _after_optimizer_step(self) -> None:
+        c = self.config
+        for ema in self.emas:
+            ema.update(self.unet)
+        if self.dynamic_ref:
+            if c.ref_ema_tau > 0:
+                copy_adapter(self.unet, source=POLICY, target=REFERENCE, tau=c.ref_ema_tau)
+            elif self.global_step % c.ref_update_every == 0:
+                copy_adapter(self.unet, source=POLICY, target=REFERENCE)
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step, "position": self.position.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+            "rng": rng_states(), "emas": [e.state_dict() for e in self.emas],
+            "ref_adapter": ({k: v.detach().cpu() for k, v in lora_tensors(self.unet, REFERENCE).items()}
+                            if self.dynamic_ref else {}),
+            "identity": self._identity(),
+        }
+
+    def _identity(self) -> dict:
+        c = self.config
+        return {"snapshot_id": self.snapshot.snapshot_id, "loss": c.loss, "seed": c.seed,
+                "train_batch_size": c.train_batch_size, "lora_rank": c.lora_rank,
+                "world_size": self.accelerator.num_processes}
+
+    def save(self) -> Path:
+        lora = {k: v.detach() for k, v in lora_tensors(self.unet, POLICY).items()}
+        return save_checkpoint(self.config.output, self.global_step, lora, self.state_dict())
+
+    def resume(self, path: Path) -> None:
+        lora, state = load_checkpoint(path)
+        if state["identity"] != self._identity():
+            raise ValueError(f"checkpoint {path} was written by a different run: {state['identity']} vs "
+                             f"{self._identity()}")
+        with torch.no_grad():
+            for k, p in lora_tensors(self.unet, POLICY).items():
+                p.copy_(lora[k])
+            for k, p in (lora_tensors(self.unet, REFERENCE).items() if self.dynamic_ref else ()):
+                p.copy_(state["ref_adapter"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for ema, s in zip(self.emas, state["emas"], strict=True):
+            ema.load_state_dict(s)
+        self.generator.set_state(state["generator"])
+        set_rng_states(state["rng"])
+        self.global_step, self.position = int(state["global_step"]), DataPosition(**state["position"])
+
+    def save_final_lora(self) -> Path:
+        """Diffusers-format LoRA (``pytorch_lora_weights.safetensors``) that ``pipe.load_lora_weights`` reads."""
+        out = Path(self.config.output)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=POLICY))
+        pipeline_cls = StableDiffusionXLPipeline if self.components.is_sdxl else StableDiffusionPipeline
+        pipeline_cls.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True,
+                                       unet_lora_adapter_metadata=self.lora_config.to_dict())
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[PairBatch]:
+        c, acc = self.config, self.accelerator
+        stream = PairStream(self.snapshot, batch_size=c.train_batch_size, resolution=c.resolution, seed=c.seed,
+                            buffer_rows=c.buffer_rows, decode_images=self.cache is None,
+                            rank=acc.process_index, world_size=acc.num_processes)
+        return stream.batches(self.position)
+
+    def fit(self) -> TrainResult:
+        c, acc = self.config, self.accelerator
+        out = Path(c.output)
+        out.mkdir(parents=True, exist_ok=True)
+        losses, sums, micro, last_ckpt, t0 = [], {}, 0, None, time.perf_counter()
+        batches = self._batches()
+        while self.global_step < c.max_steps:
+            batch = next(batches)
+            with acc.accumulate(self.model):
+                loss, metrics = self.loss(batch)
+                acc.backward(loss)
+                if acc.sync_gradients and c.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                for group in self.optimizer.param_groups:  # linear warm-up, then constant
+                    group["lr"] = c.learning_rate * min(1.0, (self.global_step + 1) / max(1, c.lr_warmup_steps))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.position, micro = batch.position, micro + 1
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                if v.dim() == 0:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            if not acc.sync_gradients:
+                continue
+            self.global_step += 1
+            self._after_optimizer_step()
+            record = {k: v / micro for k, v in sums.items()}
+            record.update(step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
+                          elapsed_s=round(time.perf_counter() - t0, 4), pairs=micro * c.train_batch_size)
+            losses.append(record["loss"])
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {self.global_step}: {record}")
+            if acc.is_main_process:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            sums, micro = {}, 0
+            if self.global_step % c.checkpoint_every == 0 or self.global_step == c.max_steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    last_ckpt = self.save()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.save_final_lora()
+            (out / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
+        return TrainResult(out, self.global_step, losses, out, last_ckpt)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    trainer = Trainer(config)
+    if config.resume_from:
+        trainer.resume(find_checkpoint(config.output, config.resume_from))
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """``python -m training.trainer --snapshot DIR --model DIR --output DIR --loss dpo --max-steps N ...``"""
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    result = main(sys.argv[1:])
+    print(json.dumps({"global_step": result.global_step, "output": str(result.output),
+                      "final_loss": result.losses[-1] if result.losses else None}))
