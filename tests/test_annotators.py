@@ -68,6 +68,16 @@ def test_consensus_label_reference_and_method_switch():
     assert stats["reliability_method"].unique().to_list() == ["dawid_skene"]
 
 
+def test_agreement_weighted_by_the_scorer_vote_margin():
+    # agrees with a unanimous vote (weight |2 * 4/4 - 1| = 1), disagrees with a 3-of-4 vote (weight 1/2)
+    pairs = PAIRS.head(2).with_columns(user_id=pl.lit("solo"), label_0=pl.Series([1.0, 0.0]))
+    consensus = CONSENSUS.head(2).with_columns(votes_for_0=pl.Series([4.0, 3.0]))
+    weighted = annotator_stats(pairs, consensus, PAIR_METRICS)
+    plain = annotator_stats(pairs, consensus, PAIR_METRICS, AnnotatorStatsConfig(agreement_weighting="none"))
+    assert weighted["consensus_agreement"].item() == pytest.approx(1 / 1.5)
+    assert plain["consensus_agreement"].item() == 0.5 and plain["n_reference"].item() == 2
+
+
 def test_same_user_twice_on_an_item_is_not_a_peer():
     pairs = PAIRS.with_columns(user_id=pl.lit("solo"))
     assert by_user(annotator_stats(pairs, CONSENSUS, PAIR_METRICS))["solo"]["n_peer_pairs"] == 0
