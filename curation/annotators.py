@@ -92,12 +92,13 @@ def beta_prior_strength(successes: np.ndarray, trials: np.ndarray, lo: float, hi
     tau^2 = (S - mu (1 - mu) m) / (1 - m) with S the mean squared deviation of p_j from the pooled
     mu and m = mean(1 / n_j); then alpha + beta = mu (1 - mu) / tau^2 - 1, clipped to [lo, hi]
     (hi when tau^2 <= 0: the rates vary no more than binomial noise explains). Trials may be
-    fractional (weighted labels); annotators with fewer than 1 trial are left out of the fit."""
+    fractional (weighted labels): mu pools every annotator, the variance uses those with at least 1
+    trial, and with fewer than 2 of them the spread is unknown and the weakest prior (lo) is used."""
+    mu = float(successes.sum() / trials.sum()) if trials.sum() > 0 else 0.5
     keep = trials >= 1
     k, n = successes[keep].astype(float), trials[keep].astype(float)
-    if n.size == 0:
-        return 0.5, lo
-    mu = k.sum() / n.sum()
+    if n.size < 2:
+        return mu, lo
     m = float(np.mean(1.0 / n))
     spread = float(np.mean((k / n - mu) ** 2))
     tau2 = (spread - mu * (1 - mu) * m) / (1 - m) if m < 1 else 0.0

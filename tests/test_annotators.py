@@ -89,6 +89,8 @@ def test_beta_prior_method_of_moments_by_hand():
     assert mu == 0.5 and strength == pytest.approx(0.25 / (0.065 / 0.9) - 1)
     # identical rates: no between-annotator variance, the upper clip applies
     assert beta_prior_strength(np.array([5, 5]), np.array([10, 10]), lo=1.0, hi=77.0) == (0.5, 77.0)
+    # one annotator: the between-annotator spread is unknown, the weakest prior applies
+    assert beta_prior_strength(np.array([1.5]), np.array([2.0]), lo=3.0, hi=77.0) == (0.75, 3.0)
 
 
 def test_shrinkage_pulls_a_two_label_annotator_toward_the_population():
