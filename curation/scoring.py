@@ -241,7 +241,7 @@ def _image_batches(lake: Lake, shard: pa.Table, batch_rows: int):
         relation = con.sql(f"SELECT image_id, bytes FROM read_parquet({listing}) "
                            f"WHERE image_id IN ({', '.join(_sql_str(i) for i in ids)})")
         seen: set[str] = set()
-        for batch in relation.fetch_record_batch(batch_rows):
+        for batch in relation.to_arrow_reader(batch_rows):
             got = [(i, b) for i, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()) if i not in seen]
             seen.update(i for i, _ in got)
             if got:
