@@ -70,8 +70,9 @@ class AnnotatorStatsConfig:
     ds_accuracy_prior_strength: float = 4.0
     """Pseudo-labels shrinking each annotator's sensitivity/specificity toward the pooled value."""
     ds_max_iter: int = 100
-    ds_tol: float = 1e-6
-    """Stop when no sensitivity/specificity moves more than this in one iteration."""
+    ds_tol: float = 1e-5
+    """Stop when no sensitivity/specificity moves more than this in one iteration (reliabilities are
+    compared to 2-3 decimals; tighter only costs iterations at ~1M labels)."""
 
     def __post_init__(self) -> None:
         if self.reliability_method not in RELIABILITY_METHODS:
@@ -109,7 +110,7 @@ def beta_prior_strength(successes: np.ndarray, trials: np.ndarray, lo: float, hi
 
 def dawid_skene_pairs(
     worker: np.ndarray, item: np.ndarray, flipped: np.ndarray, chose_0: np.ndarray, prior_first: np.ndarray,
-    *, n_workers: int | None = None, accuracy_prior_strength: float = 4.0, max_iter: int = 100, tol: float = 1e-6,
+    *, n_workers: int | None = None, accuracy_prior_strength: float = 4.0, max_iter: int = 100, tol: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two-coin Dawid-Skene EM for pairwise labels, with a soft prior on each item's winner.
 
@@ -134,33 +135,34 @@ def dawid_skene_pairs(
     if n_workers is None:
         n_workers = int(worker.max()) + 1 if worker.size else 0
     n_items = prior_first.size
-    y = chose_0.astype(float)
-    orient = np.where(flipped, -1.0, 1.0)  # (R,) maps "label's image_0 better" log-odds to the item's order
     prior_logit = np.log(prior_first) - np.log1p(-prior_first)
+    orient = np.where(flipped, -1.0, 1.0)  # (R,) maps "label's image_0 better" log-odds to the item's order
+    code = 2 * worker + chose_0.astype(np.int64)  # (R,) index into the per-worker (W, 2) llr table
+    n_labels = np.bincount(worker, minlength=n_workers).astype(float)  # (W,)
+    n_chose_0 = np.bincount(worker, chose_0.astype(float), n_workers)  # (W,)
     sens, spec = np.full(n_workers, 0.7), np.full(n_workers, 0.7)
     eps, strength = 1e-4, accuracy_prior_strength
 
     def item_log_odds(sens: np.ndarray, spec: np.ndarray) -> np.ndarray:
-        # (R,) log P(label | image_0 better) - log P(label | image_1 better), turned to the item's order
-        llr = np.where(y == 1.0, np.log(sens[worker]) - np.log1p(-spec[worker]),
-                       np.log1p(-sens[worker]) - np.log(spec[worker])) * orient
-        return prior_logit + np.bincount(item, llr, minlength=n_items)  # (I,)
+        # per worker: log P(label | image_0 better) - log P(label | image_1 better) for label image_1, image_0
+        table = np.stack([np.log1p(-sens) - np.log(spec), np.log(sens) - np.log1p(-spec)], axis=1).ravel()
+        return prior_logit + np.bincount(item, table[code] * orient, minlength=n_items)  # (I,)
 
     for _ in range(max_iter):
-        logit = item_log_odds(sens, spec)
-        q = 1.0 / (1.0 + np.exp(-logit[item] * orient))  # (R,) posterior P(the label's image_0 is better)
-        pooled_sens = (q * y).sum() / max(q.sum(), eps)
-        pooled_spec = ((1 - q) * (1 - y)).sum() / max((1 - q).sum(), eps)
-        new_sens = ((np.bincount(worker, q * y, n_workers) + strength * pooled_sens)
-                    / (np.bincount(worker, q, n_workers) + strength)).clip(eps, 1 - eps)
-        new_spec = ((np.bincount(worker, (1 - q) * (1 - y), n_workers) + strength * pooled_spec)
-                    / (np.bincount(worker, 1 - q, n_workers) + strength)).clip(eps, 1 - eps)
+        q = 1.0 / (1.0 + np.exp(-item_log_odds(sens, spec)[item] * orient))  # (R,) P(label's image_0 better)
+        q_sum = np.bincount(worker, q, n_workers)  # (W,) expected labels with image_0 better
+        q_agree = np.bincount(worker, np.where(chose_0, q, 0.0), n_workers)  # ... of which image_0 was picked
+        not_q_sum = n_labels - q_sum
+        not_q_agree = (n_labels - n_chose_0) - (q_sum - q_agree)  # image_1 better and picked
+        pooled_sens = q_agree.sum() / max(q_sum.sum(), eps)
+        pooled_spec = not_q_agree.sum() / max(not_q_sum.sum(), eps)
+        new_sens = ((q_agree + strength * pooled_sens) / (q_sum + strength)).clip(eps, 1 - eps)
+        new_spec = ((not_q_agree + strength * pooled_spec) / (not_q_sum + strength)).clip(eps, 1 - eps)
         change = max(np.abs(new_sens - sens).max(initial=0.0), np.abs(new_spec - spec).max(initial=0.0))
         sens, spec = new_sens, new_spec
         if change < tol:
             break
-    logit = item_log_odds(sens, spec)
-    return sens, spec, 1.0 / (1.0 + np.exp(-logit))
+    return sens, spec, 1.0 / (1.0 + np.exp(-item_log_odds(sens, spec)))
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -228,82 +230,92 @@ def annotator_stats(
     rows = (
         labels.join(cons, on="pair_id", how="left").join(minority, on="pair_id", how="left")
         .with_columns(_lo=pl.min_horizontal("image_0_id", "image_1_id"), _hi=pl.max_horizontal("image_0_id", "image_1_id"),
-                      _decisive=decisive, _flip=flip, _reference=reference, _weight=reference_weight,
+                      _flip=flip, _reference=reference, _weight=reference_weight,
                       _first=decisive & ((label == 1.0) != flip))  # decisive label for the item's first image
         .collect()
     )
-    items = rows.select("_lo", "_hi").unique(maintain_order=True).with_row_index("_item")
-    workers = rows.select("user_id").unique().sort("user_id").with_row_index("_worker")
-    rows = rows.join(items, on=["_lo", "_hi"], maintain_order="left").join(workers, on="user_id", maintain_order="left")
+    rows = rows.with_row_index("_r")
+    items = rows.group_by("_lo", "_hi").agg("_r")  # I unordered image pairs
+    users = rows.group_by("user_id").agg("_r").sort("user_id")  # W annotators, the output's rows
+    item, worker = _group_codes(items, rows.height), _group_codes(users, rows.height)  # (R,) each
+    n_items, n_workers = items.height, users.height
+
+    # (R,) label columns as numpy; nulls become NaN (reference, minority_score) or 0 (weight, votes)
+    label = rows["label_0"].to_numpy()
+    decisive = (label == 0.0) | (label == 1.0)
+    first = rows["_first"].to_numpy()
+    reference = rows["_reference"].cast(pl.Float64).to_numpy()
+    weight = rows["_weight"].cast(pl.Float64).fill_null(0.0).fill_nan(0.0).to_numpy()
+    minority = rows["minority_score"].cast(pl.Float64).to_numpy()
+    per_item = lambda x: np.bincount(item, x, n_items)[item]  # noqa: E731  (R,) sum over the row's item
+    per_user = lambda x: np.bincount(worker, x, n_workers)  # noqa: E731  (W,) sum over the annotator's rows
 
     # Peer agreement: other users' decisive labels on the same item (the user's own excluded).
-    n, k = pl.col("_decisive").sum(), pl.col("_first").sum()
-    rows = rows.with_columns(_n=n.over("_item"), _k=k.over("_item"), _nu=n.over("_item", "_worker"),
-                             _ku=k.over("_item", "_worker"))
-    peers_agreeing = pl.when(pl.col("_first")).then(pl.col("_k") - pl.col("_ku")).otherwise(
-        (pl.col("_n") - pl.col("_k")) - (pl.col("_nu") - pl.col("_ku")))
-    rows = rows.with_columns(_peer_agree=pl.when("_decisive").then(peers_agreeing),
-                             _peer_total=pl.when("_decisive").then(pl.col("_n") - pl.col("_nu")))
-    has_reference = pl.col("_decisive") & pl.col("_reference").is_not_null()
-    per_user = rows.group_by("_worker", "user_id").agg(
-        n_labels=pl.len().cast(pl.Int64),
-        n_ties=(label == 0.5).sum().cast(pl.Int64),
-        n_decisive=pl.col("_decisive").sum().cast(pl.Int64),
-        _n_left=(label == 1.0).sum(),
-        n_reference=has_reference.sum().cast(pl.Int64),
-        _w_reference=pl.col("_weight").filter(has_reference).sum(),
-        _w_agree=pl.col("_weight").filter(has_reference & (label == pl.col("_reference"))).sum(),
-        _peer_agree=pl.col("_peer_agree").sum(), _peer_total=pl.col("_peer_total").sum(),
-        n_peer_pairs=(pl.col("_peer_total") > 0).sum().cast(pl.Int64),
-        mean_minority_score=pl.col("minority_score").mean(),
-        minority_rate=(pl.col("minority_score") > config.minority_threshold).mean(),
-    ).sort("_worker")
+    _, own = np.unique(item * n_workers + worker, return_inverse=True)  # (R,) index of (item, user)
+    n_item, k_item = per_item(decisive), per_item(first)
+    n_own, k_own = np.bincount(own, decisive)[own], np.bincount(own, first)[own]
+    peer_total = np.where(decisive, n_item - n_own, 0.0)
+    peer_agree = np.where(decisive, np.where(first, k_item - k_own, (n_item - k_item) - (n_own - k_own)), 0.0)
 
-    # Empirical-Bayes agreement, position and tie rates (numpy over W annotators).
-    agree, n_ref = per_user["_w_agree"].to_numpy().astype(float), per_user["_w_reference"].to_numpy().astype(float)
-    mu, strength = beta_prior_strength(agree, n_ref, config.min_prior_strength, config.max_prior_strength)
+    has_reference = decisive & ~np.isnan(reference)
+    has_minority = ~np.isnan(minority)
+    n_labels, n_ties = np.bincount(worker, minlength=n_workers).astype(float), per_user(label == 0.5)
+    n_decisive, n_left = per_user(decisive), per_user(label == 1.0)
+    w_reference = per_user(np.where(has_reference, weight, 0.0))
+    w_agree = per_user(np.where(has_reference & (label == reference), weight, 0.0))
+    n_minority = per_user(has_minority)
+
+    # Empirical-Bayes agreement, position and tie rates.
+    mu, strength = beta_prior_strength(w_agree, w_reference, config.min_prior_strength, config.max_prior_strength)
     if config.prior_strength is not None:
         strength = config.prior_strength
-    agreement_shrunk = (agree + mu * strength) / (n_ref + strength)
-    n_left, n_dec = per_user["_n_left"].to_numpy().astype(float), per_user["n_decisive"].to_numpy().astype(float)
-    n_ties, n_all = per_user["n_ties"].to_numpy().astype(float), per_user["n_labels"].to_numpy().astype(float)
-    population_left = n_left.sum() / n_dec.sum() if n_dec.sum() else 0.5
-    population_tie = n_ties.sum() / n_all.sum() if n_all.sum() else 0.0
+    agreement_shrunk = (w_agree + mu * strength) / (w_reference + strength)
+    population_left = n_left.sum() / n_decisive.sum() if n_decisive.sum() else 0.5
+    population_tie = n_ties.sum() / n_labels.sum() if n_labels.sum() else 0.0
     side = config.side_prior_strength
-    left_shrunk = (n_left + side * population_left) / (n_dec + side)
-    tie_shrunk = (n_ties + side * population_tie) / (n_all + side)
+    left_shrunk = (n_left + side * population_left) / (n_decisive + side)
+    tie_shrunk = (n_ties + side * population_tie) / (n_labels + side)
     reliability_bb = (agreement_shrunk - config.left_penalty * np.abs(left_shrunk - population_left)
                       - config.tie_penalty * np.maximum(tie_shrunk - population_tie, 0.0))
 
-    # Dawid-Skene over decisive labels; the prior on each item's winner comes from the scorer votes.
-    decided = rows.filter("_decisive")
-    votes_first = pl.when(pl.col("_flip")).then(pl.col("n_scorers") - pl.col("votes_for_0")).otherwise("votes_for_0")
+    # Dawid-Skene over decisive labels; the prior on each item's winner comes from the scorer votes:
+    # (mean votes for the item's first image + a) / (mean n_scorers + 2a) over its decisive rows.
+    flip = rows["_flip"].to_numpy()
+    n_scorers = rows["n_scorers"].cast(pl.Float64).fill_null(0.0).to_numpy()
+    votes_for_0 = rows["votes_for_0"].cast(pl.Float64).fill_null(0.0).to_numpy()
+    votes_first = np.where(flip, n_scorers - votes_for_0, votes_for_0)
+    item_rows = np.maximum(np.bincount(item, decisive, n_items), 1.0)  # (I,)
     a = config.ds_prior_pseudo_votes
-    item_prior = (
-        decided.group_by("_item").agg(_v=votes_first.fill_null(0).mean(), _m=pl.col("n_scorers").fill_null(0).mean())
-        .sort("_item").select("_item", _prior=(pl.col("_v") + a) / (pl.col("_m") + 2 * a))
-    )
-    item_code = decided.join(item_prior.with_row_index("_code"), on="_item", maintain_order="left")["_code"]
+    prior_first = ((np.bincount(item, np.where(decisive, votes_first, 0.0), n_items) / item_rows + a)
+                   / (np.bincount(item, np.where(decisive, n_scorers, 0.0), n_items) / item_rows + 2 * a))
     sens, spec, _ = dawid_skene_pairs(
-        decided["_worker"].to_numpy().astype(np.int64), item_code.to_numpy().astype(np.int64),
-        decided["_flip"].to_numpy(), (decided["label_0"] == 1.0).to_numpy(),
-        np.clip(item_prior["_prior"].to_numpy(), 1e-6, 1 - 1e-6), n_workers=per_user.height,
-        accuracy_prior_strength=config.ds_accuracy_prior_strength, max_iter=config.ds_max_iter, tol=config.ds_tol)
-    ds_sens, ds_spec = sens[per_user["_worker"].to_numpy()], spec[per_user["_worker"].to_numpy()]
-    reliability_ds = (ds_sens + ds_spec) / 2
+        worker[decisive], item[decisive], flip[decisive], label[decisive] == 1.0, np.clip(prior_first, 1e-6, 1 - 1e-6),
+        n_workers=n_workers, accuracy_prior_strength=config.ds_accuracy_prior_strength,
+        max_iter=config.ds_max_iter, tol=config.ds_tol)
+    reliability_ds = (sens + spec) / 2
 
-    rate = lambda num, den: pl.when(pl.col(den) > 0).then(pl.col(num) / pl.col(den))  # noqa: E731
-    chosen = reliability_bb if config.reliability_method == "beta_binomial" else reliability_ds
-    return per_user.with_columns(
-        tie_rate=rate("n_ties", "n_labels"), left_rate=rate("_n_left", "n_decisive"),
-        consensus_agreement=rate("_w_agree", "_w_reference"), agreement_shrunk=pl.Series(agreement_shrunk),
-        peer_agreement=rate("_peer_agree", "_peer_total"),
-        ds_sensitivity=pl.Series(ds_sens), ds_specificity=pl.Series(ds_spec),
-        reliability_beta_binomial=pl.Series(reliability_bb), reliability_dawid_skene=pl.Series(reliability_ds),
-        reliability=pl.Series(chosen), reliability_method=pl.lit(config.reliability_method),
-    ).select(
-        "user_id", "n_labels", "n_ties", "tie_rate", "n_decisive", "left_rate", "n_reference", "consensus_agreement",
-        "agreement_shrunk", "peer_agreement", "n_peer_pairs", "mean_minority_score", "minority_rate",
-        "ds_sensitivity", "ds_specificity", "reliability_beta_binomial", "reliability_dawid_skene",
-        "reliability", "reliability_method",
-    )
+    def ratio(num: np.ndarray, den: np.ndarray) -> pl.Series:  # (W,), null where den is 0
+        return pl.Series(np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)).fill_nan(None)
+
+    return pl.DataFrame({
+        "user_id": users["user_id"],
+        "n_labels": n_labels.astype(np.int64), "n_ties": n_ties.astype(np.int64), "tie_rate": ratio(n_ties, n_labels),
+        "n_decisive": n_decisive.astype(np.int64), "left_rate": ratio(n_left, n_decisive),
+        "n_reference": per_user(has_reference).astype(np.int64), "consensus_agreement": ratio(w_agree, w_reference),
+        "agreement_shrunk": agreement_shrunk,
+        "peer_agreement": ratio(per_user(peer_agree), per_user(peer_total)),
+        "n_peer_pairs": per_user(peer_total > 0).astype(np.int64),
+        "mean_minority_score": ratio(per_user(np.where(has_minority, minority, 0.0)), n_minority),
+        "minority_rate": ratio(per_user(has_minority & (minority > config.minority_threshold)), n_minority),
+        "ds_sensitivity": sens, "ds_specificity": spec,
+        "reliability_beta_binomial": reliability_bb, "reliability_dawid_skene": reliability_ds,
+        "reliability": reliability_bb if config.reliability_method == "beta_binomial" else reliability_ds,
+        "reliability_method": pl.Series([config.reliability_method] * n_workers, dtype=pl.String),
+    })
+
+
+def _group_codes(groups: pl.DataFrame, n_rows: int) -> np.ndarray:
+    """(n_rows,) index of each row's group, from a frame with one row per group listing its row indices in `_r`."""
+    codes = np.empty(n_rows, dtype=np.int64)
+    codes[groups["_r"].explode().to_numpy()] = np.repeat(np.arange(groups.height), groups["_r"].list.len().to_numpy())
+    return codes
