@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from curation.votes import _frame
+from curation.votes import as_lazy
 
 
 RELIABILITY_METHODS = ("beta_binomial", "dawid_skene")
@@ -78,9 +78,11 @@ class AnnotatorStatsConfig:
         if self.reliability_method not in RELIABILITY_METHODS:
             raise ValueError(f"reliability_method={self.reliability_method!r}; expected one of {RELIABILITY_METHODS}")
         if self.agreement_reference not in AGREEMENT_REFERENCES:
-            raise ValueError(f"agreement_reference={self.agreement_reference!r}; expected one of {AGREEMENT_REFERENCES}")
+            raise ValueError(f"agreement_reference={self.agreement_reference!r}; "
+                             f"expected one of {AGREEMENT_REFERENCES}")
         if self.agreement_weighting not in AGREEMENT_WEIGHTINGS:
-            raise ValueError(f"agreement_weighting={self.agreement_weighting!r}; expected one of {AGREEMENT_WEIGHTINGS}")
+            raise ValueError(f"agreement_weighting={self.agreement_weighting!r}; "
+                             f"expected one of {AGREEMENT_WEIGHTINGS}")
         if not 0 < self.min_prior_strength <= self.max_prior_strength:
             raise ValueError(f"need 0 < min_prior_strength <= max_prior_strength, got "
                              f"{self.min_prior_strength}, {self.max_prior_strength}")
@@ -210,12 +212,12 @@ def annotator_stats(
         better)), ds_specificity (P(picks image_1 | image_1 is better)), reliability_beta_binomial,
         reliability_dawid_skene, reliability (the chosen one) and reliability_method.
     """
-    labels = _frame(pairs, "pairs", ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]).select(
+    labels = as_lazy(pairs, "pairs", ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]).select(
         pl.col("pair_id").cast(pl.String), pl.col("user_id").cast(pl.String), pl.col("label_0").cast(pl.Float64),
         "image_0_id", "image_1_id").filter(pl.col("user_id").is_not_null())
-    cons = _frame(consensus, "consensus", ["pair_id", "n_scorers", "votes_for_0", "consensus_label"]).select(
+    cons = as_lazy(consensus, "consensus", ["pair_id", "n_scorers", "votes_for_0", "consensus_label"]).select(
         "pair_id", "n_scorers", "votes_for_0", "consensus_label")
-    minority = _frame(pair_metrics, "pair_metrics", ["pair_id", "minority_score"]).select("pair_id", "minority_score")
+    minority = as_lazy(pair_metrics, "pair_metrics", ["pair_id", "minority_score"]).select("pair_id", "minority_score")
     excess = pl.col("votes_for_0") / pl.col("n_scorers") - 0.5  # null/NaN when no scorer voted
     if config.agreement_reference == "scorer_majority":
         reference = pl.when(pl.col("n_scorers") > 0).then(
@@ -229,7 +231,8 @@ def annotator_stats(
     flip = pl.col("image_0_id") > pl.col("image_1_id")  # the row's image_0 is its item's second image
     rows = (
         labels.join(cons, on="pair_id", how="left").join(minority, on="pair_id", how="left")
-        .with_columns(_lo=pl.min_horizontal("image_0_id", "image_1_id"), _hi=pl.max_horizontal("image_0_id", "image_1_id"),
+        .with_columns(_lo=pl.min_horizontal("image_0_id", "image_1_id"),
+                      _hi=pl.max_horizontal("image_0_id", "image_1_id"),
                       _flip=flip, _reference=reference, _weight=reference_weight,
                       _first=decisive & ((label == 1.0) != flip))  # decisive label for the item's first image
         .collect()

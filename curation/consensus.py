@@ -28,7 +28,7 @@ from typing import Literal
 
 import polars as pl
 
-from curation.votes import _frame
+from curation.votes import as_lazy
 
 
 TiePolicy = Literal["human_fallback", "drop", "human_vote"]
@@ -84,10 +84,10 @@ def consensus(
         raise ValueError(f"unknown tie_policy {tie_policy!r}; expected one of {TIE_POLICIES}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    vote_frame = _frame(votes, "votes", ["pair_id", "scorer", "vote", "margin", "score_0", "score_1"])
+    vote_frame = as_lazy(votes, "votes", ["pair_id", "scorer", "vote", "margin", "score_0", "score_1"])
     if scorers is not None:
         vote_frame = vote_frame.filter(pl.col("scorer").is_in(list(scorers)))
-    pair_frame = _frame(pairs, "pairs", ["pair_id", "label_0"]).select(
+    pair_frame = as_lazy(pairs, "pairs", ["pair_id", "label_0"]).select(
         pl.col("pair_id").cast(pl.String), human_label=pl.col("label_0").cast(pl.Float64))
 
     rule: dict[str, pl.Expr] = {}  # per pair: > 0 means image_0 wins under the baseline

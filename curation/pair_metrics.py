@@ -39,7 +39,7 @@ from typing import Literal
 
 import polars as pl
 
-from curation.votes import _frame
+from curation.votes import as_lazy
 
 
 WEIGHT_TYPES = ("linear", "quadratic", "sigmoid", "sqrt")
@@ -96,7 +96,8 @@ class PairMetricsConfig:
                 raise ValueError(f"{name}={value!r}; expected one of {allowed}")
         if self.rho <= 0 or self.beta <= 0 or self.reference_batch_size < 1 or self.std_cap <= 0:
             raise ValueError(f"rho, beta, std_cap must be > 0 and reference_batch_size >= 1; got rho={self.rho}, "
-                             f"beta={self.beta}, std_cap={self.std_cap}, reference_batch_size={self.reference_batch_size}")
+                             f"beta={self.beta}, std_cap={self.std_cap}, "
+                             f"reference_batch_size={self.reference_batch_size}")
         if self.c1 <= 0 and self.weight_type in ("linear", "quadratic"):
             raise ValueError(f"c1={self.c1} must be > 0 for weight_type={self.weight_type!r} (W = 1/(k1*u + c1))")
 
@@ -137,12 +138,12 @@ def pair_metrics(
         consensus: output of `curation.consensus.consensus`; required when config.label_source is
             "consensus" (its consensus_label is then the labelled winner).
     """
-    pair_frame = _frame(pairs, "pairs", ["pair_id", "label_0"]).select(
+    pair_frame = as_lazy(pairs, "pairs", ["pair_id", "label_0"]).select(
         pl.col("pair_id").cast(pl.String), human=pl.col("label_0").cast(pl.Float64))
     if config.label_source == "consensus":
         if consensus is None:
             raise ValueError("label_source='consensus' needs the consensus frame (consensus=...)")
-        labels = _frame(consensus, "consensus", ["pair_id", "consensus_label"]).select("pair_id", "consensus_label")
+        labels = as_lazy(consensus, "consensus", ["pair_id", "consensus_label"]).select("pair_id", "consensus_label")
         pair_frame = pair_frame.join(labels, on="pair_id", how="left", maintain_order="left").with_columns(
             label=pl.col("consensus_label"))
     else:
@@ -156,7 +157,7 @@ def pair_metrics(
     # Per-pair sums over the scorer annotators, toward image_0; the direction is applied after the
     # join using sigmoid(-x) = 1 - sigmoid(x), so the votes need no join before the group_by.
     per_pair = (
-        _frame(votes, "votes", ["pair_id", "normalized_margin"])
+        as_lazy(votes, "votes", ["pair_id", "normalized_margin"])
         .group_by("pair_id").agg(_k=pl.len(), _sig0=(1.0 / (1.0 + (-scale * margin).exp())).sum(),
                                  _m=margin.sum(), _t2=(margin**2).sum())
     )

@@ -36,7 +36,7 @@ VOTES_SCHEMA = {
 Spread = Literal["rms", "mad"]
 
 
-def _frame(data: pl.DataFrame | pl.LazyFrame, name: str, required: list[str]) -> pl.LazyFrame:
+def as_lazy(data: pl.DataFrame | pl.LazyFrame, name: str, required: list[str]) -> pl.LazyFrame:
     """`data` as a LazyFrame, after checking that it has the `required` columns."""
     if not isinstance(data, (pl.DataFrame, pl.LazyFrame)):
         raise TypeError(f"{name} must be a polars DataFrame or LazyFrame, got {type(data).__name__}")
@@ -100,14 +100,15 @@ def compute_votes(
     unknown = sorted(set(prompt_free) - set(scorers))
     if unknown:
         raise ValueError(f"prompt_free names scorer(s) {unknown} that are not in scorers {sorted(scorers)}")
-    pair_frame = _frame(pairs, "pairs", ["pair_id", "prompt_id", "image_0_id", "image_1_id"]).select(
+    pair_frame = as_lazy(pairs, "pairs", ["pair_id", "prompt_id", "image_0_id", "image_1_id"]).select(
         "pair_id", "prompt_id", "image_0_id", "image_1_id")
     names = list(scorers)
     score_frame = (
-        _frame(scores, "scores", ["image_id", "prompt_id", "scorer", "score"])
+        as_lazy(scores, "scores", ["image_id", "prompt_id", "scorer", "score"])
         .select("image_id", "prompt_id", "scorer", pl.col("score").cast(pl.Float64))
         .filter(pl.col("scorer").is_in(names) & pl.col("score").is_not_null() & pl.col("score").is_not_nan())
-        .with_columns(pl.col("scorer").replace_strict({s: f"_s{i}" for i, s in enumerate(names)}, return_dtype=pl.String))
+        .with_columns(pl.col("scorer").replace_strict({s: f"_s{i}" for i, s in enumerate(names)},
+                                                      return_dtype=pl.String))
         .collect()
     )
     # Scores go wide (one column per scorer) so that each side of a pair is one join of n_pairs rows
@@ -158,8 +159,8 @@ def missing_vote_counts(
     pairs: pl.DataFrame | pl.LazyFrame, votes: pl.DataFrame | pl.LazyFrame, scorers: Collection[str]
 ) -> pl.DataFrame:
     """DataFrame[scorer, n_missing]: how many pairs got no vote from each scorer (missing scores)."""
-    n_pairs = _frame(pairs, "pairs", ["pair_id"]).select(pl.len()).collect().item()
-    have = (_frame(votes, "votes", ["pair_id", "scorer"]).group_by("scorer").agg(n=pl.len()).collect())
+    n_pairs = as_lazy(pairs, "pairs", ["pair_id"]).select(pl.len()).collect().item()
+    have = (as_lazy(votes, "votes", ["pair_id", "scorer"]).group_by("scorer").agg(n=pl.len()).collect())
     return (
         pl.DataFrame({"scorer": list(scorers)}, schema={"scorer": pl.String})
         .join(have, on="scorer", how="left")

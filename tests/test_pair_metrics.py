@@ -16,7 +16,8 @@ def sigmoid(x: float) -> float:
 def votes_frame(rows: dict[str, list[float]]) -> pl.DataFrame:
     """{pair_id: [normalized margins of its scorers]} -> a votes frame (only normalized_margin is read)."""
     return pl.DataFrame(
-        [{"pair_id": p, "scorer": f"s{i}", "normalized_margin": m} for p, ms in rows.items() for i, m in enumerate(ms)],
+        [{"pair_id": p, "scorer": f"s{i}", "normalized_margin": m}
+         for p, ms in rows.items() for i, m in enumerate(ms)],
         schema={"pair_id": pl.String, "scorer": pl.String, "normalized_margin": pl.Float64},
     )
 
@@ -87,7 +88,8 @@ def test_reference_batch_size_sets_the_scale():
     ("sqrt", lambda u: 1 / (math.exp(10 * math.sqrt(u)) + 1)),
 ])
 def test_weight_types(weight_type, formula):
-    out = pair_metrics(votes_frame({"a": [1.0, -1.0]}), pairs_frame({"a": 1.0}), PairMetricsConfig(weight_type=weight_type))
+    config = PairMetricsConfig(weight_type=weight_type)
+    out = pair_metrics(votes_frame({"a": [1.0, -1.0]}), pairs_frame({"a": 1.0}), config)
     got = row(out, "a")
     assert got["weight"] == pytest.approx(formula(got["minority_score"]))
 
@@ -110,7 +112,8 @@ def test_consensus_label_source_turns_the_human_against_the_label():
     votes, pairs = votes_frame({"a": [1.0, 1.0]}), pairs_frame({"a": 0.0})  # scorers say image_0, human image_1
     consensus = pl.DataFrame({"pair_id": ["a"], "consensus_label": [1.0]})
     human = row(pair_metrics(votes, pairs), "a")
-    by_consensus = row(pair_metrics(votes, pairs, PairMetricsConfig(label_source="consensus"), consensus=consensus), "a")
+    config = PairMetricsConfig(label_source="consensus")
+    by_consensus = row(pair_metrics(votes, pairs, config, consensus=consensus), "a")
     # human label: s = 3.75 * (-1, -1, +1); consensus label: s = 3.75 * (+1, +1, -1)
     assert human["confidence"] == pytest.approx((2 * sigmoid(-3.75) + sigmoid(3.75)) / 3)
     assert by_consensus["confidence"] == pytest.approx((2 * sigmoid(3.75) + sigmoid(-3.75)) / 3)
