@@ -141,18 +141,18 @@ def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int 
     """Build and save a tiny SD-style pipeline (random weights, offline) that ``load_components`` and
     ``StableDiffusionPipeline.from_pretrained`` read back; returns ``out_dir``.
 
-    VAE with two blocks (32, 32): latents 4 × res/2 × res/2 (16×16 at 32 px). UNet (32, 64) blocks with
+    VAE with three blocks (32, 32, 32): latents 4 × res/4 × res/4 (8×8 at 32 px, 16×16 at 64 px). UNet (32, 64) blocks with
     cross-attention dim 32; CLIP text encoder of hidden size 32 with the committed real CLIP vocabulary (so
     prompts tokenise as in SD). Training scheduler DDPM 1000 steps (scaled-linear betas, as SD1.5); the
     pipeline's sampling scheduler is DDIM with the same betas.
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=resolution)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**tiny_unet_config(sample_size=resolution // 2))
+    unet = UNet2DConditionModel(**tiny_unet_config(sample_size=resolution // 4))
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,

@@ -1,0 +1,263 @@
+"""Trainer tests on the CPU: real tiny diffusers components, 2-4 optimiser steps at 32 px, 2 pairs per step."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.snapshot_fixture import write_test_snapshot
+from training.checkpoint import checkpoint_dir, load_checkpoint
+from training.components import build_tiny_pipeline, load_components
+from training.config import TrainConfig, parse_args
+from training.losses import LOSS_TYPES
+from training.lora import POLICY, add_policy_lora, ema_decay, encoder_features, lora_tensors
+from training.snapshot import DataPosition, PairStream, SnapshotError, open_snapshot
+from training.trainer import Trainer, main, train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trainer")
+    return {"snapshot": write_test_snapshot(root / "snapshot", n_pairs=8, n_shards=2, row_group_size=3),
+            "model": build_tiny_pipeline(root / "model", resolution=32), "root": root}
+
+
+def config(assets, name: str, **kw) -> TrainConfig:
+    base = dict(snapshot=str(assets["snapshot"]), model=str(assets["model"]), output=str(assets["root"] / name),
+                resolution=32, train_batch_size=2, max_steps=2, learning_rate=1e-3, seed=0,
+                use_snapshot_weights=False, cache_dir=str(assets["root"] / "cache"))
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(output: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- snapshot
+
+def test_stream_is_seeded_resumable_and_covers_each_epoch(assets):
+    snap = open_snapshot(assets["snapshot"])
+    stream = PairStream(snap, batch_size=3, resolution=32, seed=7, buffer_rows=2, decode_images=False)
+    it = stream.batches()
+    first = [next(it) for _ in range(8)]  # 24 rows = 3 epochs of 8 pairs
+    rows = [pid for b in first for pid in b.pair_ids]
+    for epoch in range(3):
+        assert sorted(rows[8 * epoch:8 * epoch + 8]) == [f"pair-{i:04d}" for i in range(8)]
+    assert len({tuple(rows[8 * e:8 * e + 8]) for e in range(3)}) > 1  # the permutation changes with the epoch
+    again = PairStream(snap, batch_size=3, resolution=32, seed=7, buffer_rows=2, decode_images=False).batches()
+    assert [next(again).pair_ids for _ in range(8)] == [b.pair_ids for b in first]
+    resumed = stream.batches(first[2].position)
+    assert [next(resumed).pair_ids for _ in range(5)] == [b.pair_ids for b in first[3:]]
+    other = PairStream(snap, batch_size=3, resolution=32, seed=8, buffer_rows=2, decode_images=False).batches()
+    assert [next(other).pair_ids for _ in range(3)] != [b.pair_ids for b in first[:3]]
+    pixels = next(PairStream(snap, batch_size=2, resolution=32, seed=7).batches()).winner_pixels
+    assert pixels.shape == (2, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1 and pixels.std() > 0.1
+
+
+def test_tampered_or_incomplete_snapshot_is_refused(assets, tmp_path):
+    bad = Path(shutil.copytree(assets["snapshot"], tmp_path / "bad"))
+    shard = bad / "shards" / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-9] + b"tampered!")
+    with pytest.raises(SnapshotError, match="shard-00001.parquet: sha256"):
+        open_snapshot(bad)
+    with pytest.raises(SnapshotError, match="shard-00001.parquet: sha256"):
+        train(config(assets, "bad", snapshot=str(bad)))
+    shard.unlink()
+    with pytest.raises(SnapshotError, match="file missing"):
+        open_snapshot(bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["shards"][0]["rows"] += 1
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="rows != manifest"):
+        open_snapshot(bad)
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    with pytest.raises(SnapshotError, match="version"):
+        open_snapshot(bad)
+
+
+# ---------------------------------------------------------------- config and components
+
+def test_config_boolean_flags_and_validation():
+    required = ["--snapshot", "s", "--model", "m", "--output", "o"]
+    assert parse_args(required + ["--loss", "adaptive-dpo"]).use_margin is True
+    assert parse_args(required + ["--loss", "adaptive-dpo", "--no-use-margin"]).use_margin is False
+    assert parse_args(required + ["--no-latent-cache", "--gradient-checkpointing"]).latent_cache is False
+    cfg = parse_args(required + ["--loss", "adaptive-dpo"])
+    assert cfg.beta == 2000.0 and parse_args(required).beta == 5000.0  # per-loss canonical β defaults
+    with pytest.raises(ValueError, match="rho"):
+        TrainConfig(snapshot="s", model="m", output="o", rho=0.0)
+    with pytest.raises(SystemExit):
+        parse_args(required + ["--loss", "orpo"])
+    from training.config import build_parser
+    loss_action = next(a for a in build_parser()._actions if a.dest == "loss")
+    assert tuple(loss_action.choices) == LOSS_TYPES
+
+
+def test_missing_model_folder_names_the_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_components(tmp_path / "nope")
+    (tmp_path / "half" / "unet").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"unet/config.json.*runwayml/stable-diffusion-v1-5"):
+        load_components(tmp_path / "half")
+
+
+def test_ncp_encoder_equals_the_unet_down_path(assets):
+    comp = load_components(assets["model"])
+    unet = comp.unet
+    add_policy_lora(unet, 4, 4, ("to_q", "to_k", "to_v", "to_out.0"))
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    seen = {}
+    def keep(name: str):
+        def hook(module, inputs, output) -> None:
+            seen[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    hooks = [unet.down_blocks[-1].register_forward_hook(keep("down")),
+             unet.mid_block.register_forward_hook(keep("mid"))]
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=text)
+        down = encoder_features(unet, x, t, text, "last_down")
+        mid = encoder_features(unet, x, t, text, "mid")
+        every = encoder_features(unet, x, t, text, "all_down")
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(down[0], seen["down"])
+    torch.testing.assert_close(mid[0], seen["mid"])
+    assert len(every) == len(unet.down_blocks) and every[-1].shape == down[0].shape
+
+
+# ---------------------------------------------------------------- training runs
+
+@pytest.mark.parametrize("loss", LOSS_TYPES)
+def test_short_run_per_loss_type(assets, loss):
+    cfg = config(assets, f"run-{loss}", loss=loss, ref_update_every=1, use_snapshot_weights=loss == "dpo")
+    trainer = Trainer(cfg)
+    before = {k: v.detach().clone() for k, v in lora_tensors(trainer.unet, POLICY).items()}
+    frozen = {k: v.detach().clone() for k, v in trainer.unet.named_parameters() if "lora_" not in k}
+    result = trainer.fit()
+    assert result.global_step == 2 and len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    after = lora_tensors(trainer.unet, POLICY)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)  # every LoRA tensor moved (B by the gradient, A by it and weight decay)
+    assert all(torch.equal(v, dict(trainer.unet.named_parameters())[k]) for k, v in frozen.items())
+    first = result.losses[0]
+    if loss == "dpo":  # B = 0: policy == reference, z = 0, so the loss is ln 2 times the curated weights' mean
+        batch = next(PairStream(open_snapshot(cfg.snapshot), batch_size=2, resolution=32, seed=0,
+                                decode_images=False).batches())
+        assert float(batch.weight.mean()) != 1.0
+        assert first == pytest.approx(math.log(2) * float(batch.weight.mean()), abs=1e-6)
+    elif loss in ("adaptive-dpo", "balanced-dpo", "ncp-dpo"):
+        assert first == pytest.approx(math.log(2), abs=1e-6)
+    elif loss == "ipo":
+        assert first == pytest.approx((1 / (2 * cfg.beta_ipo)) ** 2, rel=1e-4)
+    else:
+        assert first > 0
+    saved = load_file(Path(cfg.output) / "pytorch_lora_weights.safetensors")
+    assert saved and all("lora" in k and k.startswith("unet.") for k in saved)
+    assert len(saved) == len(before)
+    log = metrics(cfg.output)
+    assert [r["step"] for r in log] == [1, 2] and {"loss", "lr"} <= set(log[0])
+    if loss != "sft":
+        assert {"implicit_acc", "reward_margin"} <= set(log[0])
+
+
+def test_saved_lora_loads_into_the_pipeline_and_changes_it(assets):
+    from diffusers import StableDiffusionPipeline
+    cfg = config(assets, "run-dpo")  # written by test_short_run_per_loss_type[dpo]
+    if not (Path(cfg.output) / "pytorch_lora_weights.safetensors").is_file():
+        train(replace(cfg, output=str(assets["root"] / "run-dpo-2")))
+        cfg = replace(cfg, output=str(assets["root"] / "run-dpo-2"))
+    pipe = StableDiffusionPipeline.from_pretrained(assets["model"], local_files_only=True)
+
+    def sample() -> np.ndarray:
+        return pipe("a red cube", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = sample()
+    pipe.load_lora_weights(cfg.output)
+    lora = sample()
+    assert np.abs(lora - base).max() > 1e-6
+    pipe.unload_lora_weights()
+    np.testing.assert_allclose(sample(), base, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def balanced_run(assets) -> TrainConfig:
+    cfg = config(assets, "balanced", loss="balanced-dpo", ref_update_every=2, max_steps=4, checkpoint_every=1,
+                 proportion_empty_prompts=0.5)
+    train(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(assets) -> TrainConfig:
+    cfg = config(assets, "adaptive", loss="adaptive-dpo", max_steps=4, ema_warmup_steps=2, checkpoint_every=1,
+                 rho=1e4, normalize_logits=False, proportion_empty_prompts=0.5)
+    train(cfg)
+    return cfg
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_balanced_reference_adapter_follows_the_policy_every_k_steps(balanced_run):
+    cfg = balanced_run
+    (lora1, st1), (lora2, st2), (lora3, st3) = (load_checkpoint(checkpoint_dir(cfg.output, s)) for s in (1, 2, 3))
+    assert not same(st1["ref_adapter"], lora1)  # not updated at step 1: still the zero-B initial adapter
+    assert all(float(v.abs().max()) == 0 for k, v in st1["ref_adapter"].items() if "lora_B" in k)
+    assert same(st2["ref_adapter"], lora2)  # hard copy at step K = 2
+    assert same(st3["ref_adapter"], st2["ref_adapter"]) and not same(st3["ref_adapter"], lora3)  # frozen between
+    assert metrics(cfg.output)[2]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # ref == policy again
+
+
+def test_ema_decay_follows_the_diffusers_warmup():
+    assert ema_decay(1, 0.9999) == 0.0  # the first update copies
+    assert ema_decay(2, 0.9999) == pytest.approx(2 / 11) and ema_decay(2, 0.5) == pytest.approx(2 / 11)
+    assert ema_decay(10, 0.5) == 0.5 and ema_decay(10, 0.9999) == pytest.approx(10 / 19)
+
+
+def test_adaptive_online_u_uses_ema_annotators(adaptive_run):
+    cfg = adaptive_run
+    log = metrics(cfg.output)
+    assert [r["minority_u"] for r in log[:2]] == [0.0, 0.0]  # warm-up: u = 0
+    # u > 0 needs annotators that disagree: with the policy's own weights swapped in, the std would be 0
+    assert all(r["minority_u"] > 0 for r in log[2:])
+    lora, state = load_checkpoint(checkpoint_dir(cfg.output, 4))
+    assert [e["updates"] for e in state["emas"]] == [4, 4]
+    for ema in state["emas"]:
+        assert any(not torch.allclose(ema["shadow"][k], lora[k]) for k in lora if "lora_B" in k)
+    # both decays are capped by the warm-up n/(9+n) for the first 9 updates, so the two EMAs still coincide
+    assert same(state["emas"][0]["shadow"], state["emas"][1]["shadow"])
+
+
+@pytest.mark.parametrize("name", ["balanced_run", "adaptive_run"])
+def test_kill_and_resume_gives_the_same_loss_trajectory(assets, request, name):
+    cfg = request.getfixturevalue(name)  # 4 uninterrupted steps, a checkpoint after each
+    straight = [r["loss"] for r in metrics(cfg.output)]
+    # a fresh process state: new UNet, optimiser and generator, reading only the step-2 checkpoint on disk
+    out = assets["root"] / f"resumed-{name}"
+    argv = ["--snapshot", cfg.snapshot, "--model", cfg.model, "--output", str(out), "--loss", cfg.loss,
+            "--resume-from", str(checkpoint_dir(cfg.output, 2)), "--max-steps", "4", "--resolution", "32",
+            "--train-batch-size", "2", "--learning-rate", "1e-3", "--no-use-snapshot-weights",
+            "--ref-update-every", "2", "--ema-warmup-steps", "2", "--rho", "1e4", "--no-normalize-logits",
+            "--proportion-empty-prompts", "0.5", "--cache-dir", cfg.cache_dir]
+    resumed = main(argv).losses
+    assert len(resumed) == 2
+    np.testing.assert_allclose(straight[:2] + resumed, straight, rtol=0, atol=1e-6)
+
+
+def test_latent_cache_gives_the_same_loss_as_encoding_every_step(assets):
+    # SFT's first loss depends on the latents, noise and captions (a DPO loss starts at ln 2 either way)
+    cached = train(config(assets, "cached", loss="sft", latent_cache=True, max_steps=1)).losses
+    uncached = train(config(assets, "uncached", loss="sft", latent_cache=False, max_steps=1)).losses
+    np.testing.assert_allclose(cached, uncached, rtol=1e-5, atol=0)
+    assert not (assets["root"] / "uncached" / "latent_cache").exists()
