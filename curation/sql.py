@@ -7,6 +7,8 @@ so even an accepted statement cannot change the lake.
 """
 from __future__ import annotations
 
+import json
+
 import duckdb
 import polars as pl
 import pyarrow as pa
@@ -23,7 +25,7 @@ _ALLOWED = {"SELECT", "EXPLAIN", "PRAGMA"}
 # PRAGMA is allowed only for these read-only informational pragmas.
 _ALLOWED_PRAGMAS = ("show_tables", "table_info", "database_size", "version", "storage_info")
 
-# Derived tables that may exist in a lake (written by later stages); views are made for those present.
+# Tables of the current curation run (curation/curate.py); views are made once a run exists.
 DERIVED_TABLES = ("votes", "consensus", "pair_metrics", "annotators")
 
 
@@ -59,10 +61,11 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     for name, schema in TABLES.items():
         con.execute(_view_sql(name, [lake.local_path(*_rel(lake, f)) for f in lake.files(name)], schema))
-    for name in DERIVED_TABLES:
-        files = lake.glob_parquet(name)
-        if files:
-            con.execute(_view_sql(name, [lake.local_path(*_rel(lake, f)) for f in files], None))
+    current = lake._join("curation", "CURRENT.json")
+    if lake.fs.exists(current):
+        run_id = json.loads(lake.fs.cat_file(current))["run_id"]
+        for name in DERIVED_TABLES:
+            con.execute(_view_sql(name, [lake.local_path("curation", run_id, f"{name}.parquet")], None))
     return con
 
 

@@ -1,0 +1,289 @@
+"""Immutable, content-addressed training snapshots.
+
+A snapshot is a folder::
+
+    SNAPSHOTS/<snapshot_id>/manifest.json
+    SNAPSHOTS/<snapshot_id>/shards/shard-00000.parquet ...   (data_schemas.SNAPSHOT_PAIRS, winner first)
+
+where SNAPSHOTS defaults to LAKE/snapshots. `snapshot_id` hashes the policy and the selected pairs
+(pair id, winner, weight, margin, metrics): the same selection always has the same id, so writing it
+again is a no-op, and a different selection can never overwrite it. The manifest holds the policy,
+the curation run and input versions it came from, counts, and the sha256 and row count of every
+shard; `verify_snapshot` refuses a folder whose files no longer match. The folder is written under
+a temporary name and renamed into place when complete. `SNAPSHOTS/_names/<name>.json` lists the
+snapshots written under each name (newest last), which `resolve_snapshot` uses for "latest".
+
+Policies:
+- plain:    human labels, ties dropped, weight 1, margin 0 (Diffusion-DPO's data).
+- filter:   plain, minus pairs whose minority score exceeds `max_minority_score` and pairs of
+            annotators whose reliability is below `min_reliability`.
+- adaptive: human labels, ties dropped, with the offline Adaptive-DPO weight W, margin Γ and
+            minority score u of each pair (curation.pair_metrics).
+- balanced: the scorers' consensus label (BalancedDPO), pairs without one dropped, with the vote
+            fraction for the winner (the soft target of training.losses.balanced_dpo_loss).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.curate import current_run, load_pairs
+from curation.lake import Lake, check_partition_name
+from data_schemas import SNAPSHOT_PAIRS, conform
+
+
+POLICIES = ("plain", "filter", "adaptive", "balanced")
+FORMAT, VERSION = "prefcurate-snapshot", 1
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be written, found, or trusted."""
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    kind: Literal["plain", "filter", "adaptive", "balanced"] = "plain"
+    max_minority_score: float | None = 0.5
+    """filter: drop pairs with u above this (u > 0.5 means the scorers' mean confidence in the label is < 1/2)."""
+    min_reliability: float | None = None
+    """filter: drop pairs of annotators whose reliability is below this (None: keep all annotators)."""
+    splits: tuple[str, ...] = ("train",)
+    """Source splits that go into the snapshot; validation/test pairs stay out of training."""
+    pairs_per_shard: int = 4096
+    """Rows per shard file: a few hundred MB at Pick-a-Pic image sizes, so a trainer streams them."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise SnapshotError(f"unknown policy {self.kind!r}; policies: {', '.join(POLICIES)}")
+        if self.pairs_per_shard < 1:
+            raise SnapshotError("pairs_per_shard must be at least 1")
+
+
+@dataclass
+class SnapshotInfo:
+    snapshot_id: str
+    path: str
+    name: str
+    reused: bool
+    counts: dict
+
+    def line(self) -> str:
+        c = self.counts
+        head = "snapshot exists, nothing written:" if self.reused else "snapshot written:"
+        return (f"{head} {self.name} = {self.snapshot_id} at {self.path}: {c['pairs']} pairs in {c['shards']} "
+                f"shard(s); left out: {c['ties']} ties, {c['no_label']} without a label, {c['filtered']} "
+                f"filtered, {c['no_images']} without images, {c['other_splits']} of other splits")
+
+
+def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict]:
+    """The training rows of the policy, without image bytes, and the counts of what was left out."""
+    run = current_run(lake)
+    if run is None and policy.kind != "plain":
+        raise SnapshotError(f"policy {policy.kind!r} needs curation statistics: run `prefcurate curate` first")
+    pairs = load_pairs(lake)
+    con = duckdb.connect()
+    try:
+        extra = con.sql(f"SELECT pair_id, prompt, split FROM read_parquet({_files(lake.files('pairs'))})").pl()
+    finally:
+        con.close()
+    frame = pairs.join(extra, on="pair_id", how="left")
+    counts = {"candidates": frame.height}
+    in_split = frame["split"].is_in(list(policy.splits))
+    counts["other_splits"] = int((~in_split).sum())
+    frame = frame.filter(in_split)
+    if run is not None:
+        metrics = pl.read_parquet(lake._join("curation", run["run_id"], "pair_metrics.parquet"))
+        frame = frame.join(metrics, on="pair_id", how="left")
+        annotators = pl.read_parquet(lake._join("curation", run["run_id"], "annotators.parquet"))
+        frame = frame.join(annotators.select("user_id", pl.col("reliability").alias("annotator_reliability")),
+                           on="user_id", how="left")
+    else:
+        frame = frame.with_columns(**{c: pl.lit(None, pl.Float64) for c in
+                                      ("consensus_label", "vote_fraction", "confidence", "stability",
+                                       "minority_score", "weight", "margin", "annotator_reliability")})
+
+    label = pl.col("consensus_label") if policy.kind == "balanced" else pl.col("label_0")
+    frame = frame.with_columns(train_label=label)
+    counts["ties"] = int((frame["train_label"] == 0.5).sum())
+    counts["no_label"] = int(frame["train_label"].is_null().sum())
+    frame = frame.filter(pl.col("train_label").is_in([0.0, 1.0]))
+    before = frame.height
+    if policy.kind == "filter":
+        if policy.max_minority_score is not None:
+            frame = frame.filter(pl.col("minority_score").is_null() | (pl.col("minority_score") <=
+                                                                      policy.max_minority_score))
+        if policy.min_reliability is not None:
+            frame = frame.filter(pl.col("annotator_reliability").is_null() | (pl.col("annotator_reliability") >=
+                                                                             policy.min_reliability))
+    counts["filtered"] = before - frame.height
+    counts["no_images"] = int((~frame["images_available"]).sum())
+    frame = frame.filter(pl.col("images_available"))
+
+    winner_is_0 = pl.col("train_label") == 1.0
+    adaptive = policy.kind == "adaptive"
+    rows = frame.select(
+        "pair_id", "prompt",
+        winner_image_id=pl.when(winner_is_0).then("image_0_id").otherwise("image_1_id"),
+        loser_image_id=pl.when(winner_is_0).then("image_1_id").otherwise("image_0_id"),
+        label_source=pl.lit("consensus" if policy.kind == "balanced" else "human"),
+        weight=(pl.col("weight").fill_null(1.0) if adaptive else pl.lit(1.0)),
+        margin=(pl.col("margin").fill_null(0.0) if adaptive else pl.lit(0.0)),
+        minority_score=pl.col("minority_score").fill_null(0.0),
+        confidence=pl.col("confidence").fill_null(math.nan),
+        stability=pl.col("stability").fill_null(math.nan),
+        vote_fraction=pl.when(winner_is_0).then(pl.col("vote_fraction")).otherwise(1.0 - pl.col("vote_fraction"))
+        .fill_null(math.nan),
+        user_id="user_id",
+    ).sort("pair_id")
+    counts["pairs"] = rows.height
+    counts["curation_run"] = run["run_id"] if run else None
+    return rows, counts
+
+
+def _files(files: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
+def _snapshot_id(rows: pl.DataFrame, policy: SnapshotPolicy) -> str:
+    digest = hashlib.sha256(json.dumps(asdict(policy), sort_keys=True).encode())
+    sink = io.BytesIO()
+    rows.write_ipc(sink, compression="uncompressed")
+    digest.update(sink.getvalue())
+    return digest.hexdigest()[:24]
+
+
+def write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy = SnapshotPolicy(),
+                   out_root: str | None = None) -> SnapshotInfo:
+    """Select, then write (or find) the snapshot of `policy` over the lake's current curation run."""
+    check_partition_name("snapshot name", name)
+    rows, counts = select_pairs(lake, policy)
+    if rows.height == 0:
+        raise SnapshotError(f"policy {policy.kind!r} selects no pairs: {counts}")
+    snapshot_id = _snapshot_id(rows, policy)
+    root = out_root or lake._join("snapshots")
+    fs = lake.fs
+    final = f"{root}/{snapshot_id}"
+    if fs.exists(f"{final}/manifest.json"):
+        manifest = verify_snapshot(final, fs)
+        _record_name(fs, root, name, snapshot_id)
+        return SnapshotInfo(snapshot_id, final, name, True, manifest["counts"])
+
+    staging = f"{root}/_staging-{snapshot_id}-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(f"{staging}/shards", exist_ok=True)
+    images = lake.files("images")
+    shards = []
+    con = duckdb.connect()
+    try:
+        for start in range(0, rows.height, policy.pairs_per_shard):
+            chunk = rows.slice(start, policy.pairs_per_shard)
+            table = _with_image_bytes(con, chunk, images)
+            rel = f"shards/shard-{len(shards):05d}.parquet"
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            data = sink.getvalue().to_pybytes()
+            with fs.open(f"{staging}/{rel}", "wb") as f:
+                f.write(data)
+            shards.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "rows": table.num_rows})
+    finally:
+        con.close()
+    counts["shards"] = len(shards)
+    run = current_run(lake)
+    manifest = {"format": FORMAT, "version": VERSION, "name": name, "snapshot_id": snapshot_id,
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "policy": asdict(policy),
+                "curation_run": run["run_id"] if run else None, "inputs": run["inputs"] if run else None,
+                "counts": counts, "shards": shards}
+    with fs.open(f"{staging}/manifest.json", "wb") as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+    if fs.exists(final):  # a concurrent writer finished the same snapshot first
+        fs.rm(staging, recursive=True)
+    else:
+        fs.mv(staging, final, recursive=True)
+    _record_name(fs, root, name, snapshot_id)
+    return SnapshotInfo(snapshot_id, final, name, False, counts)
+
+
+def _with_image_bytes(con: duckdb.DuckDBPyConnection, chunk: pl.DataFrame, image_files: list[str]) -> pa.Table:
+    """Attach winner/loser image bytes to a chunk of rows, reading only the images it needs."""
+    wanted = pa.table({"image_id": pa.array(sorted(set(chunk["winner_image_id"]) | set(chunk["loser_image_id"])))})
+    con.register("wanted", wanted)
+    found = con.sql(f"SELECT i.image_id, any_value(i.bytes) AS bytes FROM read_parquet({_files(image_files)}) i "
+                    f"SEMI JOIN wanted w ON w.image_id = i.image_id GROUP BY i.image_id").pl()
+    con.unregister("wanted")
+    with_bytes = (chunk.join(found.rename({"image_id": "winner_image_id", "bytes": "winner_image"}),
+                             on="winner_image_id", how="left")
+                  .join(found.rename({"image_id": "loser_image_id", "bytes": "loser_image"}),
+                        on="loser_image_id", how="left"))
+    missing = with_bytes.filter(pl.col("winner_image").is_null() | pl.col("loser_image").is_null()).height
+    if missing:
+        raise SnapshotError(f"{missing} selected pairs have images missing from the images table")
+    return conform(with_bytes.select(SNAPSHOT_PAIRS.names).to_arrow(), SNAPSHOT_PAIRS)
+
+
+def _record_name(fs, root: str, name: str, snapshot_id: str) -> None:
+    path = f"{root}/_names/{name}.json"
+    history = json.loads(fs.cat_file(path)) if fs.exists(path) else []
+    if not history or history[-1]["snapshot_id"] != snapshot_id:
+        history.append({"snapshot_id": snapshot_id, "at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        fs.makedirs(f"{root}/_names", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(tmp, "wb") as f:
+            f.write(json.dumps(history, indent=1).encode())
+        fs.mv(tmp, path)
+
+
+def verify_snapshot(path: str, fs=None) -> dict:
+    """The manifest of the snapshot at `path`, after checking every shard's sha256 and row count."""
+    import fsspec
+
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(path)
+    manifest_path = f"{path}/manifest.json"
+    if not fs.exists(manifest_path):
+        raise SnapshotError(f"{path} is not a snapshot: manifest.json is missing")
+    manifest = json.loads(fs.cat_file(manifest_path))
+    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) > VERSION:
+        raise SnapshotError(f"{path}: not a prefcurate snapshot of version <= {VERSION}")
+    for shard in manifest["shards"]:
+        file = f"{path}/{shard['path']}"
+        if not fs.exists(file):
+            raise SnapshotError(f"{path}: shard {shard['path']} listed in the manifest is missing")
+        digest = hashlib.sha256(fs.cat_file(file)).hexdigest()
+        if digest != shard["sha256"]:
+            raise SnapshotError(f"{path}: shard {shard['path']} does not match its manifest hash "
+                                f"(the snapshot was modified after it was written)")
+    return manifest
+
+
+def resolve_snapshot(lake_or_root: Lake | str, name: str = "latest") -> str:
+    """Path of a snapshot: a snapshot id, a name (its newest snapshot) or "latest" (the newest of all)."""
+    import fsspec
+
+    if isinstance(lake_or_root, Lake):
+        fs, root = lake_or_root.fs, lake_or_root._join("snapshots")
+    else:
+        fs, root = fsspec.core.url_to_fs(lake_or_root)
+    if fs.exists(f"{root}/{name}/manifest.json"):
+        return f"{root}/{name}"
+    histories = {}
+    for path in fs.glob(f"{root}/_names/*.json"):
+        histories[path.rsplit("/", 1)[-1][:-5]] = json.loads(fs.cat_file(path))
+    if name == "latest":
+        entries = [e for h in histories.values() for e in h]
+        if not entries:
+            raise SnapshotError(f"no snapshots under {root}: write one with `prefcurate snapshot`")
+        return f"{root}/{max(entries, key=lambda e: e['at'])['snapshot_id']}"
+    if name not in histories:
+        known = ", ".join(sorted(histories)) or "none"
+        raise SnapshotError(f"no snapshot named {name!r} under {root} (names: {known})")
+    return f"{root}/{histories[name][-1]['snapshot_id']}"
