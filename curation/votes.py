@@ -48,7 +48,7 @@ def as_lazy(data: pl.DataFrame | pl.LazyFrame, name: str, required: list[str]) -
 
 
 def margin_spread(margin: pl.Expr, spread: Spread) -> pl.Expr:
-    """Scale of a scorer's margins over all its pairs (use inside `.over("scorer")` or an agg).
+    """Scale of a scorer's margins over all its pairs (an aggregate over one scorer's rows).
 
     - "rms": sqrt(mean(margin^2)), the uncentred L2 norm per pair. It is the dataset-wide
       analogue of Adaptive-DPO's per-batch normalisation l_i / ||l||_batch (methods.md §2.3):
@@ -129,24 +129,23 @@ def compute_votes(
             pair_wide = pair_wide.join(
                 wide.rename({c: f"{c}_{side}" for c in columns}),
                 left_on=[f"image_{side}_id"] + keys[1:], right_on=keys, how="left", maintain_order="left")
-    long = pl.concat([
-        pair_wide.select("pair_id", scorer=pl.lit(s), score_0=pl.col(f"_s{i}_0"), score_1=pl.col(f"_s{i}_1"),
-                         _sign=pl.lit(1.0 if scorers[s] else -1.0))
-        for i, s in enumerate(names)
-    ])  # (n_pairs * n_scorers) rows, grouped by scorer in the order of `scorers`
-    votes = (
-        long.filter(pl.col("score_0").is_not_null() & pl.col("score_1").is_not_null())
-        .with_columns(margin=pl.col("_sign") * (pl.col("score_0") - pl.col("score_1")))
-        .with_columns(
-            vote=pl.when(pl.col("margin") > 0).then(1.0).when(pl.col("margin") < 0).then(0.0).otherwise(0.5),
-            _spread=margin_spread(pl.col("margin"), spread).over("scorer"),
+    def scorer_votes(i: int, name: str) -> pl.LazyFrame:  # one scorer's rows; its spread is a plain aggregate
+        margin = (1.0 if scorers[name] else -1.0) * (pl.col("score_0") - pl.col("score_1"))
+        return (
+            pair_wide.select("pair_id", scorer=pl.lit(name), score_0=pl.col(f"_s{i}_0"), score_1=pl.col(f"_s{i}_1"))
+            .filter(pl.col("score_0").is_not_null() & pl.col("score_1").is_not_null())
+            .with_columns(margin=margin)
+            .with_columns(
+                vote=pl.when(pl.col("margin") > 0).then(1.0).when(pl.col("margin") < 0).then(0.0).otherwise(0.5),
+                _spread=margin_spread(pl.col("margin"), spread),
+            )
+            .with_columns(normalized_margin=pl.when(pl.col("_spread") > 0)
+                          .then(pl.col("margin") / pl.col("_spread")).otherwise(0.0))
+            .select(VOTE_COLUMNS)
         )
-        .with_columns(normalized_margin=pl.when(pl.col("_spread") > 0)
-                      .then(pl.col("margin") / pl.col("_spread")).otherwise(0.0))
-        .select(VOTE_COLUMNS)
-        .cast(VOTES_SCHEMA)
-        .collect()
-    )
+
+    # (n_pairs * n_scorers) rows at most, grouped by scorer in the order of `scorers`
+    votes = pl.concat([scorer_votes(i, name) for i, name in enumerate(names)]).cast(VOTES_SCHEMA).collect()
     if logger.isEnabledFor(logging.INFO):
         counts = missing_vote_counts(pair_frame, votes, list(scorers))
         for scorer, n_missing in counts.iter_rows():
