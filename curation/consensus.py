@@ -16,7 +16,8 @@ under "human_fallback": the pair then gets no label. Pairs with no scorer vote a
 human label (consensus_source "no_scorer_votes") except under "drop".
 
 Baselines named in BalancedDPO §4.2 (their exact definitions are not published; these follow the
-names): "random_scorer" (one scorer per pair, chosen by a seeded hash of pair and scorer),
+names): "random_scorer" (one scorer per pair, chosen by a seeded hash of pair and scorer: the
+same seed gives the same choice, within one Polars version, whatever the row order),
 "vanilla_sum" (compare sum_m s_m, i.e. the sign of the summed margins) and "normalized_sum"
 (compare sum_m of z-scored s_m). Their exact ties are resolved like a split vote, except that
 "human_vote" acts as "human_fallback" (a sum has no vote to add the human to).
