@@ -98,6 +98,39 @@ def _parser() -> argparse.ArgumentParser:
                         "one task per shard")
     p.add_argument("--ray-address", help="Ray cluster address for --task-runner ray (default: a local Ray)")
 
+    p = sub.add_parser("curate", help="compute votes, consensus, pair metrics and annotator statistics",
+                       formatter_class=formatter,
+                       description="Recompute the curation tables (votes, consensus, pair_metrics, annotators) from "
+                                   "the lake's pairs and scores. A no-op when nothing changed since the last run.",
+                       epilog=textwrap.dedent("""\
+                           examples:
+                             prefcurate curate --lake lake
+                             prefcurate curate --lake lake --scorers pickscore,hpsv2,clip,aesthetic --tie-policy drop
+                             prefcurate sql --lake lake "SELECT * FROM annotators ORDER BY reliability LIMIT 10"
+                           """))
+    p.add_argument("--lake", required=True)
+    p.add_argument("--scorers", help="comma-separated scorers that vote (default: all scored)")
+    p.add_argument("--tie-policy", choices=("human_vote", "human_fallback", "drop"), default="human_vote",
+                   help="what decides a pair when the scorers' vote splits (default: the human label votes too)")
+    p.add_argument("--reliability", choices=("beta_binomial", "dawid_skene"), default="beta_binomial",
+                   help="annotator reliability estimator reported as `reliability` (both are computed)")
+
+    p = sub.add_parser("snapshot", help="write an immutable, weighted training snapshot", formatter_class=formatter,
+                       description="Write a content-addressed training snapshot of the current curation run. "
+                                   "Writing the same snapshot again is a no-op.",
+                       epilog=textwrap.dedent("""\
+                           examples:
+                             prefcurate snapshot --lake lake --name clean --policy filter --max-minority-score 0.5
+                             prefcurate snapshot --lake lake --name adaptive --policy adaptive
+                             prefcurate snapshot --lake lake --name balanced --policy balanced"""))
+    p.add_argument("--lake", required=True)
+    p.add_argument("--name", required=True, help="snapshot name (letters, digits, '_', '.', '-')")
+    p.add_argument("--policy", choices=("plain", "filter", "adaptive", "balanced"), default="plain")
+    p.add_argument("--max-minority-score", type=float, default=0.5, help="filter: drop pairs with u above this")
+    p.add_argument("--min-reliability", type=float, help="filter: drop pairs of annotators below this reliability")
+    p.add_argument("--splits", default="train", help="comma-separated source splits to include")
+    p.add_argument("--out", help="snapshots folder (default: LAKE/snapshots)")
+
     p = sub.add_parser("tables", help="describe the lake tables' columns", formatter_class=formatter,
                        epilog="example:\n  prefcurate tables pairs")
     p.add_argument("names", nargs="*", help="tables to describe (default: all)")
@@ -210,6 +243,42 @@ def cmd_score(args) -> int:
     return EXIT_OK
 
 
+def cmd_curate(args) -> int:
+    from curation.annotators import AnnotatorStatsConfig
+    from curation.curate import CurateConfig
+    from curation.lake import Lake
+
+    Lake(args.lake)  # a missing lake is one clear line before Prefect starts
+    try:
+        config = CurateConfig(scorers=tuple(args.scorers.split(",")) if args.scorers else None,
+                              tie_policy=args.tie_policy,
+                              annotators=AnnotatorStatsConfig(reliability_method=args.reliability))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    _quiet_prefect_defaults()
+    from flows.curate import curate_flow
+
+    print(curate_flow(args.lake, config)["line"])
+    return EXIT_OK
+
+
+def cmd_snapshot(args) -> int:
+    from curation.lake import Lake
+    from curation.snapshot import SnapshotError, SnapshotPolicy
+
+    Lake(args.lake)
+    try:
+        policy = SnapshotPolicy(kind=args.policy, max_minority_score=args.max_minority_score,
+                                min_reliability=args.min_reliability, splits=tuple(args.splits.split(",")))
+    except SnapshotError as exc:
+        raise UserError(str(exc)) from None
+    _quiet_prefect_defaults()
+    from flows.curate import snapshot_flow
+
+    print(snapshot_flow(args.lake, args.name, policy, args.out)["line"])
+    return EXIT_OK
+
+
 def cmd_sample(args) -> int:
     from curation.sample import SampleConfig, generate_sample
 
@@ -227,7 +296,7 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"ingest": cmd_ingest, "sql": cmd_sql, "score": cmd_score, "tables": cmd_tables, "sample": cmd_sample,
+COMMANDS = {"ingest": cmd_ingest, "sql": cmd_sql, "score": cmd_score, "curate": cmd_curate, "snapshot": cmd_snapshot, "tables": cmd_tables, "sample": cmd_sample,
             "demo": cmd_demo}
 
 
@@ -235,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from curation.ingest import UnreadableSourceError
     from curation.lake import LakeError
+    from curation.snapshot import SnapshotError
     from curation.sql import ReadOnlyError
 
     try:
         return COMMANDS[args.command](args)
-    except (UserError, LakeError, UnreadableSourceError, ReadOnlyError, FileNotFoundError) as exc:
+    except (UserError, LakeError, UnreadableSourceError, ReadOnlyError, SnapshotError, FileNotFoundError) as exc:
         if args.debug:
             raise
         print(f"prefcurate {args.command}: error: {exc}", file=sys.stderr)
