@@ -22,6 +22,15 @@ from training.snapshot import DataPosition, PairStream, SnapshotError, open_snap
 from training.trainer import Trainer, main, train
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on 2 shared cores two threads thrash (4x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trainer")
