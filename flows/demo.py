@@ -10,6 +10,7 @@ from curation.lake import Lake
 from curation.sample import SampleConfig, generate_sample
 from curation.sql import query
 from flows.ingest import ingest_flow
+from flows.score import run_score_flow
 
 
 BUSIEST_ANNOTATORS = """
@@ -18,20 +19,27 @@ SELECT user_id, count(*) AS labels,
        round(avg(CASE WHEN label_0 = 1 THEN 1.0 WHEN label_0 = 0 THEN 0.0 END), 3) AS left_rate
 FROM pairs GROUP BY user_id ORDER BY labels DESC LIMIT 5
 """
+# The weight-free scorers: they need no checkpoint, so the demo stays offline and fast.
+DEMO_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]
 
 
 def run_demo(out_dir: str, seed: int = 0) -> Lake:
     started = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    print(f"[1/2] generating the embedded sample (seed {seed}) in {out_dir}/sample")
+    print(f"[1/3] generating the embedded sample (seed {seed}) in {out_dir}/sample")
     paths = generate_sample(os.path.join(out_dir, "sample"), SampleConfig(seed=seed))
     shards = sorted(glob.glob(os.path.join(paths.pickapic_dir, "*.parquet")))
     lake_root = os.path.join(out_dir, "lake")
-    print(f"[2/2] ingesting {len(shards)} Pick-a-Pic-shaped shard(s) into {lake_root}")
+    print(f"[2/3] ingesting {len(shards)} Pick-a-Pic-shaped shard(s) into {lake_root}")
     for r in ingest_flow(lake_root, shards, "pickapic"):
         print("  " + (f"error: {r['error']}" if "error" in r else
                       f"{os.path.basename(r['source_file'])}: read {r['n_read']} = accepted {r['n_accepted']} "
                       f"+ duplicates {r['n_duplicates']} + quarantined {r['n_quarantined']}"))
+    print(f"[3/3] scoring the pairs' images with {', '.join(DEMO_SCORERS)}")
+    # One shard per scorer and decoding in this process: at 64 px, worker start-up would cost more than it saves.
+    summaries = run_score_flow(lake_root, DEMO_SCORERS, workers=0, shard_size=1 << 20)
+    print("  throughput (images/s): " + ", ".join(f"{s['name']} {s['images_per_s']:.0f}" for s in summaries)
+          + f" ({summaries[0]['n_images']} images; {summaries[0]['n_pairs_skipped']} pairs skipped)")
     lake = Lake(lake_root)
     totals = query(lake, "SELECT sum(n_read) r, sum(n_accepted) a, sum(n_duplicates) d, sum(n_quarantined) q "
                          "FROM ingests").to_pylist()[0]

@@ -1,0 +1,156 @@
+"""Scoring benchmark: our runner against the naive loop of the reference packages, same model, same images.
+
+  naive: one image at a time, as `hpsv2.score` and the PickScore README do: PIL.Image.open(path),
+         preprocess, tokenise the prompt, encode image and text, cosine; no batching, no text cache.
+  ours:  curation.scoring.run_scoring over a lake holding the same images (worker processes decode and
+         preprocess, batched image tower, each prompt encoded once, rows committed to the lake).
+Both score every (image, prompt) the lake's pairs need with an open_clip architecture at random weights
+(pretrained=None), saved as an HPS-style checkpoint and loaded through the `hpsv2` scorer. Timings exclude
+model loading and worker start. The two score vectors are compared (max |difference|).
+
+    .venv/bin/python benchmarks/bench_scoring.py                      # CPU, ViT-B-32, ~240 images of 256 px
+    .venv/bin/python benchmarks/bench_scoring.py --arch ViT-H-14 --device cuda --dtype bf16 --batch-size 128 \\
+        --workers 8 --prompts 400
+
+On CUDA it also reports achieved TFLOP/s of the image tower against --peak-tflops (H100 SXM dense bf16:
+989). FLOPs per image are counted with torch.utils.flop_counter (2 per multiply-add, the convention of
+open_clip's `gflops` column, whose ViT-H-14 image tower figure is 334.6 GFLOPs = 2 x 167.3 GMACs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+
+VIT_H14_IMAGE_GFLOPS = 334.6  # open_clip model_profile (torch flop counter: FLOPs, not MACs), 224 px
+
+
+def build_lake(root: str, prompts: int, size: int, seed: int):
+    from curation.ingest import IngestConfig, ingest_file, make_reader
+    from curation.lake import Lake
+    from curation.sample import SampleConfig, generate_sample
+
+    config = SampleConfig(seed=seed, n_prompts=prompts, n_rows=prompts * 12, n_annotators=24, image_size=size,
+                          n_shards=1, row_groups_per_shard=2)
+    paths = generate_sample(os.path.join(root, "sample"), config)
+    lake = Lake(os.path.join(root, "lake"), create=True)
+    for shard in sorted(glob.glob(str(paths.pickapic_dir / "*.parquet"))):
+        ingest_file(lake, shard, IngestConfig("pickapic", "pickapic"), make_reader("pickapic"))
+    return lake
+
+
+def image_tower_gflops(model, device: torch.device, image_size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.encode_image(torch.zeros(1, 3, image_size, image_size, device=device))
+    return counter.get_total_flops() / 1e9
+
+
+def naive_loop(model, preprocess, tokenizer, paths: list[str], prompts: list[str], device: torch.device,
+               dtype: torch.dtype | None) -> tuple[np.ndarray, float]:
+    """One image at a time, text encoded every time, like hpsv2.score / the PickScore README."""
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    scores = []
+    started = None
+    for k, (path, prompt) in enumerate(zip(paths, prompts)):
+        if k == 1:  # the first call warms up kernels and allocators, as in ours
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        image = preprocess(Image.open(path)).unsqueeze(0).to(device)
+        text = tokenizer([prompt]).to(device)
+        with torch.no_grad(), autocast:
+            image_features = model.encode_image(image, normalize=True)
+            text_features = model.encode_text(text, normalize=True)
+            scores.append(float((image_features @ text_features.T).diagonal().float().cpu()[0]))
+    return np.array(scores), (len(paths) - 1) / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="ViT-B-32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast dtype of the naive loop; ours uses bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--prompts", type=int, default=48, help="~5 images per prompt in the sample lake")
+    parser.add_argument("--size", type=int, default=256, help="image side in px")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--naive-limit", type=int, default=0, help="score only the first N items naively (0: all)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for the dtype (H100 SXM bf16)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from curation.scoring import plan_work, run_scoring
+    from curation.scorers import build_scorer
+
+    device = torch.device(args.device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    work = tempfile.mkdtemp(prefix="bench-scoring-")
+    try:
+        t0 = time.perf_counter()
+        lake = build_lake(work, args.prompts, args.size, args.seed)
+        torch.manual_seed(args.seed)
+        model = open_clip.create_model(args.arch, pretrained=None)
+        weights = os.path.join(work, "weights")
+        os.makedirs(weights)
+        torch.save({"state_dict": model.state_dict()}, os.path.join(weights, "HPS_v2_compressed.pt"))
+        del model
+        options = {"hpsv2": {"arch": args.arch}}
+        scorer = build_scorer("hpsv2", weights, args.device, arch=args.arch, batch_size=args.batch_size)
+        plan = plan_work(lake, scorer)
+        items = plan.items.to_pylist()
+        images = {r["image_id"]: r["bytes"] for r in lake.read("images", ["image_id", "bytes"]).to_pylist()}
+        os.makedirs(os.path.join(work, "files"))
+        paths = []
+        for item in items:  # the reference packages read image files from disk
+            path = os.path.join(work, "files", item["image_id"])
+            with open(path, "wb") as f:
+                f.write(images[item["image_id"]])
+            paths.append(path)
+        print(f"setup {time.perf_counter() - t0:.1f} s: {len(items)} (image, prompt) items, "
+              f"{len(set(r['prompt_id'] for r in items))} prompts, {args.size} px, {args.arch}, {args.device}")
+
+        ours = run_scoring(lake, ["hpsv2"], weights, args.device, args.batch_size, args.workers,
+                           scorer_options=options).scorers[0]
+        ours_scores = {(r["image_id"], r["prompt_id"]): r["score"] for r in lake.read("scores").to_pylist()}
+
+        limit = args.naive_limit or len(items)
+        naive_scores, naive_rate = naive_loop(scorer.model, scorer.image_transform, scorer.tokenizer, paths[:limit],
+                                              [r["prompt"] for r in items[:limit]], device, dtype)
+        diff = max(abs(ours_scores[(r["image_id"], r["prompt_id"])] - s) for r, s in zip(items, naive_scores))
+
+        ratio = ours.images_per_s / naive_rate
+        print(f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+              f"{torch.__version__}, threads {torch.get_num_threads()}"
+              + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+        print(f"| path | items | images/s |\n|---|---|---|\n"
+              f"| naive loop (hpsv2.score style, batch 1, text every time) | {limit} | {naive_rate:.1f} |\n"
+              f"| prefcurate run_scoring (batch {args.batch_size}, {args.workers} workers) | {ours.n_scores} | "
+              f"{ours.images_per_s:.1f} |")
+        print(f"ratio ours / naive: {ratio:.2f}x   (max |score difference| {diff:.2e})")
+        if device.type == "cuda":
+            gflops = image_tower_gflops(scorer.model, device, scorer.model.visual.image_size[0])
+            print(f"image tower: {gflops:.1f} GFLOPs/image measured (open_clip table, ViT-H-14: "
+                  f"{VIT_H14_IMAGE_GFLOPS}); achieved {ours.images_per_s * gflops / 1e3:.1f} TFLOP/s ours, "
+                  f"{naive_rate * gflops / 1e3:.1f} naive = {100 * ours.images_per_s * gflops / 1e3 / args.peak_tflops:.1f}"
+                  f"% / {100 * naive_rate * gflops / 1e3 / args.peak_tflops:.1f}% of {args.peak_tflops:.0f} TFLOP/s peak")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
