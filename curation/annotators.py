@@ -31,8 +31,11 @@ AGREEMENT_REFERENCES = ("scorer_majority", "consensus_label")
 
 @dataclass(frozen=True)
 class AnnotatorStatsConfig:
-    reliability_method: Literal["beta_binomial", "dawid_skene"] = "beta_binomial"
-    """Which estimator fills `reliability` (both are returned in their own columns)."""
+    reliability_method: Literal["beta_binomial", "dawid_skene"] = "dawid_skene"
+    """Which estimator fills `reliability` (both are returned in their own columns). Dawid-Skene is the
+    default by measurement on the embedded sample (6 small + 3 full seeds): AUROC of minority + spammer
+    vs reliable annotators 0.958-1.0, against 0.931-1.0 for beta_binomial, whose penalties were
+    moreover tuned on that same sample."""
     agreement_reference: Literal["scorer_majority", "consensus_label"] = "scorer_majority"
     """Reference for consensus_agreement. "scorer_majority" (votes_for_0 / n_scorers, the human left
     out) is independent of the annotator; "consensus_label" is not under the "human_vote" and

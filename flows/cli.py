@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scorers", help="comma-separated scorers that vote (default: all scored)")
     p.add_argument("--tie-policy", choices=("human_vote", "human_fallback", "drop"), default="human_vote",
                    help="what decides a pair when the scorers' vote splits (default: the human label votes too)")
-    p.add_argument("--reliability", choices=("beta_binomial", "dawid_skene"), default="beta_binomial",
+    p.add_argument("--reliability", choices=("beta_binomial", "dawid_skene"), default="dawid_skene",
                    help="annotator reliability estimator reported as `reliability` (both are computed)")
 
     p = sub.add_parser("snapshot", help="write an immutable, weighted training snapshot", formatter_class=formatter,

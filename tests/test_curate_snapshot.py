@@ -1,0 +1,183 @@
+"""The curate stage on the embedded sample, measured against its truth table, and snapshots."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from curation.annotators import auroc
+from curation.curate import SCORER_TRAITS, CurateConfig, curate, current_run
+from curation.ingest import IngestConfig, ingest_file, make_reader
+from curation.lake import Lake
+from curation.sample import SampleConfig, generate_sample
+from curation.scoring import run_scoring
+from curation.snapshot import SnapshotError, SnapshotPolicy, resolve_snapshot, verify_snapshot, write_snapshot
+from curation.sql import query_polars
+from data_schemas import SNAPSHOT_PAIRS
+
+
+PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    """The default embedded sample (the demo's), ingested, scored by the pixel scorers, curated."""
+    root = tmp_path_factory.mktemp("curate")
+    paths = generate_sample(str(root / "sample"), SampleConfig(seed=0))
+    shards = sorted(glob.glob(os.path.join(paths.pickapic_dir, "*.parquet")))
+    lake = Lake(str(root / "lake"), create=True)
+    for shard in shards[:-1]:  # the last shard arrives later (test_new_pairs_...)
+        ingest_file(lake, shard, IngestConfig("pickapic", "pickapic"), make_reader("pickapic"))
+    run_scoring(lake, PIXEL_SCORERS, workers=0)
+    curate(lake)
+    return {"lake": lake, "paths": paths, "last_shard": shards[-1], "root": root}
+
+
+def _truth_rows(paths) -> pl.DataFrame:
+    return pl.read_parquet(paths.rows).with_columns(pl.col("ranking_id").cast(pl.String),
+                                                   pl.col("user_id").cast(pl.String))
+
+
+def test_unreliable_annotators_rank_above_reliable_ones(curated):
+    annotators = query_polars(curated["lake"], "SELECT user_id, reliability FROM annotators")
+    truth = pl.read_parquet(curated["paths"].annotators).with_columns(pl.col("user_id").cast(pl.String))
+    frame = annotators.join(truth, on="user_id").filter(
+        pl.col("annotator_type").is_in(["reliable", "minority", "spammer"]))
+    unreliable = frame["annotator_type"].is_in(["minority", "spammer"]).to_numpy()
+    assert unreliable.sum() >= 6 and (~unreliable).sum() >= 20
+    score = auroc(-frame["reliability"].to_numpy(), unreliable)
+    assert score >= 0.9, f"AUROC of unreliability, minority+spammer vs reliable = {score:.3f}"
+
+
+def test_minority_scores_separate_minority_labels_from_majority_ones(curated):
+    lake = curated["lake"]
+    metrics = query_polars(lake, "SELECT p.ranking_id, m.minority_score FROM pair_metrics m "
+                                 "JOIN pairs p USING (pair_id) WHERE m.minority_score IS NOT NULL")
+    truth = _truth_rows(curated["paths"]).filter(pl.col("planted_defect").is_null()).select(
+        "ranking_id", "label_agrees_with_majority")
+    frame = metrics.join(truth, on="ranking_id").filter(pl.col("label_agrees_with_majority").is_not_null())
+    against_majority = (~frame["label_agrees_with_majority"]).to_numpy()
+    assert against_majority.sum() >= 100
+    score = auroc(frame["minority_score"].to_numpy(), against_majority)
+    assert score >= 0.8, f"AUROC of minority score, labels against vs with the majority = {score:.3f}"
+
+
+def test_curation_tables_have_the_documented_columns(curated):
+    lake = curated["lake"]
+    required = {
+        "votes": {"pair_id", "scorer", "margin", "vote"},
+        "pair_metrics": {"pair_id", "consensus_label", "vote_fraction", "confidence", "stability",
+                         "minority_score", "weight", "margin"},
+        "annotators": {"user_id", "n_labels", "tie_rate", "left_rate", "consensus_agreement", "minority_rate",
+                       "reliability"},
+    }
+    for table, columns in required.items():
+        got = set(query_polars(lake, f"SELECT * FROM {table} LIMIT 1").columns)
+        assert columns <= got, f"{table} lacks {columns - got}"
+    n_pairs = query_polars(lake, "SELECT count(*) AS n FROM pairs")["n"][0]
+    assert query_polars(lake, "SELECT count(*) AS n FROM votes")["n"][0] == 4 * n_pairs
+    bad_weights = query_polars(lake, "SELECT count(*) AS n FROM pair_metrics WHERE weight <= 0 OR weight > 1")
+    assert bad_weights["n"][0] == 0  # W = 1 / (10 u + 1) with u in [0, 1]
+
+
+def test_curate_is_a_noop_until_new_pairs_arrive_then_right_again(curated, tmp_path):
+    lake = curated["lake"]
+    before = current_run(lake)
+    again = curate(lake)
+    assert again.reused and again.run_id == before["run_id"]
+    # A copy of the lake receives the last shard; one curate run covers the new pairs.
+    import shutil
+
+    copy = Lake(shutil.copytree(lake.path, tmp_path / "lake"))
+    ingest_file(copy, curated["last_shard"], IngestConfig("pickapic", "pickapic"), make_reader("pickapic"))
+    run_scoring(copy, PIXEL_SCORERS, workers=0)
+    result = curate(copy)
+    assert not result.reused
+    n_pairs = query_polars(copy, "SELECT count(*) AS n FROM pairs")["n"][0]
+    assert result.counts["pairs"] == n_pairs > before["counts"]["pairs"]
+    assert query_polars(copy, "SELECT count(*) AS n FROM pair_metrics")["n"][0] == n_pairs
+    labels = query_polars(copy, "SELECT sum(n_labels) AS n FROM annotators")["n"][0]
+    assert labels == query_polars(copy, "SELECT count(*) AS n FROM pairs WHERE user_id IS NOT NULL")["n"][0]
+
+
+def test_scorer_traits_match_the_scorers():
+    from curation.scorers import SCORERS, build_scorer
+
+    assert set(SCORER_TRAITS) == set(SCORERS)
+    for name in PIXEL_SCORERS:  # the neural ones need weights to build; their traits are in the README table
+        scorer = build_scorer(name)
+        assert SCORER_TRAITS[name] == (scorer.higher_is_better, not scorer.uses_prompt)
+    with pytest.raises(ValueError, match="unknown scorer"):
+        CurateConfig(scorers=("nope",))
+
+
+@pytest.mark.parametrize("kind", ["plain", "filter", "adaptive", "balanced"])
+def test_snapshot_policies(curated, tmp_path, kind):
+    lake = curated["lake"]
+    info = write_snapshot(lake, f"t-{kind}", SnapshotPolicy(kind=kind, pairs_per_shard=700), str(tmp_path))
+    manifest = verify_snapshot(info.path)
+    assert manifest["counts"]["pairs"] == info.counts["pairs"] == sum(s["rows"] for s in manifest["shards"])
+    table = pq.read_table([os.path.join(info.path, s["path"]) for s in manifest["shards"]])
+    assert table.schema.names == SNAPSHOT_PAIRS.names
+    frame = pl.from_arrow(table.drop_columns(["winner_image", "loser_image"]))
+    assert frame["pair_id"].n_unique() == frame.height
+    pairs = query_polars(lake, "SELECT pair_id, label_0, image_0_id, image_1_id FROM pairs")
+    joined = frame.join(pairs, on="pair_id")
+    winner_is_0 = joined["winner_image_id"] == joined["image_0_id"]
+    if kind == "balanced":
+        consensus = query_polars(lake, "SELECT pair_id, consensus_label FROM pair_metrics")
+        joined = joined.join(consensus, on="pair_id")
+        winner_is_0 = joined["winner_image_id"] == joined["image_0_id"]
+        assert (winner_is_0 == (joined["consensus_label"] == 1.0)).all()
+        assert (frame["vote_fraction"] > 0.5).all()  # the majority voted for the winner
+    else:
+        assert (winner_is_0 == (joined["label_0"] == 1.0)).all() and (joined["label_0"] != 0.5).all()
+    if kind == "adaptive":
+        metrics = query_polars(lake, "SELECT pair_id, weight, margin FROM pair_metrics")
+        check = frame.join(metrics, on="pair_id", suffix="_m")
+        assert np.allclose(check["weight"], check["weight_m"]) and (frame["weight"] < 1).any()
+    else:
+        assert (frame["weight"] == 1.0).all() and (frame["margin"] == 0.0).all()
+    if kind == "filter":
+        assert (frame["minority_score"] <= 0.5).all() and info.counts["filtered"] > 0
+
+
+def test_snapshot_is_immutable_content_addressed_and_verified(curated, tmp_path):
+    lake = curated["lake"]
+    first = write_snapshot(lake, "clean", SnapshotPolicy(kind="filter"), str(tmp_path))
+    files = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(first.path, "**", "*"), recursive=True)}
+    again = write_snapshot(lake, "clean", SnapshotPolicy(kind="filter"), str(tmp_path))
+    assert again.reused and again.snapshot_id == first.snapshot_id
+    assert {p: os.path.getmtime(p) for p in files} == files  # nothing rewritten
+    other = write_snapshot(lake, "clean", SnapshotPolicy(kind="filter", max_minority_score=0.3), str(tmp_path))
+    assert other.snapshot_id != first.snapshot_id and os.path.exists(first.path)
+    assert resolve_snapshot(str(tmp_path), "clean") == other.path  # a name points to its newest
+    assert resolve_snapshot(str(tmp_path), "latest") == other.path
+    assert resolve_snapshot(str(tmp_path), first.snapshot_id) == first.path
+    with pytest.raises(SnapshotError, match="no snapshot named 'nope'"):
+        resolve_snapshot(str(tmp_path), "nope")
+    shard = os.path.join(first.path, "shards", "shard-00000.parquet")
+    with open(shard, "r+b") as f:  # tamper with one byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(SnapshotError, match="does not match its manifest"):
+        verify_snapshot(first.path)
+    with pytest.raises(SnapshotError, match="does not match its manifest"):
+        write_snapshot(lake, "clean", SnapshotPolicy(kind="filter"), str(tmp_path))
+    os.remove(shard)
+    with pytest.raises(SnapshotError, match="missing"):
+        verify_snapshot(first.path)
+
+
+def test_policies_that_need_statistics_refuse_an_uncurated_lake(tmp_path):
+    lake = Lake(str(tmp_path / "lake"), create=True)
+    with pytest.raises(SnapshotError, match="prefcurate curate"):
+        write_snapshot(lake, "x", SnapshotPolicy(kind="adaptive"))
+    with pytest.raises(SnapshotError, match="unknown policy"):
+        SnapshotPolicy(kind="nope")
