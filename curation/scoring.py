@@ -92,6 +92,7 @@ class WorkPlan:
 class ShardResult:
     n_scores: int = 0
     n_images: int = 0
+    n_undecodable: int = 0  # images whose bytes do not decode: stored with NaN scores (votes skip NaN)
     n_commits: int = 0
 
 
@@ -105,6 +106,7 @@ class ScorerSummary:
     n_done_before: int
     n_scores: int = 0      # rows written by this run
     n_images: int = 0      # distinct images decoded and scored by this run
+    n_undecodable: int = 0  # of those, images whose bytes did not decode (NaN scores, not retried)
     seconds: float = 0.0   # wall time of the scoring (planning excluded)
 
     @property
@@ -114,7 +116,8 @@ class ScorerSummary:
     def line(self) -> str:
         return (f"{self.name}: {self.n_scores} scores of {self.n_images} images in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.n_done_before} of {self.n_needed} already scored; "
-                f"{self.n_pairs_skipped} pairs skipped: images not in the lake yet")
+                f"{self.n_pairs_skipped} pairs skipped: images not in the lake yet"
+                + (f"; {self.n_undecodable} images undecodable (NaN scores)" if self.n_undecodable else ""))
 
 
 @dataclass
@@ -201,16 +204,28 @@ def _ready() -> bool:
     return True
 
 
-def _prepare(job: tuple) -> np.ndarray:
-    """Worker body. job = (fn, is_neural, blobs, prompt_lists). Neural: fn is the image transform,
-    returns (n_images, 3, H, W) float32. Pixel: fn is the scorer, returns one float64 per (image, prompt)."""
+def _prepare(job: tuple) -> tuple[np.ndarray | None, list[bool]]:
+    """Worker body. job = (fn, is_neural, blobs, prompt_lists) -> (array, undecodable flag per image).
+    Neural: fn is the image transform; array (n_decoded, 3, H, W) float32 of the decodable images.
+    Pixel: fn is the scorer; array holds one float64 per (image, prompt), NaN for an undecodable image.
+    Ingest checks headers and end markers; damage inside the pixel stream only shows here."""
     fn, is_neural, blobs, prompt_lists = job
-    images = [Image.open(io.BytesIO(data)) for data in blobs]
+    images, bad = [], []
+    for data in blobs:
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception:  # any decoder failure: the image cannot be scored, the rest of the batch can
+            image = None
+        images.append(image)
+        bad.append(image is None)
     if is_neural:
-        return np.stack([fn(im).numpy() for im in images])
-    scores = [fn.score([im] * len(prompts), None if prompts == [None] else prompts)
+        decoded = [fn(im).numpy() for im in images if im is not None]
+        return (np.stack(decoded) if decoded else None), bad
+    scores = [np.full(len(prompts), np.nan) if im is None else fn.score([im] * len(prompts),
+                                                                      None if prompts == [None] else prompts)
               for im, prompts in zip(images, prompt_lists)]
-    return np.concatenate(scores)
+    return np.concatenate(scores), bad
 
 
 def make_pool(workers: int, mp_context: str = "forkserver") -> ProcessPoolExecutor | None:
@@ -241,11 +256,19 @@ def _image_batches(lake: Lake, shard: pa.Table, batch_rows: int):
         relation = con.sql(f"SELECT image_id, bytes FROM read_parquet({listing}) "
                            f"WHERE image_id IN ({', '.join(_sql_str(i) for i in ids)})")
         seen: set[str] = set()
-        for batch in relation.to_arrow_reader(batch_rows):
-            got = [(i, b) for i, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()) if i not in seen]
-            seen.update(i for i, _ in got)
-            if got:
-                yield [i for i, _ in got], [b for _, b in got]
+        ids_out, blobs_out = [], []
+        for batch in relation.to_arrow_reader(batch_rows):  # DuckDB's batch sizes vary: re-cut to batch_rows
+            for image_id, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                if image_id in seen:
+                    continue
+                seen.add(image_id)
+                ids_out.append(image_id)
+                blobs_out.append(data)
+                if len(ids_out) == batch_rows:
+                    yield ids_out, blobs_out
+                    ids_out, blobs_out = [], []
+        if ids_out:
+            yield ids_out, blobs_out
     finally:
         con.close()
 
@@ -303,7 +326,8 @@ def score_shard(lake: Lake, scorer: Scorer, shard: pa.Table, config: ScoringConf
     neural = isinstance(scorer, NeuralScorer)
     fn = scorer.image_transform if neural else scorer
     prompts_of: dict[str, list[tuple[str, str | None]]] = {}
-    for image_id, prompt_id, prompt in zip(*(shard.column(c).to_pylist() for c in ("image_id", "prompt_id", "prompt"))):
+    columns = (shard.column(c).to_pylist() for c in ("image_id", "prompt_id", "prompt"))
+    for image_id, prompt_id, prompt in zip(*columns):
         prompts_of.setdefault(image_id, []).append((prompt_id, prompt if scorer.uses_prompt else None))
 
     def jobs():
@@ -313,12 +337,17 @@ def score_shard(lake: Lake, scorer: Scorer, shard: pa.Table, config: ScoringConf
 
     result, pending = ShardResult(), []
     for ids, prepared in _ordered(pool, jobs(), depth=2 * max(1, config.workers) + 1):
+        prepared, bad = prepared
         counts = [len(prompts_of[i]) for i in ids]
         keys = [k for i in ids for k in prompts_of[i]]
-        if neural:
-            index = torch.from_numpy(np.repeat(np.arange(len(ids)), counts))  # an image once per prompt it needs
-            pixels = torch.from_numpy(prepared)[index]
-            scores = scorer.score_tensors(pixels, [p for _, p in keys] if scorer.uses_prompt else None)
+        if neural:  # score the decodable images, each once per prompt it needs; NaN for the others
+            scores = np.full(len(keys), np.nan)
+            good_rows = np.repeat(~np.array(bad), counts)
+            if prepared is not None:
+                good_counts = [c for c, b in zip(counts, bad) if not b]
+                index = torch.from_numpy(np.repeat(np.arange(len(prepared)), good_counts))
+                prompts = [p for (_, p), ok in zip(keys, good_rows) if ok] if scorer.uses_prompt else None
+                scores[good_rows] = scorer.score_tensors(torch.from_numpy(prepared)[index], prompts)
         else:
             scores = prepared
         pending.append(pa.table({
@@ -328,6 +357,7 @@ def score_shard(lake: Lake, scorer: Scorer, shard: pa.Table, config: ScoringConf
             "scorer_version": pa.array([scorer.version] * len(keys), pa.string()),
             "score": pa.array(np.asarray(scores, dtype=np.float64)),
         }))
+        result.n_undecodable += sum(bad)
         result.n_images += len(ids)
         result.n_scores += len(keys)
         if progress is not None:
@@ -348,7 +378,8 @@ def load_scorers(names: list[str], weights_dir: str | Path | None, device: str, 
     once. `options[name]` holds extra build_scorer keywords (arch, checkpoint, ...)."""
     unknown = [n for n in names if n not in SCORERS]
     if unknown:
-        raise ValueError(f"unknown scorer(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(sorted(SCORERS))}")
+        raise ValueError(f"unknown scorer(s) {', '.join(map(repr, unknown))}; "
+                         f"valid names: {', '.join(sorted(SCORERS))}")
     if len(set(names)) != len(names):
         raise ValueError(f"scorer names repeat: {names}")
     scorers = []
@@ -364,7 +395,8 @@ def run_scoring(lake: Lake, scorer_names: list[str], weights_dir: str | Path | N
                 batch_size: int = 64, workers: int = 2, shard_size: int = 4096, *,
                 scorer_options: dict[str, dict] | None = None, config: ScoringConfig | None = None,
                 progress: bool = False) -> ScoringResult:
-    """Plan and score everything missing for each scorer, in this process (the flow spreads shards instead)."""
+    """Plan and score everything missing for each scorer, in this process (the flow spreads shards instead).
+    `config`, if given, replaces batch_size, workers and shard_size; `progress` shows a tqdm bar per scorer."""
     config = config or ScoringConfig(batch_size=batch_size, workers=workers, shard_size=shard_size)
     result = ScoringResult()
     pool = make_pool(config.workers, config.mp_context)
@@ -385,6 +417,7 @@ def run_scoring(lake: Lake, scorer_names: list[str], weights_dir: str | Path | N
                 done = score_shard(lake, scorer, shard, config, pool, bar)
                 summary.n_scores += done.n_scores
                 summary.n_images += done.n_images
+                summary.n_undecodable += done.n_undecodable
             summary.seconds = time.perf_counter() - started
             if bar is not None:
                 bar.close()

@@ -93,6 +93,7 @@ def score_flow(lake_root: str, scorers: list[str], weights_dir: str | None = Non
             done = future.result()
             summary.n_scores += done["n_scores"]
             summary.n_images += done["n_images"]
+            summary.n_undecodable += done["n_undecodable"]
         summary.seconds = time.perf_counter() - started
         print(summary.line())
         summaries.append(dict(asdict(summary), images_per_s=summary.images_per_s))
@@ -105,7 +106,8 @@ def _check_names(names: list[str]) -> None:
 
     unknown = [n for n in names if n not in SCORERS]
     if unknown:
-        raise ValueError(f"unknown scorer(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(sorted(SCORERS))}")
+        raise ValueError(f"unknown scorer(s) {', '.join(map(repr, unknown))}; "
+                         f"valid names: {', '.join(sorted(SCORERS))}")
 
 
 def _gpu_request(device: str):

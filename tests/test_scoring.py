@@ -146,6 +146,27 @@ def test_metadata_only_pairs_are_skipped_and_counted_then_scored_via_image_refs(
     assert not any(":" in i for i in scored)  # keyed by content hash, never by the '<source>:<uid>' ref
 
 
+def _png_with_broken_pixel_data() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 10, 10)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IDAT") + 4
+    data[start:start + 8] = b"\x00" * 8  # header and IEND intact, so ingest accepts it; zlib data broken
+    return bytes(data)
+
+
+def test_image_that_does_not_decode_gets_nan_and_is_not_retried(tmp_path, tiny_hps):
+    lake = Lake(str(tmp_path / "lake"), create=True)
+    broken = _png_with_broken_pixel_data()
+    _ingest(lake, write_shard(tmp_path / "train-0.parquet", [row(0, jpg_0=broken), row(1, jpg_1=GREEN)]))
+    for name, options in (("sharpness", None), ("hpsv2", {"hpsv2": {"arch": TINY_ARCH}})):
+        summary = run_scoring(lake, [name], tiny_hps, workers=0, batch_size=2, scorer_options=options).scorers[0]
+        assert (summary.n_images, summary.n_undecodable) == (4, 1) and "1 images undecodable" in summary.line()
+        scores = {r["image_id"]: r["score"] for r in lake.read("scores").to_pylist() if r["scorer"] == name}
+        assert np.isnan(scores[content_id(broken)]) and np.isfinite(scores[content_id(BLUE)])
+        assert run_scoring(lake, [name], tiny_hps, workers=0, scorer_options=options).scorers[0].n_scores == 0
+
+
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from curation.lake import Lake
@@ -237,7 +258,8 @@ def test_flow_scores_shards_as_tasks_and_cli_reports_throughput(sample_lake, pre
     assert "throughput (images/s): sharpness" in out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("prefect_ray") is None, reason="needs the [ray] extra: pip install prefect-ray")
+@pytest.mark.skipif(importlib.util.find_spec("prefect_ray") is None,
+                    reason="needs the [ray] extra: pip install prefect-ray")
 def test_flow_on_a_local_ray_cluster(sample_lake, prefect_server):
     from flows.score import run_score_flow
 
