@@ -106,8 +106,7 @@ def load_pairs(lake: Lake) -> pl.DataFrame:
             LEFT JOIN r r0 ON r0.ref_id = p.image_0_id
             LEFT JOIN r r1 ON r1.ref_id = p.image_1_id
             LEFT JOIN s s0 ON s0.image_id = coalesce(r0.image_id, p.image_0_id)
-            LEFT JOIN s s1 ON s1.image_id = coalesce(r1.image_id, p.image_1_id)
-            ORDER BY p.pair_id""").pl()
+            LEFT JOIN s s1 ON s1.image_id = coalesce(r1.image_id, p.image_1_id)""").pl()
     finally:
         con.close()
 
@@ -160,7 +159,7 @@ def curate(lake: Lake, config: CurateConfig = CurateConfig()) -> CurateResult:
 
     with lake.writing():
         for name, frame in tables.items():
-            lake.write_table_atomic(f"curation/{run_id}/{name}.parquet", frame.to_arrow())
+            lake.write_frame_atomic(f"curation/{run_id}/{name}.parquet", frame)
         counts = {
             "pairs": pairs.height, "pairs_with_votes": int(tables["consensus"]["n_scorers"].gt(0).sum()),
             "scorers": len(scorers), "annotators": tables["annotators"].height,
