@@ -97,6 +97,11 @@ class Trainer:
         self.cache = self._prepare_cache() if c.latent_cache else None
         self.empty_text = (self.cache.empty if self.cache else
                            dict(zip(("text", "pooled"), encode_prompts(comp, [""], self.device, self.weight_dtype))))
+        self.scaling_factor, self.is_sdxl = comp.vae.config.scaling_factor, comp.is_sdxl
+        if self.cache is not None:  # steps never run the VAE or the text encoders again: free their memory
+            comp.vae, comp.text_encoders = None, []
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ inputs
     def _prepare_cache(self) -> LatentCache:
@@ -129,12 +134,12 @@ class Trainer:
         z = torch.randn((b, *shape), generator=g).repeat(2, 1, 1, 1).to(self.device)  # NCP reverse-step noise
         mean = torch.cat([enc["w_mean"], enc["l_mean"]])
         std = torch.cat([enc["w_std"], enc["l_std"]])
-        latents = (mean + std * vae_eps) * self.components.vae.config.scaling_factor
+        latents = (mean + std * vae_eps) * self.scaling_factor
         x_t = self.components.noise_scheduler.add_noise(latents, noise, t)
         empty = self.empty_text["text"].to(self.device, enc["text"].dtype)
         text = torch.where(drop[:, None, None], empty, enc["text"]).repeat(2, 1, 1).to(self.weight_dtype)
         added = None
-        if self.components.is_sdxl:
+        if self.is_sdxl:
             pooled = torch.where(drop[:, None], self.empty_text["pooled"].to(self.device), enc["pooled"])
             added = {"text_embeds": pooled.repeat(2, 1).to(self.weight_dtype),
                      "time_ids": sdxl_time_ids(self.config.resolution, 2 * b, self.device, self.weight_dtype)}
@@ -286,7 +291,7 @@ class Trainer:
         """Diffusers-format LoRA (``pytorch_lora_weights.safetensors``) that ``pipe.load_lora_weights`` reads."""
         out = Path(self.config.output)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=POLICY))
-        pipeline_cls = StableDiffusionXLPipeline if self.components.is_sdxl else StableDiffusionPipeline
+        pipeline_cls = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
         pipeline_cls.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True,
                                        unet_lora_adapter_metadata=self.lora_config.to_dict())
         return out

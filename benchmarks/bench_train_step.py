@@ -1,0 +1,273 @@
+"""One Diffusion-DPO training step: this project's trainer vs the design of the public Diffusion-DPO scripts.
+
+Designs, each measured in its own subprocess (clean peak memory), on the same model, snapshot and batch:
+  ours            LoRA policy, reference = the same UNet with adapters disabled, latent/text cache
+  lora-nocache    the same without the cache: VAE encode and text encoding every step
+  reference       Salesforce ``train.py`` design: full fine-tune, a deep-copied frozen reference UNet,
+                  VAE encode and text encoding every step, AdamW over every UNet weight
+  ncp-ours        NCP-DPO with our trainer (the frozen-encoder perceptual loss), beside DPO's cost
+
+Time per step: mean over ``--steps`` steps after ``--warmup`` (policy fwd + reference fwd + backward + AdamW).
+Peak memory: CUDA ``max_memory_allocated`` after resetting it before the timed steps; on the CPU the process's
+peak RSS (VmHWM) after resetting it via /proc/self/clear_refs before the timed steps.
+
+  python benchmarks/bench_train_step.py                 # CPU: SD1.5-shaped UNet at 1/5 width, 32x32 latents
+  python benchmarks/bench_train_step.py --sd15          # SD1.5 UNet/VAE/text-encoder architecture, 512 px (GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SD15_UNET = {  # runwayml/stable-diffusion-v1-5 unet/config.json
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "act_fn": "silu",
+    "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+}
+SD15_VAE = {  # runwayml/stable-diffusion-v1-5 vae/config.json
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+}
+SD15_TEXT = {  # openai/clip-vit-large-patch14 text tower, as SD1.5's text_encoder
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+}
+SMALL_UNET = {  # SD1.5's layout (3 cross-attention down blocks + 1 plain, 2 layers each) at 1/5 of its width
+    "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [64, 128, 256, 256],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 128, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SMALL_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [32, 64, 64],
+             "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+             "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 128}
+SMALL_TEXT = {"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "max_position_embeddings": 77, "bos_token_id": 49406,
+              "eos_token_id": 49407, "pad_token_id": 49407}
+
+
+def build_pipeline(out: Path, sd15: bool) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from training.components import CLIP_TOKENIZER_DIR
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**(SD15_UNET if sd15 else SMALL_UNET))
+    vae = AutoencoderKL(**(SD15_VAE if sd15 else SMALL_VAE))
+    text = CLIPTextModel(CLIPTextConfig(**(SD15_TEXT if sd15 else SMALL_TEXT)))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon")
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR),
+                            unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
+
+
+def reset_peak() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+
+
+def peak_mib() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def run_trainer(args, design: str) -> dict:
+    import torch
+
+    from training.config import TrainConfig
+    from training.trainer import Trainer
+    loss = "ncp-dpo" if design == "ncp-ours" else "dpo"
+    cfg = TrainConfig(snapshot=args.snapshot, model=args.model, output=tempfile.mkdtemp(), loss=loss,
+                      resolution=args.resolution, train_batch_size=args.pairs, max_steps=10**6,
+                      latent_cache=design != "lora-nocache", mixed_precision=args.mixed_precision,
+                      gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.rank,
+                      cache_dir=args.cache_dir)
+    trainer = Trainer(cfg)
+    batches = trainer._batches()
+
+    def step() -> float:
+        batch = next(batches)
+        with trainer.accelerator.accumulate(trainer.model):
+            loss_value, _ = trainer.loss(batch)
+            trainer.accelerator.backward(loss_value)
+            trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), 1.0)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+        return float(loss_value)
+
+    trainable = sum(p.numel() for p in trainer.unet.parameters() if p.requires_grad)
+    return measure(step, args, trainable, torch)
+
+
+def run_reference(args) -> dict:
+    """The Salesforce design, written compactly on the same components and the same batches."""
+    import torch
+
+    from training import losses as L
+    from training.components import encode_prompts, load_components
+    from training.snapshot import PairStream, open_snapshot
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    dtype = dtype if device.type == "cuda" else torch.float32
+    comp = load_components(args.model)
+    unet = comp.unet.to(device).train()  # trained in fp32 (mixed precision = autocast), as the public script
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ref_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype)
+    comp.vae.to(device, dtype)
+    comp.text_encoders[0].to(device, dtype)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
+    acp = comp.noise_scheduler
+    batches = PairStream(open_snapshot(args.snapshot), batch_size=args.pairs, resolution=args.resolution,
+                         seed=0).batches()
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        batch = next(batches)
+        with torch.no_grad():
+            pixels = torch.cat([batch.winner_pixels, batch.loser_pixels]).to(device, dtype)
+            latents = comp.vae.encode(pixels).latent_dist.sample() * comp.vae.config.scaling_factor
+            text, _ = encode_prompts(comp, batch.prompts, device, dtype)
+        b = len(batch.prompts)
+        noise = torch.randn((b, *latents.shape[1:]), generator=g).repeat(2, 1, 1, 1).to(device)
+        t = torch.randint(0, 1000, (b,), generator=g).repeat(2).to(device)
+        x_t = acp.add_noise(latents.float(), noise, t)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = unet(x_t, t, encoder_hidden_states=text.repeat(2, 1, 1)).sample
+            with torch.no_grad():
+                ref = ref_unet(x_t, t, encoder_hidden_states=text.repeat(2, 1, 1)).sample
+        mw, ml = L.split_winner_loser(L.per_sample_mse(pred, noise))
+        rw, rl = L.split_winner_loser(L.per_sample_mse(ref, noise))
+        loss, _ = L.diffusion_dpo_loss(mw, ml, rw, rl, beta=5000.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return measure(step, args, sum(p.numel() for p in unet.parameters()), torch)
+
+
+BASELINE_MIB = 0.0  # process memory after imports, before any model exists (CPU: the torch/CUDA libraries)
+
+
+def current_mib() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
+def measure(step, args, trainable: int, torch) -> dict:
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    reset_peak()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = peak_mib()
+    return {"step_s": sum(times) / len(times), "min_step_s": min(times), "peak_mib": peak,
+            "peak_above_baseline_mib": peak - BASELINE_MIB, "trainable_params": trainable}
+
+
+def child(args) -> None:
+    global BASELINE_MIB
+    import diffusers  # noqa: F401 - imported before the baseline so library memory is not counted
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    BASELINE_MIB = current_mib()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_reference(args) if args.design == "reference" else run_trainer(args, args.design)
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sd15", action="store_true", help="SD1.5 architecture (random weights) at 512 px")
+    p.add_argument("--pairs", type=int, default=2, help="pairs per step (2 latents each)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--mixed-precision", default="fp16", choices=["no", "fp16", "bf16"], help="CUDA only")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--designs", nargs="+", default=["ours", "lora-nocache", "reference", "ncp-ours"])
+    p.add_argument("--design", help=argparse.SUPPRESS)
+    for hidden in ("--snapshot", "--model", "--cache-dir", "--resolution"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.design:
+        args.resolution = int(args.resolution)
+        return child(args)
+    from tests.snapshot_fixture import write_test_snapshot
+    work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
+    resolution = 512 if args.sd15 else 128
+    build_pipeline(work / "model", args.sd15)
+    write_test_snapshot(work / "snapshot", n_pairs=max(16, args.pairs * (args.steps + args.warmup + 1)),
+                        n_shards=2, image_size=resolution, row_group_size=8)
+    results = {}
+    for design in args.designs:
+        cmd = [sys.executable, __file__, "--design", design, "--snapshot", str(work / "snapshot"),
+               "--model", str(work / "model"), "--cache-dir", str(work / "cache"), "--resolution", str(resolution),
+               "--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--rank", str(args.rank), "--threads", str(args.threads), "--mixed-precision", args.mixed_precision,
+               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"{design} failed:\n{out.stderr[-3000:]}")
+        results[design] = json.loads(line[len("RESULT "):])
+        r = results[design]
+        print(f"{design:13s} step {r['step_s'] * 1000:9.1f} ms (min {r['min_step_s'] * 1000:9.1f})  "
+              f"peak {r['peak_mib']:9.1f} MiB ({r['peak_above_baseline_mib']:8.1f} above imports)  "
+              f"trainable {r['trainable_params']:,}", flush=True)
+    if "reference" in results:
+        ref = results["reference"]
+        for design, r in results.items():
+            if design != "reference":
+                print(f"{design:13s} / reference: time {r['step_s'] / ref['step_s']:.2f}x, "
+                      f"peak memory {r['peak_mib'] / ref['peak_mib']:.2f}x "
+                      f"({r['peak_above_baseline_mib'] / ref['peak_above_baseline_mib']:.2f}x above imports)")
+    if "ncp-ours" in results and "ours" in results:
+        print(f"ncp-dpo / dpo (ours): time {results['ncp-ours']['step_s'] / results['ours']['step_s']:.2f}x")
+    print(json.dumps({"sd15": args.sd15, "resolution": resolution, "pairs": args.pairs, **results}))
+
+
+if __name__ == "__main__":
+    main()
