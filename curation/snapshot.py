@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import math
 import uuid
@@ -156,10 +155,17 @@ def _files(files: list[str]) -> str:
 
 
 def _snapshot_id(rows: pl.DataFrame, policy: SnapshotPolicy) -> str:
+    """Hash of the policy and the selected rows' values. Values, not an IPC dump: Arrow buffers of
+    equal frames differ with chunking and string-view layout, which thread timing decides."""
     digest = hashlib.sha256(json.dumps(asdict(policy), sort_keys=True).encode())
-    sink = io.BytesIO()
-    rows.write_ipc(sink, compression="uncompressed")
-    digest.update(sink.getvalue())
+    for name in rows.columns:
+        column = rows[name]
+        digest.update(name.encode() + b"\x00")
+        if column.dtype == pl.String:
+            digest.update("\x1f".join(v if v is not None else "\x1e" for v in column.to_list()).encode())
+        else:
+            digest.update(column.is_null().to_numpy().tobytes())
+            digest.update(column.fill_null(0).cast(pl.Float64).to_numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
