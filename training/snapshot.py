@@ -9,8 +9,9 @@ and Parquet shards in the ``data_schemas.tables.SNAPSHOT_PAIRS`` schema (winner 
 imports curation/: this module is the whole contract.
 
 Order (deterministic given the seed, never the whole dataset in memory): per epoch the shards are permuted,
-within a shard its row groups are permuted, and each row group is cut into chunks of ``buffer_rows`` rows that
-are shuffled in memory. Every permutation comes from its own ``numpy`` generator seeded by
+within a shard its row groups are permuted, and each row group (the unit Parquet reads, so the memory bound:
+writers should keep row groups to a few hundred pairs) is cut into chunks of ``buffer_rows`` rows, whose order
+and contents are both permuted. Every permutation comes from its own ``numpy`` generator seeded by
 (seed, epoch, shard, row group, chunk), so a ``DataPosition`` (epoch, shard slot, rows already taken from that
 shard) is enough to resume exactly: the row groups before it are skipped from the Parquet metadata alone.
 """
@@ -188,9 +189,12 @@ class PairStream:
                 taken += group_rows
                 continue
             table = parquet.read_row_group(int(group), columns=columns).to_pydict()
-            for chunk, begin in enumerate(range(0, group_rows, self.buffer_rows)):
+            n_chunks = -(-group_rows // self.buffer_rows)
+            chunk_order = np.random.default_rng([self.seed, epoch, file_index, int(group)]).permutation(n_chunks)
+            for chunk in chunk_order:
+                begin = int(chunk) * self.buffer_rows
                 size = min(self.buffer_rows, group_rows - begin)
-                rng = np.random.default_rng([self.seed, epoch, file_index, int(group), chunk])
+                rng = np.random.default_rng([self.seed, epoch, file_index, int(group), int(chunk), 1])
                 for local in begin + rng.permutation(size):
                     if taken >= skip:
                         yield int(starts[group] + local), {k: v[local] for k, v in table.items()}
