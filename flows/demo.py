@@ -9,8 +9,10 @@ from curation.ingest import quarantine_reasons
 from curation.lake import Lake
 from curation.sample import SampleConfig, generate_sample
 from curation.sql import query
+from flows.curate import curate_flow, snapshot_flow
 from flows.ingest import ingest_flow
 from flows.score import run_score_flow
+from curation.snapshot import SnapshotPolicy
 
 
 BUSIEST_ANNOTATORS = """
@@ -21,25 +23,36 @@ FROM pairs GROUP BY user_id ORDER BY labels DESC LIMIT 5
 """
 # The weight-free scorers: they need no checkpoint, so the demo stays offline and fast.
 DEMO_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]
+LEAST_RELIABLE = """
+SELECT user_id, n_labels, round(reliability, 3) AS reliability, round(consensus_agreement, 3) AS agreement,
+       round(left_rate, 3) AS left_rate, round(minority_rate, 3) AS minority_rate
+FROM annotators WHERE n_labels >= 10 ORDER BY reliability LIMIT 5
+"""
+STEPS = 5
 
 
 def run_demo(out_dir: str, seed: int = 0) -> Lake:
     started = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    print(f"[1/3] generating the embedded sample (seed {seed}) in {out_dir}/sample")
+    print(f"[1/{STEPS}] generating the embedded sample (seed {seed}) in {out_dir}/sample")
     paths = generate_sample(os.path.join(out_dir, "sample"), SampleConfig(seed=seed))
     shards = sorted(glob.glob(os.path.join(paths.pickapic_dir, "*.parquet")))
     lake_root = os.path.join(out_dir, "lake")
-    print(f"[2/3] ingesting {len(shards)} Pick-a-Pic-shaped shard(s) into {lake_root}")
+    print(f"[2/{STEPS}] ingesting {len(shards)} Pick-a-Pic-shaped shard(s) into {lake_root}")
     for r in ingest_flow(lake_root, shards, "pickapic"):
         print("  " + (f"error: {r['error']}" if "error" in r else
                       f"{os.path.basename(r['source_file'])}: read {r['n_read']} = accepted {r['n_accepted']} "
                       f"+ duplicates {r['n_duplicates']} + quarantined {r['n_quarantined']}"))
-    print(f"[3/3] scoring the pairs' images with {', '.join(DEMO_SCORERS)}")
+    print(f"[3/{STEPS}] scoring the pairs' images with {', '.join(DEMO_SCORERS)}")
     # One shard per scorer and decoding in this process: at 64 px, worker start-up would cost more than it saves.
     summaries = run_score_flow(lake_root, DEMO_SCORERS, workers=0, shard_size=1 << 20)
     print("  throughput (images/s): " + ", ".join(f"{s['name']} {s['images_per_s']:.0f}" for s in summaries)
           + f" ({summaries[0]['n_images']} images; {summaries[0]['n_pairs_skipped']} pairs skipped)")
+    print(f"[4/{STEPS}] curating: scorer votes, consensus, minority scores, annotator reliability")
+    print("  " + curate_flow(lake_root)["line"])
+    print(f"[5/{STEPS}] writing an adaptive (reweighted) training snapshot")
+    snapshot = snapshot_flow(lake_root, "demo-adaptive", SnapshotPolicy(kind="adaptive"))
+    print("  " + snapshot["line"])
     lake = Lake(lake_root)
     totals = query(lake, "SELECT sum(n_read) r, sum(n_accepted) a, sum(n_duplicates) d, sum(n_quarantined) q "
                          "FROM ingests").to_pylist()[0]
@@ -50,6 +63,11 @@ def run_demo(out_dir: str, seed: int = 0) -> Lake:
     for row in query(lake, BUSIEST_ANNOTATORS).to_pylist():
         print(f"  user {row['user_id']:>6}: {row['labels']:>4} labels, tie rate {row['tie_rate']}, "
               f"left rate {row['left_rate']}")
+    print("least reliable annotators (prefcurate sql ... FROM annotators):")
+    for row in query(lake, LEAST_RELIABLE).to_pylist():
+        print(f"  user {row['user_id']:>6}: {row['n_labels']:>4} labels, reliability {row['reliability']}, "
+              f"agreement with scorers {row['agreement']}, left rate {row['left_rate']}, "
+              f"minority rate {row['minority_rate']}")
     print(f"\ndone in {time.perf_counter() - started:.1f} s. Query it yourself:\n"
           f"  prefcurate sql --lake {lake_root} \"SELECT * FROM ingests\"")
     return lake
