@@ -18,7 +18,7 @@ from training.components import build_tiny_pipeline, load_components
 from training.config import TrainConfig, parse_args
 from training.losses import LOSS_TYPES
 from training.lora import POLICY, add_policy_lora, ema_decay, encoder_features, lora_tensors
-from training.snapshot import DataPosition, PairStream, SnapshotError, open_snapshot
+from training.snapshot import PairStream, SnapshotError, open_snapshot
 from training.trainer import Trainer, main, train
 
 

@@ -141,9 +141,9 @@ def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int 
     """Build and save a tiny SD-style pipeline (random weights, offline) that ``load_components`` and
     ``StableDiffusionPipeline.from_pretrained`` read back; returns ``out_dir``.
 
-    VAE with three blocks (32, 32, 32): latents 4 × res/4 × res/4 (8×8 at 32 px, 16×16 at 64 px). UNet (32, 64) blocks with
-    cross-attention dim 32; CLIP text encoder of hidden size 32 with the committed real CLIP vocabulary (so
-    prompts tokenise as in SD). Training scheduler DDPM 1000 steps (scaled-linear betas, as SD1.5); the
+    VAE with three blocks (32, 32, 32): latents 4 × res/4 × res/4 (8×8 at 32 px, 16×16 at 64 px).
+    UNet (32, 64) blocks with cross-attention dim 32; CLIP text encoder of hidden size 32 with the committed
+    real CLIP vocabulary (so prompts tokenise as in SD). Training scheduler DDPM 1000 steps (scaled-linear betas, as SD1.5); the
     pipeline's sampling scheduler is DDIM with the same betas.
     """
     out_dir = Path(out_dir)

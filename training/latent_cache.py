@@ -77,7 +77,8 @@ def build_cache(components: Components, snapshot: Snapshot, root: Path, resoluti
                 parts.setdefault("text", []).append(text.float().cpu())
                 if pooled is not None:
                     parts.setdefault("pooled", []).append(pooled.float().cpu())
-            save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, partial / f"shard-{s:05d}-rg-{g:05d}.safetensors")
+            name = f"shard-{s:05d}-rg-{g:05d}.safetensors"
+            save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, partial / name)
     (partial / COMPLETE).write_text(json.dumps({"snapshot_id": snapshot.snapshot_id, "resolution": resolution}))
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
