@@ -71,10 +71,11 @@ class CurateResult:
     def line(self) -> str:
         c = self.counts
         head = "nothing new, kept curation run" if self.reused else "curation run"
+        agreement = ("no scorer votes yet (run `prefcurate score`)" if c["human_agreement"] is None else
+                     f"human agrees with consensus on {c['human_agreement']:.1%} of decisive pairs")
         return (f"{head} {self.run_id}: {c['pairs']} pairs ({c['pairs_with_votes']} with scorer votes, "
-                f"{c['scorers']} scorers), {c['annotators']} annotators, human agrees with consensus on "
-                f"{c['human_agreement']:.1%} of decisive pairs, {c['minority_pairs']} minority pairs "
-                f"(u > {c['minority_threshold']})")
+                f"{c['scorers']} scorers), {c['annotators']} annotators, {agreement}, {c['minority_pairs']} "
+                f"minority pairs (u > {c['minority_threshold']})")
 
 
 def load_pairs(lake: Lake) -> pl.DataFrame:
@@ -163,8 +164,8 @@ def curate(lake: Lake, config: CurateConfig = CurateConfig()) -> CurateResult:
         counts = {
             "pairs": pairs.height, "pairs_with_votes": int(tables["consensus"]["n_scorers"].gt(0).sum()),
             "scorers": len(scorers), "annotators": tables["annotators"].height,
-            "human_agreement": float(tables["consensus"].filter(pl.col("human_agrees").is_not_null())
-                                     ["human_agrees"].mean() or 0.0),
+            "human_agreement": tables["consensus"].filter(pl.col("human_agrees").is_not_null()
+                                                          & (pl.col("n_scorers") > 0))["human_agrees"].mean(),
             "minority_pairs": int((tables["pair_metrics"]["minority_score"] >
                                    config.annotators.minority_threshold).sum()),
             "minority_threshold": config.annotators.minority_threshold,

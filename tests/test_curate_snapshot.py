@@ -18,6 +18,7 @@ from curation.scoring import run_scoring
 from curation.snapshot import SnapshotError, SnapshotPolicy, resolve_snapshot, verify_snapshot, write_snapshot
 from curation.sql import query_polars
 from data_schemas import SNAPSHOT_PAIRS
+from tests.shared_data import shared_data
 
 
 PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]
@@ -181,3 +182,22 @@ def test_policies_that_need_statistics_refuse_an_uncurated_lake(tmp_path):
         write_snapshot(lake, "x", SnapshotPolicy(kind="adaptive"))
     with pytest.raises(SnapshotError, match="unknown policy"):
         SnapshotPolicy(kind="nope")
+
+
+def test_annotator_statistics_on_real_wmt13_judgements(tmp_path):
+    """Real labels with no images and no scorers: 218 WMT13 judges ranking translations. Reliability
+    must then come from the judges' agreement with each other (Dawid-Skene on peer labels)."""
+    lake = Lake(str(tmp_path / "lake"), create=True)
+    ingest_file(lake, str(shared_data("wmt13_fr-en_rankings_train.csv")), IngestConfig("wmt13", "wmt"), make_reader("wmt"))
+    result = curate(lake)
+    assert result.counts["scorers"] == 0 and result.counts["human_agreement"] is None
+    stats = query_polars(lake, "SELECT * FROM annotators")
+    assert stats.height == 218 and stats["consensus_agreement"].is_null().all()
+    assert (stats["reliability"] == stats["reliability_dawid_skene"]).all()
+    ties = query_polars(lake, "SELECT avg((label_0 = 0.5)::INT) AS t FROM pairs")["t"][0]
+    assert abs((stats["tie_rate"] * stats["n_labels"]).sum() / stats["n_labels"].sum() - ties) < 1e-9
+    overlapping = stats.filter(pl.col("n_peer_pairs") >= 20)
+    assert overlapping.height >= 100
+    assert 0.6 < overlapping["peer_agreement"].median() < 0.8  # judges agree on about 2 of 3 decisive calls
+    correlation = np.corrcoef(overlapping["peer_agreement"], overlapping["reliability"])[0, 1]
+    assert correlation > 0.6, f"reliability vs peer agreement correlation {correlation:.2f}"

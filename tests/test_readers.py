@@ -20,10 +20,11 @@ from curation import ids
 from curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader, quarantine_reasons
 from curation.lake import Lake
 from data_schemas import TABLES
+from tests.shared_data import shared_data
 
 
-WMT_TRAIN = Path("/work/shared/data/wmt13_fr-en_rankings_train.csv")
-WMT_TEST = Path("/work/shared/data/wmt13_fr-en_rankings_test.csv")
+WMT_TRAIN = "wmt13_fr-en_rankings_train.csv"  # in ../shared/data (no licence to ship them here)
+WMT_TEST = "wmt13_fr-en_rankings_test.csv"
 
 
 def png(rgb: tuple[int, int, int]) -> bytes:
@@ -279,7 +280,7 @@ def expected_wmt(path: Path) -> tuple[int, int, set[str], set[str]]:
 
 
 def test_wmt_head_of_real_train_csv(tmp_path):
-    with open(WMT_TRAIN) as f:
+    with open(shared_data(WMT_TRAIN)) as f:
         head = list(itertools.islice(f, 200))  # header + 199 rankings
     path = tmp_path / "wmt13_fr-en_rankings_train_head.csv"
     path.write_text("".join(head))
@@ -303,8 +304,9 @@ def test_wmt_head_of_real_train_csv(tmp_path):
 
 
 def test_wmt_real_test_csv_entirely(tmp_path):
-    n_pairs, n_ties, judges, segments = expected_wmt(WMT_TEST)
-    lake, result = ingest(tmp_path / "lake", WMT_TEST, "wmt13", "wmt")
+    wmt_test = shared_data(WMT_TEST)
+    n_pairs, n_ties, judges, segments = expected_wmt(wmt_test)
+    lake, result = ingest(tmp_path / "lake", wmt_test, "wmt13", "wmt")
     assert (result.n_read, result.n_accepted, result.n_quarantined) == (n_pairs, n_pairs, 0)
     pairs = lake.read("pairs").to_pylist()
     assert len(pairs) == n_pairs and sum(p["label_0"] == 0.5 for p in pairs) == n_ties
@@ -312,12 +314,12 @@ def test_wmt_real_test_csv_entirely(tmp_path):
     assert len({p["prompt_id"] for p in pairs}) == len(segments)
     assert {p["split"] for p in pairs} == {"test"}
     # The batches are bounded, and add up to every pair.
-    sizes = [b.num_rows for b in make_reader("wmt", batch_rows=64).batches(str(WMT_TEST), fsspec.filesystem("file"))]
+    sizes = [b.num_rows for b in make_reader("wmt", batch_rows=64).batches(str(wmt_test), fsspec.filesystem("file"))]
     assert max(sizes) <= 64 and sum(sizes) == n_pairs
 
 
 def test_wmt_problem_rows(tmp_path):
-    header = WMT_TEST.read_text().splitlines()[0]
+    header = shared_data(WMT_TEST).read_text().splitlines()[0]
     rows = [
         "French,English,7,-1,7,judge_a,-1,sysA,-1,sysB,-1,sysC,-1,,-1,,1,1,2,-1,-1",  # 3 pairs, one tie
         "French,English,8,-1,8,judge_a,-1,sysA,-1,sysB,-1,sysC,-1,sysD,-1,sysE,1,x,2,3,4",  # bad rank
