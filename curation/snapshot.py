@@ -196,7 +196,7 @@ def write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy = SnapshotPolic
             table = _with_image_bytes(con, chunk, images)
             rel = f"shards/shard-{len(shards):05d}.parquet"
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
+            pq.write_table(table, sink, compression="zstd", row_group_size=256)  # a trainer reads ~256 rows at a time
             data = sink.getvalue().to_pybytes()
             with fs.open(f"{staging}/{rel}", "wb") as f:
                 f.write(data)
