@@ -145,6 +145,20 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example:\n  prefcurate demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="working folder (sample, lake)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("report", help="write one self-contained HTML page with the lake's plots",
+                       formatter_class=formatter,
+                       description="Write an HTML report (no network needed to view it): lake summary, annotator "
+                                   "scatter, minority-score histogram, scorer agreement, human/consensus agreement "
+                                   "per source, the least reliable annotators, and a training run's loss and "
+                                   "implicit accuracy with --run. A stage not run yet is named instead of plotted.",
+                       epilog=textwrap.dedent("""\
+                           examples:
+                             prefcurate report --lake lake
+                             prefcurate report --lake lake --run runs/dpo-1 --out reports/lake.html"""))
+    p.add_argument("--lake", required=True)
+    p.add_argument("--run", help="training output folder holding metrics.jsonl (plots its loss and accuracy)")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     return parser
 
 
@@ -296,8 +310,19 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from curation.lake import Lake
+    from curation.report import MetricsFileError, write_report
+
+    try:
+        print(write_report(Lake(args.lake), args.out, run_dir=args.run).line())
+    except MetricsFileError as exc:
+        raise UserError(str(exc)) from None
+    return EXIT_OK
+
+
 COMMANDS = {"ingest": cmd_ingest, "sql": cmd_sql, "score": cmd_score, "curate": cmd_curate, "snapshot": cmd_snapshot, "tables": cmd_tables, "sample": cmd_sample,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
