@@ -247,3 +247,23 @@ def test_killed_mid_write_leaves_nothing_visible_and_a_rerun_completes(tmp_path)
     assert not result.already_ingested and result.n_accepted == 6000
     assert not os.listdir(staging)
     _assert_clean_complete_lake(lake, 6000)
+
+
+def test_an_fsspec_url_lake_goes_through_the_same_code(tmp_path):
+    """The lake on fsspec's in-memory filesystem stands in for s3:// and the like."""
+    import fsspec
+
+    shard = write_shard(tmp_path / "train-0.parquet", [row(0), row(1, jpg_1=GREEN), row(2, caption="")])
+    root = f"memory://prefcurate-test-{os.getpid()}/lake"
+    lake = Lake(root, create=True)
+    try:
+        result = ingest(lake, shard)
+        assert (result.n_accepted, result.n_quarantined) == (2, 1)
+        assert ingest(lake, shard).already_ingested
+        assert lake.read("pairs").num_rows == 2 and lake.read("quarantine").column("reason").to_pylist() == [
+            "empty_prompt"]
+        assert all(f.startswith(f"/prefcurate-test-{os.getpid()}/lake/") for f in lake.files("pairs"))
+        assert not fsspec.filesystem("memory").exists(f"/prefcurate-test-{os.getpid()}/lake/_staging/"
+                                                      f"{result.ingest_id}")
+    finally:
+        fsspec.filesystem("memory").rm(f"/prefcurate-test-{os.getpid()}", recursive=True)
