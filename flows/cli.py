@@ -159,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", required=True)
     p.add_argument("--run", help="training output folder holding metrics.jsonl (plots its loss and accuracy)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+
+    from flows.orchestration_cli import add_parsers
+
+    add_parsers(sub, formatter)  # train, serve
     return parser
 
 
@@ -310,6 +314,18 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_train(args) -> int:
+    from flows.orchestration_cli import cmd_train as run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    from flows.orchestration_cli import cmd_serve as run
+
+    return run(args)
+
+
 def cmd_report(args) -> int:
     from curation.lake import Lake
     from curation.report import MetricsFileError, write_report
@@ -322,11 +338,17 @@ def cmd_report(args) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "sql": cmd_sql, "score": cmd_score, "curate": cmd_curate, "snapshot": cmd_snapshot, "tables": cmd_tables, "sample": cmd_sample,
-            "demo": cmd_demo, "report": cmd_report}
+            "demo": cmd_demo, "report": cmd_report,
+            "train": cmd_train, "serve": cmd_serve}
+PASSES_UNKNOWN_OPTIONS = ("train", "serve")  # to the trainer: flows/orchestration_cli.py
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in PASSES_UNKNOWN_OPTIONS:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.trainer_options = unknown
     from curation.ingest import UnreadableSourceError
     from curation.lake import LakeError
     from curation.snapshot import SnapshotError

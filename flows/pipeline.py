@@ -132,12 +132,15 @@ def _training(snapshot: dict, train: TrainRequest) -> dict:
 
 @flow(name=PIPELINE_FLOW_NAME, log_prints=True)
 def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str = "*.parquet",
+                  source: str | None = None, reader_options: dict | None = None,
                   scorers: list[str] | None = None, score_options: dict | None = None,
                   curate: CurateConfig | None = None, snapshot_name: str = "curated",
                   policy: SnapshotPolicy | None = None, train: TrainRequest | None = None) -> dict:
     """Ingest the landing folder's new files into `lake`, score, curate, write the `snapshot_name` snapshot
     of `policy` (default adaptive), and start training on it if `train` is given and its gate passes.
-    `scorers`: default the pixel scorers; [] skips scoring. `score_options` go to flows.score.score_flow (weights_dir, device, batch_size, workers, shard_size)."""
+    `source`, `reader_options`: as flows.ingest.ingest_flow (e.g. {"image_root": DIR}). `scorers`: default
+    the pixel scorers; [] skips scoring. `score_options` go to flows.score.score_flow (weights_dir, device,
+    batch_size, workers, shard_size)."""
     files = landing_files(landing, pattern)
     summary: dict = {"lake": lake, "landing": landing, "files": files}
     if not files and not os.path.exists(os.path.join(lake, "_lake.json")):
@@ -146,7 +149,7 @@ def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str =
         create_markdown_artifact(key=SUMMARY_KEY, markdown=f"# prefcurate pipeline\n\n{summary['nothing_to_do']}\n",
                                  description="pipeline run summary")
         return summary
-    summary["ingest"] = ingest_flow(lake, files, fmt) if files else []
+    summary["ingest"] = ingest_flow(lake, files, fmt, source, reader_options) if files else []
     scorers = list(PIXEL_SCORERS) if scorers is None else scorers
     summary["score"] = score_flow(lake, scorers, **(score_options or {})) if scorers else []
     summary["curate"] = curate_flow(lake, curate or CurateConfig())
