@@ -127,14 +127,16 @@ def annotator_points(con) -> pl.DataFrame:
         GROUP BY ALL ORDER BY a.user_id""").pl()
 
 
-def minority_counts(con, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """(edges, counts) of the minority score over [0, 1] in `bins` equal bins (u = 1 falls in the last)."""
+def minority_counts(con, bins: int, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """(edges, counts, n_above): the minority score over [0, 1] in `bins` equal bins (u = 1 falls in the
+    last), and the number of pairs with u > threshold (the curate line's "minority pairs")."""
     frame = con.sql(f"""
-        SELECT least(floor(minority_score * {bins}), {bins - 1})::INTEGER AS bin, count(*) AS n
+        SELECT least(floor(minority_score * {bins}), {bins - 1})::INTEGER AS bin, count(*) AS n,
+               count(*) FILTER (WHERE minority_score > {float(threshold)!r}) AS above
         FROM pair_metrics WHERE minority_score IS NOT NULL GROUP BY 1""").pl()
     counts = np.zeros(bins, dtype=np.int64)
     counts[frame["bin"].to_numpy()] = frame["n"].to_numpy()
-    return np.linspace(0.0, 1.0, bins + 1), counts
+    return np.linspace(0.0, 1.0, bins + 1), counts, int(frame["above"].sum())
 
 
 def least_reliable(con, n: int, min_labels: int) -> pl.DataFrame:
@@ -207,10 +209,9 @@ def _figures(con, summary: dict, run_dir: str | os.PathLike | None, config: Repo
                        "u = (1 − c)·v is high when the scorers consistently prefer the image the human rejected; "
                        "pairs right of the line are counted as minority pairs.", needs=no_run or no_votes)
     if fig.needs is None:
-        edges, counts = minority_counts(con, config.histogram_bins)
-        fig.png = plots.minority_histogram(edges, counts, threshold)
-        fig.values = {"counts": counts.tolist(), "threshold": threshold,
-                      "above_threshold": int(counts[edges[:-1] >= threshold].sum())}
+        edges, counts, n_above = minority_counts(con, config.histogram_bins, threshold)
+        fig.png = plots.minority_histogram(edges, counts, threshold, n_above)
+        fig.values = {"counts": counts.tolist(), "threshold": threshold, "above_threshold": n_above}
     figures.append(fig)
 
     fig = ReportFigure("scorer-agreement", "Scorer agreement",

@@ -41,9 +41,13 @@ def annotator_scatter(mean_confidence: np.ndarray, minority_rate: np.ndarray, n_
     sizes = 12 + 140 * n_labels / max(float(n_labels.max()), 1.0)
     points = ax.scatter(mean_confidence, minority_rate, s=sizes, c=reliability, cmap=RELIABILITY_CMAP,
                         vmin=0.0, vmax=1.0, edgecolors="black", linewidths=0.4, alpha=0.85)
-    for rank, i in enumerate(np.argsort(reliability)[:n_named]):  # the least reliable, as in the table below
+    # Name the least reliable, as in the table below; offsets cycle round the point so close neighbours'
+    # names do not print on top of each other (points, right/left and up/down of the marker).
+    offsets = [(6, 5), (6, -11), (-8, 5), (-8, -11)]
+    for rank, i in enumerate(np.argsort(reliability)[:n_named]):
+        dx, dy = offsets[rank % len(offsets)]
         ax.annotate(str(user_ids[i]), (mean_confidence[i], minority_rate[i]), fontsize=FONT_SIZE - 1,
-                    xytext=(6, 6 if rank % 2 == 0 else -10), textcoords="offset points")
+                    xytext=(dx, dy), textcoords="offset points", ha="left" if dx > 0 else "right")
     pad = 0.05
     ax.set_xlim(max(0.0, float(mean_confidence.min()) - pad), min(1.0, float(mean_confidence.max()) + pad))
     ax.set_ylim(-0.02, max(0.1, float(minority_rate.max()) * 1.15))
@@ -57,8 +61,9 @@ def annotator_scatter(mean_confidence: np.ndarray, minority_rate: np.ndarray, n_
     return _png(fig)
 
 
-def minority_histogram(bin_edges: np.ndarray, counts: np.ndarray, threshold: float) -> bytes:
-    """Counts of pairs per minority-score bin, with the curation run's minority threshold marked."""
+def minority_histogram(bin_edges: np.ndarray, counts: np.ndarray, threshold: float, n_above: int) -> bytes:
+    """Counts of pairs per minority-score bin, with the curation run's minority threshold marked and the
+    number of pairs above it (bins starting at or past the threshold are drawn red)."""
     fig = _figure(6.4, 3.4)
     ax = fig.add_subplot()
     widths = np.diff(bin_edges)
@@ -66,7 +71,6 @@ def minority_histogram(bin_edges: np.ndarray, counts: np.ndarray, threshold: flo
     ax.bar(bin_edges[:-1], counts, width=widths, align="edge", color=np.where(above, "#c0392b", "#2e86c1"),
            edgecolor="white", linewidth=0.5)
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
-    n_above = int(counts[above].sum())
     ax.text(threshold, ax.get_ylim()[1] * 0.95, f"  u > {threshold:g}: {n_above} of {int(counts.sum())} pairs",
             va="top", fontsize=FONT_SIZE)
     ax.set_xlim(bin_edges[0], bin_edges[-1])
@@ -94,7 +98,7 @@ def agreement_heatmap(labels: Sequence[str], matrix: np.ndarray, counts: np.ndar
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label("share of common pairs with the same vote", fontsize=FONT_SIZE)
     off_diagonal = counts[~np.eye(len(labels), dtype=bool)]
-    ax.set_title(f"each cell: pairs both voted on (up to {int(off_diagonal.max(initial=0))})",
+    ax.set_title(f"share of the pairs both voted on (up to {int(off_diagonal.max(initial=0))} per cell)",
                  fontsize=FONT_SIZE + 1)
     return _png(fig)
 

@@ -7,6 +7,7 @@ import time
 
 from curation.ingest import quarantine_reasons
 from curation.lake import Lake
+from curation.report import write_report
 from curation.sample import SampleConfig, generate_sample
 from curation.sql import query
 from flows.curate import curate_flow, snapshot_flow
@@ -68,6 +69,7 @@ def run_demo(out_dir: str, seed: int = 0) -> Lake:
         print(f"  user {row['user_id']:>6}: {row['n_labels']:>4} labels, reliability {row['reliability']}, "
               f"agreement with scorers {row['agreement']}, left rate {row['left_rate']}, "
               f"minority rate {row['minority_rate']}")
+    print(write_report(lake, os.path.join(out_dir, "report.html")).line())
     print(f"\ndone in {time.perf_counter() - started:.1f} s. Query it yourself:\n"
           f"  prefcurate sql --lake {lake_root} \"SELECT * FROM ingests\"")
     return lake
