@@ -54,8 +54,11 @@ class EvalConfig:
     save_images: bool = True  # PNGs under out/images/{base,tuned}/ so any score can be looked at
 
     def __post_init__(self):
-        if self.n_seeds < 1:
-            raise ValueError(f"n_seeds must be at least 1, got {self.n_seeds}")
+        for name in ("n_seeds", "n_bootstrap", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must lie strictly between 0 and 1, got {self.confidence}")
         if not self.scorers:
             raise ValueError("give at least one scorer")
         if self.ci_method not in CI_METHODS:
