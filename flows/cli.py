@@ -163,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     from flows.orchestration_cli import add_parsers
 
     add_parsers(sub, formatter)  # train, serve
+    from flows.eval_cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub, formatter)  # eval
     return parser
 
 
@@ -326,6 +329,12 @@ def cmd_serve(args) -> int:
     return run(args)
 
 
+def cmd_eval(args) -> int:
+    from flows.eval_cli import cmd_eval as run
+
+    return run(args)
+
+
 def cmd_report(args) -> int:
     from curation.lake import Lake
     from curation.report import MetricsFileError, write_report
@@ -339,7 +348,7 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"ingest": cmd_ingest, "sql": cmd_sql, "score": cmd_score, "curate": cmd_curate, "snapshot": cmd_snapshot, "tables": cmd_tables, "sample": cmd_sample,
             "demo": cmd_demo, "report": cmd_report,
-            "train": cmd_train, "serve": cmd_serve}
+            "train": cmd_train, "serve": cmd_serve, "eval": cmd_eval}
 PASSES_UNKNOWN_OPTIONS = ("train", "serve")  # to the trainer: flows/orchestration_cli.py
 
 
