@@ -6,8 +6,8 @@ flow starts, so a typo fails at once, not in a scheduled run hours later.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import textwrap
 
 
@@ -77,16 +77,34 @@ def add_parsers(sub, formatter) -> None:
                    help="gate: most pairs with minority score u > 0.5, as a share (default 0.5)")
 
 
+class TrainerOptionError(ValueError):
+    """An option the trainer's parser refuses: a usage error (exit 2), reported in one line."""
+
+
 def check_trainer_options(snapshot: str, model: str, output: str, loss: str, options: list[str]) -> None:
-    """Parse the argv the training flow will get with the trainer's own parser (exit 2 on an unknown option)."""
+    """Parse the argv the training flow will get with the trainer's own parser and config checks."""
     from flows.cli import UserError
     from flows.train import trainer_argv
-    from training.config import parse_args
+    from training.config import TrainConfig, build_parser
 
+    def refuse(message: str):
+        raise TrainerOptionError(f"{message} (trainer options: python -m training.trainer --help)")
+
+    parser = build_parser()
+    parser.error = refuse  # one line instead of the trainer's 40-line usage
     try:
-        parse_args(trainer_argv(snapshot, model, output, loss, options))
+        TrainConfig(**vars(parser.parse_args(trainer_argv(snapshot, model, output, loss, options))))
+    except TrainerOptionError:
+        raise
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _usage_error(command: str, exc: TrainerOptionError) -> int:
+    from flows.cli import EXIT_USAGE
+
+    print(f"prefcurate {command}: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def cmd_train(args) -> int:
@@ -94,7 +112,10 @@ def cmd_train(args) -> int:
     from flows.train import resolve_snapshot_arg
 
     snapshot = resolve_snapshot_arg(args.snapshot, args.lake)  # a bad name: SnapshotError, one line, exit 3
-    check_trainer_options(snapshot, args.model, args.output, args.loss, args.trainer_options)
+    try:
+        check_trainer_options(snapshot, args.model, args.output, args.loss, args.trainer_options)
+    except TrainerOptionError as exc:
+        return _usage_error("train", exc)
     _quiet_prefect_defaults()
     from flows.train import train_flow
     from training.snapshot import SnapshotError as UnreadableSnapshot
@@ -139,7 +160,10 @@ def cmd_serve(args) -> int:
                                   ("max_minority_share", args.train_max_minority_share)) if v is not None}
         train = TrainRequest(model=os.path.abspath(args.train_model), output_root=os.path.abspath(args.train_output),
                              loss=args.train_loss, options=tuple(args.trainer_options), gate=TrainGate(**gate))
-        check_trainer_options("snapshot", train.model, train.output_root, train.loss, list(train.options))
+        try:
+            check_trainer_options("snapshot", train.model, train.output_root, train.loss, list(train.options))
+        except TrainerOptionError as exc:
+            return _usage_error("serve", exc)
     score_options = {"weights_dir": args.weights, "device": args.device, "workers": args.workers}
     try:
         serve_pipeline(args.name, args.lake, args.landing, cron=args.cron, interval=args.interval, fmt=args.format,
