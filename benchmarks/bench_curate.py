@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         which, root = args.child
         result = run_reference(root) if which == "reference" else run_ours(root)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        from bench_ingest import peak_rss_mb
+
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:

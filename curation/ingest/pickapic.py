@@ -84,7 +84,8 @@ class PickAPicReader:
 
     def batches(self, path: str, fs) -> Iterator[pa.Table]:
         try:
-            parquet = pq.ParquetFile(fs.open(path, "rb"))
+            # pre_buffer keeps every row group it has read cached: RSS would grow with the shard.
+            parquet = pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)
         except (pa.ArrowInvalid, OSError) as exc:
             raise UnreadableSourceError(path, f"not a Parquet file ({exc})") from None
         names = set(parquet.schema_arrow.names)
