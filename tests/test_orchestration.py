@@ -1,0 +1,258 @@
+"""Orchestration against a real Prefect server started by this module on 127.0.0.1 (a schedule needs one:
+the temporary server has no scheduler): the pipeline flow in-process (artifacts, a repeat run redoing
+nothing), `prefcurate serve` in a subprocess (its deployment, schedule, scheduled runs, a completed run), a
+snapshot-triggered training run on the tiny pipeline, and a gate that refuses to start one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter, FlowRunFilter, TaskRunFilter,
+)
+from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from curation.lake import Lake
+from curation.sample import SampleConfig, generate_sample
+from curation.snapshot import resolve_snapshot
+from curation.sql import query
+from flows.cli import main
+from flows.orchestration_cli import TRAIN_LOSSES
+from flows.pipeline import ANNOTATORS_KEY, SUMMARY_KEY, TrainGate, TrainRequest, pipeline_flow
+from flows.serve import ServerError, check_server
+from flows.train import TRAIN_DEPLOYMENT
+from training.losses import LOSS_TYPES
+
+
+SERVER_START_S = 120  # measured 11-13 s alone; generous because the 2 cores are shared
+FAST_SCORING = {"workers": 0, "shard_size": 1 << 20}  # 64 px images: worker start-up costs more than it saves
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on a free port with its own PREFECT_HOME; this process's client points at it."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")  # default 60 s: runs appear within 2 s
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield {"url": url, "home": home}
+    _stop(proc)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return generate_sample(tmp_path_factory.mktemp("sample"), SampleConfig.small())
+
+
+def _artifacts(client, flow_run_id) -> dict:
+    # The sync client sends None for limit/sort unless given, which this server version refuses.
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
+                                  flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
+                                  sort=ArtifactSort.CREATED_DESC, limit=20, offset=0)
+    return {a.key: a for a in found}
+
+
+def _runs(client, deployment_name: str) -> list:
+    deployment = client.read_deployment_by_name(deployment_name)
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}),
+                                 sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200, offset=0)
+
+
+def test_gate_and_trainer_loss_names():
+    gate = TrainGate(min_pairs=100, max_minority_share=0.2)
+    assert gate.failures(100, 0.2) == []
+    assert gate.failures(99, 0.25) == ["99 pairs < min_pairs 100", "minority share 0.250 > max_minority_share 0.2"]
+    assert TrainGate(max_minority_share=None).failures(5000, 1.0) == []
+    assert set(TRAIN_LOSSES) == set(LOSS_TYPES)
+
+
+def test_serve_refuses_without_a_real_server(tmp_path, capsys):
+    with pytest.raises(ServerError, match="PREFECT_API_URL is not set.*prefect server start --host 127.0.0.1"):
+        check_server(api_url="")
+    with pytest.raises(ServerError, match=r"no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:\d+/api"):
+        check_server(api_url=f"http://127.0.0.1:{_free_port()}/api", timeout_s=1)
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{_free_port()}/api"}):
+        assert main(["serve", "--lake", str(tmp_path / "lake"), "--landing", str(tmp_path), "--interval", "60"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefcurate serve: error: no Prefect server answers") and "\n" not in err
+    assert main(["serve", "--lake", "l", "--landing", str(tmp_path), "--interval", "60", "--max-steps", "2"]) == 3
+    assert "need --train-model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def first_run(server, sample, tmp_path_factory):
+    """One pipeline run, in this process, on a fresh lake: (lake, its final state)."""
+    lake = str(tmp_path_factory.mktemp("pipeline") / "lake")
+    return lake, pipeline_flow(lake, str(sample.pickapic_dir), score_options=FAST_SCORING, return_state=True)
+
+
+def test_train_command_refuses_bad_snapshot_and_options(capsys, first_run):
+    lake = first_run[0]
+    assert main(["train", "--lake", lake, "--snapshot", "nope", "--model", "m", "--output", "o"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == f"prefcurate train: error: no snapshot named 'nope' under {lake}/snapshots (names: curated)"
+    assert main(["train", "--snapshot", "latest", "--model", "m", "--output", "o"]) == 3
+    assert "give the lake (--lake LAKE)" in capsys.readouterr().err
+    assert main(["train", "--lake", lake, "--snapshot", "latest", "--model", "m", "--output", "o",
+                 "--max-stepz", "1"]) == 2
+    assert "unrecognized arguments: --max-stepz 1" in capsys.readouterr().err
+
+
+def test_pipeline_publishes_artifacts_and_a_repeat_run_redoes_nothing(first_run, sample):
+    (lake, state), landing = first_run, str(sample.pickapic_dir)
+    first = state.result()
+    assert [r["already_ingested"] for r in first["ingest"]] == [False, False]
+    assert all(s["n_scores"] > 0 for s in first["score"]) and len(first["score"]) == 4
+    assert not first["curate"]["reused"] and not first["snapshot"]["reused"]
+    counts = query(Lake(lake), "SELECT sum(n_read) r, sum(n_accepted) a FROM ingests").to_pylist()[0]
+    assert counts["r"] == 900 and first["curate"]["counts"]["pairs"] == counts["a"]
+    assert first["snapshot"]["path"] == resolve_snapshot(Lake(lake), "curated")
+
+    with get_client(sync_client=True) as client:
+        artifacts = _artifacts(client, state.state_details.flow_run_id)
+    summary = artifacts[SUMMARY_KEY].data
+    assert first["snapshot"]["snapshot_id"] in summary and "(new)" in summary
+    agreement = first["curate"]["counts"]["human_agreement"]
+    assert f"**{agreement:.1%}**" in summary and "corrupt_image" in summary and "2 new file(s) of 2" in summary
+    table = artifacts[ANNOTATORS_KEY].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    reliabilities = [r["reliability"] for r in rows]
+    assert len(rows) > 5 and reliabilities == sorted(reliabilities)
+    truth = {str(r["user_id"]): r["annotator_type"] for r in pq.read_table(sample.annotators).to_pylist()}
+    assert all(truth[r["user_id"]] != "reliable" for r in rows[:3])  # the planted unreliable ones come first
+
+    again = pipeline_flow(lake, landing, score_options=FAST_SCORING)
+    assert [r["already_ingested"] for r in again["ingest"]] == [True, True]
+    assert [s["n_scores"] for s in again["score"]] == [0, 0, 0, 0]
+    assert [s["n_done_before"] for s in again["score"]] == [s["n_needed"] for s in first["score"]]
+    assert again["curate"]["reused"] and again["curate"]["run_id"] == first["curate"]["run_id"]
+    assert again["snapshot"]["reused"] and again["snapshot"]["snapshot_id"] == first["snapshot"]["snapshot_id"]
+
+
+@pytest.fixture(scope="module")
+def served(server, sample, tmp_path_factory):
+    """`prefcurate serve` every 5 s with training on the tiny pipeline; waits until a training run completed
+    and a later pipeline run completed too (whose snapshot is reused, so it must start no second run)."""
+    from training.components import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("served")
+    model = build_tiny_pipeline(root / "model", resolution=32)
+    env = {**os.environ, "PREFECT_API_URL": server["url"], "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
+    lake, out = root / "lake", root / "training"
+    argv = [sys.executable, "-m", "flows.cli", "serve", "--lake", str(lake), "--landing", str(sample.pickapic_dir),
+            "--interval", "5", "--name", "test", "--workers", "0", "--train-model", str(model),
+            "--train-output", str(out), "--train-min-pairs", "100", "--train-max-minority-share", "0.5",
+            "--max-steps", "2", "--resolution", "32", "--no-latent-cache", "--learning-rate", "1e-3"]
+    log = open(root / "serve.log", "wb")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    try:
+        with get_client(sync_client=True) as client:
+            while True:
+                time.sleep(1)
+                if proc.poll() is not None or time.monotonic() - started > 240:
+                    pytest.fail(f"serve exited or timed out: {(root / 'serve.log').read_text()[-3000:]}")
+                try:
+                    train_runs = _runs(client, TRAIN_DEPLOYMENT)
+                    pipeline_runs = _runs(client, "prefcurate-pipeline/test")
+                except Exception:  # deployments not registered yet
+                    continue
+                done = [r for r in pipeline_runs if r.state_name == "Completed"]
+                trained = [r for r in train_runs if r.state_name == "Completed"]
+                if trained and len(done) >= 2:
+                    break
+        yield {"lake": str(lake), "out": out, "seconds": time.monotonic() - started}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.mark.slow
+def test_served_deployment_has_its_schedule_and_runs_complete(server, served):
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("prefcurate-pipeline/test")
+        runs = _runs(client, "prefcurate-pipeline/test")
+        completed = [r for r in runs if r.state_name == "Completed"]
+        artifacts = _artifacts(client, completed[0].id)
+    assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=5)]
+    assert deployment.parameters["lake"] == served["lake"] and deployment.parameters["train"]["gate"]["min_pairs"] == 100
+    assert deployment.global_concurrency_limit.limit == 1  # overlapping runs are cancelled, not queued
+    assert sum(r.auto_scheduled for r in runs) >= 3  # the server's scheduler created them
+    assert len(completed) >= 2
+    assert "Started run" in artifacts[SUMMARY_KEY].data and ANNOTATORS_KEY in artifacts
+    assert query(Lake(served["lake"]), "SELECT count(*) AS n FROM ingests").to_pylist() == [{"n": 2}]
+
+
+@pytest.mark.slow
+def test_new_snapshot_starts_one_training_run_on_it(server, served):
+    snapshot = resolve_snapshot(Lake(served["lake"]), "curated")
+    with get_client(sync_client=True) as client:
+        runs = _runs(client, TRAIN_DEPLOYMENT)
+    assert len(runs) == 1  # later pipeline runs reused the snapshot and started nothing
+    run = runs[0]
+    assert run.state_name == "Completed" and run.parameters["snapshot"] == snapshot
+    output = served["out"] / Path(snapshot).name
+    assert run.parameters["output"] == str(output)
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
+    assert (output / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_snapshot_failing_the_gate_starts_no_training_run(tmp_path, server, served, sample):
+    request = TrainRequest(model="unused", output_root=str(tmp_path / "out"),
+                           gate=TrainGate(min_pairs=100, max_minority_share=0.01))
+    result = pipeline_flow(str(tmp_path / "lake"), str(sample.pickapic_dir), score_options=FAST_SCORING,
+                           train=request)
+    training = result["training"]
+    assert not training["started"] and 0.01 < training["minority_share"] < 0.5
+    assert training["reasons"] == [f"minority share {training['minority_share']:.3f} > max_minority_share 0.01"]
+    with get_client(sync_client=True) as client:
+        assert len(_runs(client, TRAIN_DEPLOYMENT)) == 1  # still only the served fixture's run
+    assert not (tmp_path / "out").exists()
