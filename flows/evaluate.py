@@ -119,7 +119,7 @@ def sample_and_score(config: EvalConfig) -> EvalScores:
                     "limit": config.limit, "categories": list(config.categories) if config.categories else None},
         "sampling": {**asdict(config.sampling), "image_size": list(size), "seeds": seeds,
                      "scheduler": type(pipe.scheduler).__name__, "device": config.device,
-                     "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+                     "dtype": str(pipe.dtype).removeprefix("torch."),
                      "noise": "a CPU torch.Generator per image, seeded with generator_seed(prompt, seed)"},
         "seconds": round(time.perf_counter() - t0, 3),
     }
