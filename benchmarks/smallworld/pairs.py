@@ -1,0 +1,103 @@
+"""Preference pairs of the small world: planted labels, a JSONL source, and curated training snapshots.
+
+Labels (methods.md §2.7): a planted annotator prefers image a over image b with the Bradley-Terry probability
+sigmoid(bt_scale * (U_a - U_b)) of the true reward U; then a fraction ``flip_rate`` of the pairs, drawn
+uniformly, has its label flipped (the synthetic-minority protocol of Adaptive-DPO). One uniform number per
+pair decides the flip, so the flipped set at 10 % is contained in the one at 20 %, and the Bradley-Terry
+draws are shared by every flip rate (common random numbers across the conditions).
+
+The pairs then take prefcurate's own path: a generic-format JSONL file with base64 PNG images
+(``curation/ingest/jsonl.py``), ``ingest_file``, pixel scoring, ``curate`` and ``write_snapshot``.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from curation.annotators import auroc
+from curation.curate import curate
+from curation.ids import pair_id
+from curation.ingest import IngestConfig, ingest_file, make_reader
+from curation.lake import Lake
+from curation.scoring import run_scoring
+from curation.snapshot import SnapshotPolicy, write_snapshot
+
+
+SOURCE = "smallworld"
+PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]  # the weight-free scorers
+
+
+def plant_labels(reward_a: np.ndarray, reward_b: np.ndarray, flip_rate: float, bt_scale: float,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(label_0 (N,) with 1.0 = a preferred, flipped (N,) bool) for pairs (a, b)."""
+    if not 0.0 <= flip_rate < 1.0:
+        raise ValueError(f"flip_rate must lie in [0, 1), got {flip_rate}")
+    rng = np.random.default_rng(seed)
+    bt_draw, flip_draw = rng.random(len(reward_a)), rng.random(len(reward_a))  # drawn whatever the flip rate
+    p_a = 1.0 / (1.0 + np.exp(-bt_scale * (reward_a - reward_b)))
+    flipped = flip_draw < flip_rate
+    label = (bt_draw < p_a).astype(np.float64)
+    return np.where(flipped, 1.0 - label, label), flipped
+
+
+def png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return "base64:" + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_jsonl(path: Path, ids: list[str], prompts: list[str], images_a: np.ndarray, images_b: np.ndarray,
+                label_0: np.ndarray, annotators: list[str]) -> Path:
+    """One generic-format line per pair: prompt, image_0 = a, image_1 = b (base64 PNG), label, annotator, id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i, pid in enumerate(ids):
+            f.write(json.dumps({"id": pid, "prompt": prompts[i], "image_0": png_base64(images_a[i]),
+                                "image_1": png_base64(images_b[i]), "label": float(label_0[i]),
+                                "annotator": annotators[i], "split": "train"}) + "\n")
+    return path
+
+
+def curate_snapshots(lake_dir: Path, jsonl: Path, policies: tuple[str, ...]) -> dict[str, str]:
+    """Ingest, score with the pixel scorers, curate, and write one snapshot per policy; policy -> folder."""
+    lake = Lake(str(lake_dir), create=True)
+    result = ingest_file(lake, str(jsonl), IngestConfig(SOURCE, "jsonl"), make_reader("jsonl"))
+    if result.n_quarantined:
+        raise RuntimeError(f"{result.line()}: the small world's pairs should all be accepted")
+    run_scoring(lake, PIXEL_SCORERS, workers=0)
+    curate(lake)
+    return {kind: write_snapshot(lake, kind, SnapshotPolicy(kind=kind, pairs_per_shard=1024)).path
+            for kind in policies}
+
+
+def snapshot_truth(snapshot_dir: str, ids: list[str], a_is_better: np.ndarray, flipped: np.ndarray) -> dict:
+    """How a snapshot's winners relate to the truth: share of rows whose winner has the higher true reward,
+    rows kept, and (when the snapshot carries minority scores) the AUROC of u for flipped labels."""
+    rows = pl.read_parquet(f"{snapshot_dir}/shards/*.parquet",
+                           columns=["pair_id", "winner_image_id", "minority_score", "label_source"])
+    index = {pair_id(SOURCE, pid): i for i, pid in enumerate(ids)}
+    order = np.array([index[p] for p in rows["pair_id"]])
+    lake_images = _lake_image_ids(snapshot_dir, rows)
+    winner_is_a = np.array([lake_images[p][0] == w for p, w in zip(rows["pair_id"], rows["winner_image_id"])])
+    correct = winner_is_a == a_is_better[order]
+    u = rows["minority_score"].to_numpy()
+    out = {"rows": rows.height, "winner_is_truly_better": float(correct.mean())}
+    if float(np.std(u)) > 0 and 0 < flipped[order].sum() < len(order):
+        out["auroc_u_flipped"] = auroc(u, flipped[order])
+        out["auroc_u_wrong_label"] = auroc(u, ~correct)
+    return out
+
+
+def _lake_image_ids(snapshot_dir: str, rows: pl.DataFrame) -> dict[str, tuple[str, str]]:
+    """pair_id -> (image_0_id, image_1_id) from the lake the snapshot came from (LAKE/snapshots/<id>)."""
+    lake = Lake(str(Path(snapshot_dir).parents[1]))
+    pairs = pl.from_arrow(lake.read("pairs", columns=["pair_id", "image_0_id", "image_1_id"]))
+    wanted = set(rows["pair_id"])
+    return {p: (a, b) for p, a, b in pairs.iter_rows() if p in wanted}
+
