@@ -179,7 +179,8 @@ def publish_artifacts(lake_root: str, summary: dict, annotators_min_labels: int 
 def summary_markdown(summary: dict, reasons: dict[str, int]) -> str:
     """The run summary as markdown: ingest counts per file, quarantine reasons, scoring, curation, snapshot."""
     lines = ["# prefcurate pipeline run", "", f"lake `{summary['lake']}`, landing `{summary['landing']}`", "",
-             "## Ingest", "", "| file | status | read | accepted | duplicates | quarantined |", "|---|---|---|---|---|---|"]
+             "## Ingest", "", "| file | status | read | accepted | duplicates | quarantined |",
+             "|---|---|---|---|---|---|"]
     for r in summary["ingest"]:
         name = os.path.basename(r["source_file"])
         if "error" in r:
@@ -192,7 +193,8 @@ def summary_markdown(summary: dict, reasons: dict[str, int]) -> str:
     lines += ["", f"{new} new file(s) of {len(summary['ingest'])}.", "",
               "Quarantine reasons (whole lake): " + (", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"),
               "", "## Scoring", ""]
-    lines += [f"- {s['name']}: {s['n_scores']} new scores ({s['n_done_before']} already scored)" for s in summary["score"]]
+    lines += [f"- {s['name']}: {s['n_scores']} new scores ({s['n_done_before']} already scored)"
+              for s in summary["score"]]
     c = summary["curate"]["counts"]
     agreement = "no scorer votes" if c["human_agreement"] is None else f"{c['human_agreement']:.1%}"
     snap, snap_counts = summary["snapshot"], summary["snapshot"]["counts"]

@@ -91,9 +91,9 @@ def sample(tmp_path_factory):
 
 def _artifacts(client, flow_run_id) -> dict:
     # The sync client sends None for limit/sort unless given, which this server version refuses.
-    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
-                                  flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
-                                  sort=ArtifactSort.CREATED_DESC, limit=20, offset=0)
+    by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    found = client.read_artifacts(artifact_filter=by_run, flow_run_filter=FlowRunFilter(),
+                                  task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC, limit=20, offset=0)
     return {a.key: a for a in found}
 
 
@@ -177,6 +177,35 @@ def test_pipeline_publishes_artifacts_and_a_repeat_run_redoes_nothing(tmp_path, 
     assert again["training"] == {"started": False, "reasons": ["snapshot unchanged since an earlier run"]}
 
 
+def test_train_command_and_inline_training(tmp_path, capsys, first_run, sample):
+    """`prefcurate train --snapshot latest`, and a pipeline with no training deployment training in its own run."""
+    import torch
+
+    from training.components import build_tiny_pipeline
+
+    model = str(build_tiny_pipeline(tmp_path / "model", resolution=32))
+    fast = ["--max-steps", "1", "--resolution", "32", "--no-latent-cache"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only thrash the 2 shared cores
+    try:
+        lake = first_run[0]
+        assert main(["train", "--lake", lake, "--snapshot", "latest", "--model", model, "--loss", "ipo",
+                     "--output", str(tmp_path / "cli"), *fast]) == 0
+        latest = resolve_snapshot(Lake(lake), "latest")
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"trained 1 steps on {latest}; final loss ")
+        assert json.loads((tmp_path / "cli" / "train_config.json").read_text())["loss"] == "ipo"
+        request = TrainRequest(model=model, output_root=str(tmp_path / "runs"), options=tuple(fast), deployment=None,
+                               gate=TrainGate(min_pairs=10))
+        result = pipeline_flow(lake, str(sample.pickapic_dir), scorers=[], snapshot_name="filtered",
+                               policy=SnapshotPolicy(kind="filter"), train=request)
+    finally:
+        torch.set_num_threads(threads)
+    snapshot, training = result["snapshot"], result["training"]
+    assert not snapshot["reused"] and training["started"] and training["minority_share"] == 0.0  # filter: u <= 0.5
+    assert training["output"] == str(tmp_path / "runs" / snapshot["snapshot_id"]) and training["final_loss"] > 0
+    assert (tmp_path / "runs" / snapshot["snapshot_id"] / "pytorch_lora_weights.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def served(server, sample, tmp_path_factory):
     """`prefcurate serve` every 60 s with training on the tiny pipeline; waits until the first pipeline run and
@@ -224,7 +253,8 @@ def test_served_deployment_has_its_schedule_and_runs_complete(server, served):
         completed = [r for r in runs if r.state_name == "Completed"]
         artifacts = _artifacts(client, completed[0].id)
     assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=60)]
-    assert deployment.parameters["lake"] == served["lake"] and deployment.parameters["train"]["gate"]["min_pairs"] == 100
+    assert deployment.parameters["lake"] == served["lake"]
+    assert deployment.parameters["train"]["gate"]["min_pairs"] == 100
     assert deployment.global_concurrency_limit.limit == 1  # overlapping runs are cancelled, not queued
     assert sum(r.auto_scheduled for r in runs) >= 3  # the server's scheduler created them
     assert completed and all(r.state_name in ("Scheduled", "Completed", "Running", "Pending") for r in runs)
