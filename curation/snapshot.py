@@ -156,7 +156,9 @@ def _files(files: list[str]) -> str:
 
 def _snapshot_id(rows: pl.DataFrame, policy: SnapshotPolicy) -> str:
     """Hash of the policy and the selected rows' values. Values, not an IPC dump: Arrow buffers of
-    equal frames differ with chunking and string-view layout, which thread timing decides."""
+    equal frames differ with chunking and string-view layout, which thread timing decides. Floats
+    are hashed as float32: parallel sums in the statistics can differ in the last bits of a float64
+    between two lakes holding the same data, and that must not make a different snapshot."""
     digest = hashlib.sha256(json.dumps(asdict(policy), sort_keys=True).encode())
     for name in rows.columns:
         column = rows[name]
@@ -165,7 +167,7 @@ def _snapshot_id(rows: pl.DataFrame, policy: SnapshotPolicy) -> str:
             digest.update("\x1f".join(v if v is not None else "\x1e" for v in column.to_list()).encode())
         else:
             digest.update(column.is_null().to_numpy().tobytes())
-            digest.update(column.fill_null(0).cast(pl.Float64).to_numpy().tobytes())
+            digest.update(column.fill_null(0).cast(pl.Float32).to_numpy().tobytes())
     return digest.hexdigest()[:24]
 
 

@@ -27,14 +27,21 @@ architecture) for clip and aesthetic instead of the ViT-L/14 directory. A missin
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
+from importlib import import_module
+
 from curation.scorers.base import CheckpointFormatError, MissingWeightsError, NeuralScorer, Scorer
-from curation.scorers.clip_family import aesthetic_scorer, clip_scorer, hps_scorer
-from curation.scorers.imagereward import imagereward_scorer
-from curation.scorers.pickscore import pickscore_scorer
 from curation.scorers.pixel import colourfulness_scorer, exposure_scorer, prompt_colour_scorer, sharpness_scorer
+
+
+def _lazy(module: str, factory: str, *args) -> Callable[..., Scorer]:
+    """A factory that imports its module (open_clip, transformers: ~10 s) only when a scorer is built,
+    so the pixel scorers, the CLI and every scheduled run that needs no neural scorer start fast."""
+    def build(*call_args, **options):
+        return getattr(import_module(module), factory)(*args, *call_args, **options)
+    build.__name__ = factory
+    return build
 
 
 SCORERS: dict[str, Callable[..., Scorer]] = {
@@ -42,12 +49,12 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "colourfulness": colourfulness_scorer,
     "exposure": exposure_scorer,
     "prompt_colour": prompt_colour_scorer,
-    "pickscore": pickscore_scorer,
-    "hpsv2": partial(hps_scorer, "hpsv2"),
-    "hpsv2.1": partial(hps_scorer, "hpsv2.1"),
-    "clip": clip_scorer,
-    "aesthetic": aesthetic_scorer,
-    "imagereward": imagereward_scorer,
+    "pickscore": _lazy("curation.scorers.pickscore", "pickscore_scorer"),
+    "hpsv2": _lazy("curation.scorers.clip_family", "hps_scorer", "hpsv2"),
+    "hpsv2.1": _lazy("curation.scorers.clip_family", "hps_scorer", "hpsv2.1"),
+    "clip": _lazy("curation.scorers.clip_family", "clip_scorer"),
+    "aesthetic": _lazy("curation.scorers.clip_family", "aesthetic_scorer"),
+    "imagereward": _lazy("curation.scorers.imagereward", "imagereward_scorer"),
 }
 
 
