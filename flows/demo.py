@@ -9,11 +9,12 @@ from curation.ingest import quarantine_reasons
 from curation.lake import Lake
 from curation.report import write_report
 from curation.sample import SampleConfig, generate_sample
+from curation.snapshot import SnapshotPolicy
 from curation.sql import query
 from flows.curate import curate_flow, snapshot_flow
 from flows.ingest import ingest_flow
 from flows.score import run_score_flow
-from curation.snapshot import SnapshotPolicy
+from flows.train import train_flow
 
 
 BUSIEST_ANNOTATORS = """
@@ -29,7 +30,11 @@ SELECT user_id, n_labels, round(reliability, 3) AS reliability, round(consensus_
        round(left_rate, 3) AS left_rate, round(minority_rate, 3) AS minority_rate
 FROM annotators WHERE n_labels >= 10 ORDER BY reliability LIMIT 5
 """
-STEPS = 5
+STEPS = 6
+# A few steps on a tiny SD-style pipeline built offline: enough to show the loop, the metrics and the
+# LoRA file, in seconds on a CPU. Real runs: `prefcurate train --model SD_DIR ...` on a GPU.
+DEMO_TRAIN_OPTIONS = ["--max-steps", "12", "--train-batch-size", "4", "--resolution", "32", "--learning-rate",
+                      "1e-3", "--checkpoint-every", "1000"]
 
 
 def run_demo(out_dir: str, seed: int = 0) -> Lake:
@@ -54,6 +59,14 @@ def run_demo(out_dir: str, seed: int = 0) -> Lake:
     print(f"[5/{STEPS}] writing an adaptive (reweighted) training snapshot")
     snapshot = snapshot_flow(lake_root, "demo-adaptive", SnapshotPolicy(kind="adaptive"))
     print("  " + snapshot["line"])
+    print(f"[6/{STEPS}] fine-tuning a tiny offline SD-style pipeline on it with Adaptive-DPO (LoRA, CPU)")
+    from training.components import build_tiny_pipeline
+
+    model = build_tiny_pipeline(os.path.join(out_dir, "tiny-sd"), resolution=32)
+    run_dir = os.path.join(out_dir, "runs", "adaptive-dpo")
+    trained = train_flow(snapshot["path"], str(model), run_dir, loss="adaptive-dpo", options=DEMO_TRAIN_OPTIONS)
+    print(f"  {trained['global_step']} steps, loss {trained['losses'][0]:.4f} -> {trained['final_loss']:.4f}; "
+          f"LoRA (diffusers format, loads with pipe.load_lora_weights) in {trained['lora_dir']}")
     lake = Lake(lake_root)
     totals = query(lake, "SELECT sum(n_read) r, sum(n_accepted) a, sum(n_duplicates) d, sum(n_quarantined) q "
                          "FROM ingests").to_pylist()[0]
@@ -69,7 +82,7 @@ def run_demo(out_dir: str, seed: int = 0) -> Lake:
         print(f"  user {row['user_id']:>6}: {row['n_labels']:>4} labels, reliability {row['reliability']}, "
               f"agreement with scorers {row['agreement']}, left rate {row['left_rate']}, "
               f"minority rate {row['minority_rate']}")
-    print(write_report(lake, os.path.join(out_dir, "report.html")).line())
+    print(write_report(lake, os.path.join(out_dir, "report.html"), run_dir=run_dir).line())
     print(f"\ndone in {time.perf_counter() - started:.1f} s. Query it yourself:\n"
           f"  prefcurate sql --lake {lake_root} \"SELECT * FROM ingests\"")
     return lake
