@@ -6,13 +6,17 @@ for the same (prompt, seed), so their rewards are compared pair by pair (common 
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 
+from training.checkpoint import LORA_FILE
 from training.components import Components, encode_prompts
+from training.lora import POLICY, add_policy_lora, lora_tensors
 
 
 def load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
@@ -21,6 +25,23 @@ def load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def unet_with_lora(base: UNet2DConditionModel, checkpoint: str | Path, rank: int, alpha: float,
+                   targets: tuple[str, ...]) -> UNet2DConditionModel:
+    """A copy of ``base`` carrying the policy adapter of a trainer checkpoint (``training.checkpoint`` layout:
+    tensors named as ``training.lora.lora_tensors``). Read directly rather than through diffusers'
+    ``load_lora_weights``, which drops the attention layers of a LoRA that also adapts convolutions."""
+    unet = copy.deepcopy(base)
+    add_policy_lora(unet, rank, alpha, targets)
+    params, weights = lora_tensors(unet, POLICY), load_file(Path(checkpoint) / LORA_FILE)
+    if set(params) != set(weights):
+        raise ValueError(f"{checkpoint}/{LORA_FILE} does not match the adapter (rank {rank}, targets {targets}): "
+                         f"{len(set(params) ^ set(weights))} tensor names differ")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    return unet.eval()
 
 
 @torch.no_grad()
