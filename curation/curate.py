@@ -90,13 +90,13 @@ def load_pairs(lake: Lake) -> pl.DataFrame:
             return pl.DataFrame(schema={"pair_id": pl.String, "source": pl.String, "prompt_id": pl.String,
                                         "image_0_id": pl.String, "image_1_id": pl.String, "label_0": pl.Float64,
                                         "user_id": pl.String, "images_available": pl.Boolean})
-        refs = (f"SELECT ref_id, min(image_id) AS image_id FROM read_parquet({_list(files['image_refs'])}) "
+        refs = (f"SELECT ref_id, min(image_id) AS image_id FROM read_parquet({lake.sql_file_list(files['image_refs'])}) "
                 f"GROUP BY ref_id" if files["image_refs"] else
                 "SELECT NULL::VARCHAR AS ref_id, NULL::VARCHAR AS image_id WHERE false")
-        stored = (f"SELECT DISTINCT image_id FROM read_parquet({_list(files['images'])})" if files["images"] else
+        stored = (f"SELECT DISTINCT image_id FROM read_parquet({lake.sql_file_list(files['images'])})" if files["images"] else
                   "SELECT NULL::VARCHAR AS image_id WHERE false")
         return con.sql(f"""
-            WITH p AS (SELECT * FROM read_parquet({_list(files['pairs'])})),
+            WITH p AS (SELECT * FROM read_parquet({lake.sql_file_list(files['pairs'])})),
                  r AS ({refs}), s AS ({stored})
             SELECT p.pair_id, p.source, p.prompt_id,
                    coalesce(r0.image_id, p.image_0_id) AS image_0_id,
@@ -110,10 +110,6 @@ def load_pairs(lake: Lake) -> pl.DataFrame:
             LEFT JOIN s s1 ON s1.image_id = coalesce(r1.image_id, p.image_1_id)""").pl()
     finally:
         con.close()
-
-
-def _list(files: list[str]) -> str:
-    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
 
 
 def load_scores(lake: Lake, scorers: tuple[str, ...] | None) -> pl.DataFrame:

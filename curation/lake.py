@@ -84,6 +84,11 @@ class Lake:
         """A path DuckDB can read (local lakes only; remote lakes need DuckDB's httpfs)."""
         return self._join(*parts) if self.is_local else "/".join([self.root, *parts])
 
+    def sql_file_list(self, files: list[str]) -> str:
+        """`files` (as listed by `files`) as a DuckDB list literal of readable paths, quotes escaped."""
+        paths = [self.local_path(*f[len(self.path) + 1:].split("/")) for f in files]
+        return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
     def files(self, table: str) -> list[str]:
         """Committed Parquet files of `table`, sorted (deterministic reads)."""
         if table not in TABLES:

@@ -134,15 +134,11 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _file_list(lake: Lake, files: list[str]) -> str:
-    return "[" + ", ".join(_sql_str(lake.local_path(*f[len(lake.path) + 1:].split("/"))) for f in files) + "]"
-
-
 def _source(lake: Lake, table: str, columns: str) -> str:
     """A FROM-clause source for a lake table's committed files, or an empty typed relation."""
     files = lake.files(table)
     if files:
-        return f"(SELECT {columns} FROM read_parquet({_file_list(lake, files)}, filename=true))"
+        return f"(SELECT {columns} FROM read_parquet({lake.sql_file_list(files)}, filename=true))"
     cols = {"image_id": "NULL::VARCHAR AS image_id", "ref_id": "NULL::VARCHAR AS ref_id",
             "prompt_id": "NULL::VARCHAR AS prompt_id", "filename": "NULL::VARCHAR AS filename",
             "scorer": "NULL::VARCHAR AS scorer", "scorer_version": "NULL::VARCHAR AS scorer_version"}
@@ -158,7 +154,7 @@ def plan_work(lake: Lake, scorer: Scorer) -> WorkPlan:
             return WorkPlan(scorer.name, scorer.version, WORK_SCHEMA.empty_table(), 0, 0, 0, 0)
         key = ("r.prompt_id", "min(r.prompt)") if scorer.uses_prompt else (
             _sql_str(PROMPT_FREE_PROMPT_ID), "NULL::VARCHAR")
-        pair_files = _file_list(lake, pairs)
+        pair_files = lake.sql_file_list(pairs)
         con.sql(f"""
             CREATE TEMP TABLE resolved AS
             WITH sides AS (
@@ -180,7 +176,7 @@ def plan_work(lake: Lake, scorer: Scorer) -> WorkPlan:
         n_pairs, n_skipped = con.sql("SELECT count(DISTINCT pair_id), count(DISTINCT pair_id) "
                                      "FILTER (WHERE image_id IS NULL) FROM resolved").fetchall()[0]
         done_files = lake.glob_parquet(f"scores/{scorer.name}")
-        done = (f"(SELECT DISTINCT image_id, prompt_id FROM read_parquet({_file_list(lake, done_files)}) "
+        done = (f"(SELECT DISTINCT image_id, prompt_id FROM read_parquet({lake.sql_file_list(done_files)}) "
                 f"WHERE scorer = {_sql_str(scorer.name)} AND scorer_version = {_sql_str(scorer.version)})"
                 if done_files else "(SELECT NULL::VARCHAR AS image_id, NULL::VARCHAR AS prompt_id WHERE false)")
         n_needed = con.sql("SELECT count(*) FROM needed").fetchall()[0][0]

@@ -93,7 +93,7 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
     pairs = load_pairs(lake)
     con = duckdb.connect()
     try:
-        extra = con.sql(f"SELECT pair_id, prompt, split FROM read_parquet({_files(lake.files('pairs'))})").pl()
+        extra = con.sql(f"SELECT pair_id, prompt, split FROM read_parquet({lake.sql_file_list(lake.files('pairs'))})").pl()
     finally:
         con.close()
     frame = pairs.join(extra, on="pair_id", how="left")
@@ -150,10 +150,6 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
     return rows, counts
 
 
-def _files(files: list[str]) -> str:
-    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-
-
 def _snapshot_id(rows: pl.DataFrame, policy: SnapshotPolicy) -> str:
     """Hash of the policy and the selected rows' values. Values, not an IPC dump: Arrow buffers of
     equal frames differ with chunking and string-view layout, which thread timing decides. Floats
@@ -195,7 +191,7 @@ def write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy = SnapshotPolic
     try:
         for start in range(0, rows.height, policy.pairs_per_shard):
             chunk = rows.slice(start, policy.pairs_per_shard)
-            table = _with_image_bytes(con, chunk, images)
+            table = _with_image_bytes(con, chunk, lake.sql_file_list(images))
             rel = f"shards/shard-{len(shards):05d}.parquet"
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, compression="zstd", row_group_size=256)  # a trainer reads ~256 rows at a time
@@ -221,11 +217,11 @@ def write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy = SnapshotPolic
     return SnapshotInfo(snapshot_id, final, name, False, counts)
 
 
-def _with_image_bytes(con: duckdb.DuckDBPyConnection, chunk: pl.DataFrame, image_files: list[str]) -> pa.Table:
+def _with_image_bytes(con: duckdb.DuckDBPyConnection, chunk: pl.DataFrame, image_files: str) -> pa.Table:
     """Attach winner/loser image bytes to a chunk of rows, reading only the images it needs."""
     wanted = pa.table({"image_id": pa.array(sorted(set(chunk["winner_image_id"]) | set(chunk["loser_image_id"])))})
     con.register("wanted", wanted)
-    found = con.sql(f"SELECT i.image_id, any_value(i.bytes) AS bytes FROM read_parquet({_files(image_files)}) i "
+    found = con.sql(f"SELECT i.image_id, any_value(i.bytes) AS bytes FROM read_parquet({image_files}) i "
                     f"SEMI JOIN wanted w ON w.image_id = i.image_id GROUP BY i.image_id").pl()
     con.unregister("wanted")
     with_bytes = (chunk.join(found.rename({"image_id": "winner_image_id", "bytes": "winner_image"}),

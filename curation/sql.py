@@ -29,10 +29,9 @@ _ALLOWED_PRAGMAS = ("show_tables", "table_info", "database_size", "version", "st
 DERIVED_TABLES = ("votes", "consensus", "pair_metrics", "annotators")
 
 
-def _view_sql(name: str, files: list[str], schema: pa.Schema | None) -> str:
-    if files:
-        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        return f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)"
+def _view_sql(name: str, listing: str | None, schema: pa.Schema | None) -> str:
+    if listing:
+        return f"CREATE VIEW {name} AS SELECT * FROM read_parquet({listing}, union_by_name=true)"
     # An empty table still has its columns, so queries against a fresh lake work.
     columns = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in schema)
     return f"CREATE VIEW {name} AS SELECT {columns} WHERE false"
@@ -60,17 +59,15 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per lake table (and per derived table found)."""
     con = duckdb.connect(":memory:")
     for name, schema in TABLES.items():
-        con.execute(_view_sql(name, [lake.local_path(*_rel(lake, f)) for f in lake.files(name)], schema))
+        files = lake.files(name)
+        con.execute(_view_sql(name, lake.sql_file_list(files) if files else None, schema))
     current = lake._join("curation", "CURRENT.json")
     if lake.fs.exists(current):
         run_id = json.loads(lake.fs.cat_file(current))["run_id"]
         for name in DERIVED_TABLES:
-            con.execute(_view_sql(name, [lake.local_path("curation", run_id, f"{name}.parquet")], None))
+            path = lake.local_path("curation", run_id, f"{name}.parquet").replace("'", "''")
+            con.execute(_view_sql(name, f"['{path}']", None))
     return con
-
-
-def _rel(lake: Lake, fs_path: str) -> list[str]:
-    return fs_path[len(lake.path) + 1:].split("/")
 
 
 def check_read_only(sql: str) -> list:
