@@ -13,7 +13,8 @@ clean-data gain at 20-30 % flipped labels; BalancedDPO's scorer-consensus labels
    base64 PNGs -> ingest -> pixel scorers -> curate -> snapshots plain / adaptive / balanced.
 4. LoRA training with ``training.trainer`` per method x flip rate x training seed (``METHODS``).
 5. Gain = mean over held-out (caption, seed) of U(fine-tuned) - U(base), same initial noise for both.
-   95 % CI: bootstrap over held-out captions of the seed-averaged paired gain; the per-seed gains are listed.
+   95 % CI: two-level bootstrap, training seeds then held-out captions; per-seed gains listed; differences
+   to DPO paired by seed and caption. ``--resummarise`` rebuilds the report of a finished run from results.json.
 Writes ``results.json``, ``results.md`` and ``gain_vs_flip.png`` (matplotlib) under ``--out``.
 """
 from __future__ import annotations
@@ -46,8 +47,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "adaptive-offline": ("adaptive", {"loss": "adaptive-dpo", "u_source": "offline"}),
     "adaptive-online": ("adaptive", {"loss": "adaptive-dpo", "u_source": "online"}),
     "adaptive-combined": ("adaptive", {"loss": "adaptive-dpo", "u_source": "max"}),
-    "balanced": ("balanced", {"loss": "balanced-dpo"}),
+    "balanced": ("balanced", {"loss": "balanced-dpo"}),  # dynamic reference: hard copy every 100 steps
+    "balanced-static": ("balanced", {"loss": "balanced-dpo", "ref_update_every": 0}),  # ablation: fixed reference
 }
+MAIN_METHODS = ("dpo", "adaptive-offline", "adaptive-online", "adaptive-combined", "balanced")
 
 
 @dataclass
@@ -55,7 +58,7 @@ class ExperimentConfig:
     model: str = str(DEFAULT_MODEL)  # small-world pipeline folder; pretrained here if absent
     out: str = str(Path(__file__).resolve().parents[1] / "out" / "minority")
     flip_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)  # Adaptive-DPO Tables 1-2 (methods.md §2.7)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = MAIN_METHODS
     train_seeds: tuple[int, ...] = (0, 1)
     pair_captions: int = 120  # training captions that get pairs
     pairs_per_caption: int = 3
@@ -96,10 +99,14 @@ def rewards(images: np.ndarray, colours: list[str]) -> dict[str, np.ndarray]:
     return {"reward": world.true_reward(images, colours), **props}
 
 
-def bootstrap_ci(per_caption: np.ndarray, n: int, seed: int) -> tuple[float, float]:
-    """95 % percentile interval of the mean of per-caption values, captions resampled with replacement."""
+def bootstrap_ci(per_seed_caption: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """95 % percentile interval of the mean of (training seeds S, captions C) values, by a two-level bootstrap:
+    seeds resampled with replacement, then captions (the same captions for every seed: they are paired)."""
     rng = np.random.default_rng(seed)
-    means = per_caption[rng.integers(len(per_caption), size=(n, len(per_caption)))].mean(axis=1)
+    s_count, c_count = per_seed_caption.shape
+    seeds = rng.integers(s_count, size=(n, s_count))
+    captions = rng.integers(c_count, size=(n, c_count))
+    means = per_seed_caption[seeds[:, :, None], captions[:, None, :]].mean(axis=(1, 2))
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
@@ -206,31 +213,37 @@ def run(c: ExperimentConfig) -> dict:
               "pairs": {"n": len(pairs.ids), "true_reward_mean": float(np.r_[pairs.reward_a, pairs.reward_b].mean()),
                         "mean_abs_reward_gap": float(np.abs(pairs.reward_a - pairs.reward_b).mean())},
               "data": {str(k): v for k, v in data.items()}, "table": table, "runs": runs}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(markdown(result))
-    plot(table, c, out / "gain_vs_flip.png")
+    write_report(out, result, c)
     return result
 
 
 def summarise(c: ExperimentConfig, runs: list[dict], caption_of: np.ndarray, data: dict) -> list[dict]:
-    """One row per method x flip rate: seed-averaged gains, bootstrap CI over held-out captions."""
+    """One row per method x flip rate: seed-averaged gain with a 95 % CI over training seeds and held-out captions
+    (``bootstrap_ci``), and the same for the paired difference to DPO at that flip rate (same seeds, captions)."""
+    def per_seed_caption(method: str, rate: float) -> np.ndarray:  # (S, C) mean gain of each seed per caption
+        mine = sorted((r for r in runs if r["method"] == method and r["flip_rate"] == rate), key=lambda r: r["seed"])
+        return np.stack([np.bincount(caption_of, r["gain"]["reward"]) / np.bincount(caption_of) for r in mine])
+
     rows = []
     for rate in c.flip_rates:
         for method in c.methods:
             mine = [r for r in runs if r["method"] == method and r["flip_rate"] == rate]
-            per_item = np.mean([r["gain"]["reward"] for r in mine], axis=0)  # (eval items,) seed-averaged
-            per_caption = np.bincount(caption_of, per_item) / np.bincount(caption_of)
-            low, high = bootstrap_ci(per_caption, c.bootstrap, c.seed)
+            gains = per_seed_caption(method, rate)
+            low, high = bootstrap_ci(gains, c.bootstrap, c.seed)
             policy = METHODS[method][0]
-            rows.append({
-                "method": method, "flip_rate": rate, "gain": float(per_item.mean()), "ci_low": low, "ci_high": high,
+            row = {
+                "method": method, "flip_rate": rate, "gain": float(gains.mean()), "ci_low": low, "ci_high": high,
                 "seed_gains": [float(np.mean(r["gain"]["reward"])) for r in mine],
                 **{f"gain_{k}": float(np.mean([np.mean(r["gain"][k]) for r in mine]))
                    for k in ("colour_match", "sharpness", "exposure_quality")},
                 "train_labels_truly_better": data[rate][policy]["winner_is_truly_better"],
                 "train_pairs": data[rate][policy]["rows"],
-            })
+            }
+            if "dpo" in c.methods:
+                diff = gains - per_seed_caption("dpo", rate)
+                row["vs_dpo"] = float(diff.mean())
+                row["vs_dpo_ci_low"], row["vs_dpo_ci_high"] = bootstrap_ci(diff, c.bootstrap, c.seed)
+            rows.append(row)
     clean = {r["method"]: r["gain"] for r in rows if r["flip_rate"] == 0.0}
     for r in rows:
         ref = clean.get("dpo")
@@ -238,25 +251,47 @@ def summarise(c: ExperimentConfig, runs: list[dict], caption_of: np.ndarray, dat
     return rows
 
 
+def write_report(out: Path, result: dict, c: ExperimentConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(markdown(result))
+    plot(result["table"], c, out / "gain_vs_flip.png")
+
+
+def resummarise(out: Path) -> dict:
+    """Recompute the table, markdown and plot of a finished run from its results.json (no training)."""
+    result = json.loads((out / "results.json").read_text())
+    c = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    caption_of = np.repeat(np.arange(c.eval_captions), c.eval_seeds)
+    data = {float(k): v for k, v in result["data"].items()}
+    result["table"] = summarise(c, result["runs"], caption_of, data)
+    write_report(out, result, c)
+    return result
+
+
 def markdown(result: dict) -> str:
     c, t = result["config"], result["timings_s"]
     lines = [
         "# Minority-label experiment in the small world", "",
         f"True-reward gain over the base model on {c['eval_captions']} held-out captions x {c['eval_seeds']} seeds "
-        f"(paired: same initial noise); mean over training seeds {c['train_seeds']}; 95 % CI = bootstrap over "
-        f"held-out captions. Base true reward {result['base_eval']['reward']:.4f}. "
+        f"(paired: same initial noise); mean over training seeds {c['train_seeds']}; 95 % CI = two-level bootstrap "
+        f"(training seeds, then held-out captions); 'vs DPO' = paired difference to DPO at the same flip rate. "
+        f"Base true reward {result['base_eval']['reward']:.4f}. "
         f"{result['pairs']['n']} pairs, {c['steps']} steps x {c['batch_size']} pairs, lr {c['learning_rate']}, "
         f"β {c['beta']}, LoRA rank {c['lora_rank']}. Runtime {t['total_s']:.0f} s.", "",
-        "| flip | method | gain | 95 % CI | per seed | share of clean DPO gain | Δcolour | Δsharp | Δexposure "
-        "| train labels truly better |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| flip | method | gain | 95 % CI | per seed | share of clean DPO gain | vs DPO (95 % CI) | Δcolour "
+        "| Δsharp | Δexposure | train labels truly better |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["table"]:
         share = "" if r["share_of_clean_dpo_gain"] is None else f"{r['share_of_clean_dpo_gain']:.2f}"
+        vs_dpo = ("" if "vs_dpo" not in r or r["method"] == "dpo" else
+                  f"{r['vs_dpo']:+.4f} [{r['vs_dpo_ci_low']:+.4f}, {r['vs_dpo_ci_high']:+.4f}]")
         lines.append(
-            f"| {r['flip_rate']:.0%} | {r['method']} | {r['gain']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
-            f"| {', '.join(f'{g:+.4f}' for g in r['seed_gains'])} | {share} | {r['gain_colour_match']:+.4f} "
-            f"| {r['gain_sharpness']:+.4f} | {r['gain_exposure_quality']:+.4f} "
+            f"| {r['flip_rate']:.0%} | {r['method']} | {r['gain']:+.4f} "
+            f"| [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+            f"| {', '.join(f'{g:+.4f}' for g in r['seed_gains'])} | {share} | {vs_dpo} "
+            f"| {r['gain_colour_match']:+.4f} | {r['gain_sharpness']:+.4f} | {r['gain_exposure_quality']:+.4f} "
             f"| {r['train_labels_truly_better']:.3f} |")
     lines += ["", "Label quality per flip rate (share of training winners with the higher true reward; AUROC of the "
               "offline minority score u for flipped labels):", "",
@@ -292,7 +327,8 @@ def plot(table: list[dict], c: ExperimentConfig, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig | None, Path | None]:
+    """(config to run, None), or (None, output folder) for ``--resummarise``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy sizes, a few steps (~1 min)")
     defaults = ExperimentConfig()
@@ -303,14 +339,17 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
         kind = type(value[0]) if isinstance(value, tuple) else type(value)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             nargs="+" if isinstance(value, tuple) else None)
+    parser.add_argument("--resummarise", action="store_true", help="rebuild the report in --out from results.json")
     args = vars(parser.parse_args(argv))
     quick = args.pop("quick")
+    if args.pop("resummarise"):
+        return None, Path(args["out"] or defaults.out)
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None}
     if quick:
         out = given.pop("out", str(Path(defaults.out).with_name("minority-quick")))
         model = given.pop("model", str(Path(defaults.model).with_name("base-quick")))
-        return ExperimentConfig(**{**asdict(ExperimentConfig.quick(out, model)), **given})
-    return ExperimentConfig(**given)
+        return ExperimentConfig(**{**asdict(ExperimentConfig.quick(out, model)), **given}), None
+    return ExperimentConfig(**given), None
 
 
 def quiet_libraries() -> None:
@@ -325,5 +364,5 @@ def quiet_libraries() -> None:
 
 if __name__ == "__main__":
     quiet_libraries()
-    summary = run(parse_args(sys.argv[1:]))
-    print(markdown(summary))
+    config, report_only = parse_args(sys.argv[1:])
+    print(markdown(resummarise(report_only) if report_only else run(config)))

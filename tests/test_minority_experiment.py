@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.minority import METHODS, parse_args, run
+from benchmarks.minority import MAIN_METHODS, bootstrap_ci, parse_args, resummarise, run
 from benchmarks.smallworld import world
 from benchmarks.smallworld.pairs import plant_labels
 
@@ -54,18 +54,34 @@ def test_planted_labels_follow_bradley_terry_and_nest_the_flips():
 
 
 def test_quick_experiment_writes_a_row_per_method_and_flip_rate(tmp_path):
-    config = parse_args(["--quick", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model")])
+    config, _ = parse_args(["--quick", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model")])
     assert config.steps <= 5 and config.flip_rates == (0.0, 0.3)
     result = run(config)
     table = json.loads((tmp_path / "out" / "results.json").read_text())["table"]
-    assert [(r["method"], r["flip_rate"]) for r in table] == [(m, f) for f in (0.0, 0.3) for m in METHODS]
+    assert [(r["method"], r["flip_rate"]) for r in table] == [(m, f) for f in (0.0, 0.3) for m in MAIN_METHODS]
     for row in table:
         numbers = [row["gain"], row["ci_low"], row["ci_high"], *row["seed_gains"], row["gain_colour_match"],
                    row["gain_sharpness"], row["gain_exposure_quality"], row["train_labels_truly_better"]]
         assert all(math.isfinite(x) for x in numbers), row
         assert row["ci_low"] <= row["gain"] <= row["ci_high"]
-    assert len(result["runs"]) == len(METHODS) * 2
+    assert len(result["runs"]) == len(MAIN_METHODS) * 2
     assert result["data"]["0.3"]["flipped"] >= 1 and result["data"]["0.0"]["flipped"] == 0
     markdown = (tmp_path / "out" / "results.md").read_text()
-    assert markdown.count("\n| 30% |") == len(METHODS) + 1  # the method rows and the label-quality row
+    assert markdown.count("\n| 30% |") == len(MAIN_METHODS) + 1  # the method rows and the label-quality row
     assert (tmp_path / "out" / "gain_vs_flip.png").stat().st_size > 1000
+    for row in table:  # DPO's paired difference to itself is exactly zero
+        assert row["vs_dpo_ci_low"] <= row["vs_dpo"] <= row["vs_dpo_ci_high"]
+        if row["method"] == "dpo":
+            assert row["vs_dpo"] == 0.0 == row["vs_dpo_ci_low"] == row["vs_dpo_ci_high"]
+    again = resummarise(tmp_path / "out")  # the report rebuilt from results.json alone gives the same table
+    assert again["table"] == table
+
+
+def test_two_level_bootstrap_covers_seed_spread():
+    rng = np.random.default_rng(0)
+    same_seeds = np.tile(rng.normal(0.05, 0.02, size=40), (2, 1))  # two identical seeds: only caption noise
+    spread = same_seeds + np.array([[-0.03], [0.03]])  # seeds disagree by 0.06: the interval must widen
+    low, high = bootstrap_ci(same_seeds, 2000, seed=1)
+    assert low < 0.05 < high and high - low < 0.02
+    low2, high2 = bootstrap_ci(spread, 2000, seed=1)
+    assert high2 - low2 > 0.04 and abs((low2 + high2) / 2 - same_seeds.mean()) < 0.01
