@@ -320,7 +320,7 @@ def plot(table: list[dict], c: ExperimentConfig, path: Path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("flipped labels (%)")
     ax.set_ylabel("true-reward gain over base")
-    ax.set_title("Small world: gain vs label flips (95 % CI over held-out captions)")
+    ax.set_title("Small world: gain vs label flips (95 % CI: training seeds x held-out captions)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
