@@ -3,7 +3,8 @@
 Claims tested (methods.md §2.1, §2.7, §3): flipped labels hurt Diffusion-DPO; Adaptive-DPO keeps most of the
 clean-data gain at 20-30 % flipped labels; BalancedDPO's scorer-consensus labels improve over DPO.
 
-    python benchmarks/minority.py                   # full run (~20-30 min on 2 shared cores) -> out/minority
+    python benchmarks/minority.py                   # full run: 23 min on 2 shared cores (+8.5 min pretraining if
+                                                    # out/smallworld/base is absent) -> out/minority
     python benchmarks/minority.py --quick           # a few steps at tiny sizes (~1 min): the pipeline, no claims
 
 1. The base model is ``out/smallworld/base`` (built first by ``benchmarks/smallworld/pretrain.py`` if absent).

@@ -1,6 +1,6 @@
 """Pretrain the small world's text-to-image model and save it as a diffusers pipeline folder.
 
-    python benchmarks/smallworld/pretrain.py                      # -> out/smallworld/base (about 5 min, 2 cores)
+    python benchmarks/smallworld/pretrain.py                      # -> out/smallworld/base (8.5 min, 1 thread)
     python benchmarks/smallworld/pretrain.py --out DIR --unet-steps 40 --vae-steps 20 --images 256   # smoke
 
 The folder is a ``StableDiffusionPipeline`` (what ``training.components.load_components`` reads):
