@@ -11,14 +11,6 @@ from flows.cli import main
 from tests.test_ingest_pickapic import GREEN, row, write_shard
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_cli_ingest_runs_the_flow_and_reports_counts(tmp_path, capsys, prefect_server):
     good = write_shard(tmp_path / "train-0.parquet", [row(0), row(1, jpg_1=GREEN), row(1, jpg_1=GREEN),
                                                      row(2, caption="")])

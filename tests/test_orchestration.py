@@ -25,6 +25,7 @@ from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from curation.lake import Lake
+from tests.prefect_util import drain_prefect_workers
 from curation.sample import SampleConfig, generate_sample
 from curation.snapshot import SnapshotPolicy, resolve_snapshot
 from curation.sql import query
@@ -80,6 +81,7 @@ def server(tmp_path_factory):
         time.sleep(0.5)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield {"url": url, "home": home}
+        drain_prefect_workers()  # while the server still answers
     _stop(proc)
     log.close()
 

@@ -235,14 +235,6 @@ def test_neural_scorer_through_worker_processes_matches_direct_scores(sample_lak
     assert _n(lake, "SELECT count(DISTINCT scorer_version) AS n FROM scores") == 2
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_flow_scores_shards_as_tasks_and_cli_reports_throughput(sample_lake, prefect_server, capsys):
     from flows.score import run_score_flow
 
