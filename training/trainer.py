@@ -25,6 +25,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from training import losses as L
 from training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
@@ -310,6 +311,8 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         losses, sums, micro, last_ckpt, t0 = [], {}, 0, None, time.perf_counter()
         batches = self._batches()
+        bar = tqdm(total=c.max_steps, initial=self.global_step, desc=f"train {c.loss}", unit="step",
+                   disable=None if acc.is_main_process else True)  # None: shown on a terminal only
         while self.global_step < c.max_steps:
             batch = next(batches)
             with acc.accumulate(self.model):
@@ -333,6 +336,8 @@ class Trainer:
             record.update(step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
                           elapsed_s=round(time.perf_counter() - t0, 4), pairs=micro * c.train_batch_size)
             losses.append(record["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {self.global_step}: {record}")
             if acc.is_main_process:
@@ -343,6 +348,7 @@ class Trainer:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     last_ckpt = self.save()
+        bar.close()
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.save_final_lora()

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm.auto import tqdm
 
 from curation import ids
 from curation.ingest.raw import RAW, UnreadableSourceError, raw_summary
@@ -397,6 +398,7 @@ def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestRe
         result = IngestResult(ingest_id, path, False)
         batcher = _Batcher(lake, config, ingest_id, path)
         tx = lake.begin(ingest_id)
+        bar = tqdm(desc=f"ingest {path.rsplit('/', 1)[-1]}", unit="rows", disable=None)  # terminal only
         try:
             batch = first
             while batch is not None:
@@ -406,7 +408,9 @@ def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestRe
                 tx.write("image_refs", out["image_refs"], max_file_bytes=config.max_file_bytes)
                 tx.write("quarantine", out["quarantine"], partition=config.source,
                          max_file_bytes=config.max_file_bytes)
+                bar.update(batch.num_rows)
                 batch = next(stream, None)
+            bar.close()
             result.check()
             record = {"ingest_id": ingest_id, "source": config.source, "format": config.format,
                       "source_file": path, "fingerprint": fingerprint, "n_read": result.n_read,
