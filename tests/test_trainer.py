@@ -302,3 +302,29 @@ def test_sdxl_layout_trains_and_its_lora_loads(assets, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl", local_files_only=True)
     pipe.load_lora_weights(assets["root"] / "sdxl-dpo")
     assert pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("targets", [("to_q", "to_k", "to_v", "to_out.0"),
+                                     ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")])
+def test_loaded_lora_reproduces_the_trained_unet_exactly(assets, targets):
+    """The saved LoRA, loaded by diffusers, gives the trained UNet's output, convolution targets included
+    (converting PEFT keys to diffusers' older format once made load_lora_weights drop attention layers)."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = config(assets, f"roundtrip-{len(targets)}", max_steps=3, learning_rate=1e-2, lora_target_modules=targets)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([500])
+    trainer.unet.eval()
+    with torch.no_grad():
+        trained = trainer.unet(x, t, text).sample
+    pipe = StableDiffusionPipeline.from_pretrained(assets["model"], local_files_only=True)
+    with torch.no_grad():
+        base = pipe.unet(x, t, text).sample
+    pipe.load_lora_weights(cfg.output)
+    with torch.no_grad():
+        loaded = pipe.unet(x, t, text).sample
+    assert (trained - base).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=0)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -291,7 +290,9 @@ class Trainer:
     def save_final_lora(self) -> Path:
         """Diffusers-format LoRA (``pytorch_lora_weights.safetensors``) that ``pipe.load_lora_weights`` reads."""
         out = Path(self.config.output)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=POLICY))
+        # PEFT-format keys as they are: converting them mixes two key formats when targets include
+        # convolutions, and load_lora_weights then silently drops the attention layers.
+        layers = get_peft_model_state_dict(self.unet, adapter_name=POLICY)
         pipeline_cls = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
         pipeline_cls.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True,
                                        unet_lora_adapter_metadata=self.lora_config.to_dict())
