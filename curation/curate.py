@@ -78,9 +78,10 @@ class CurateResult:
                 f"minority pairs (u > {c['minority_threshold']})")
 
 
-def load_pairs(lake: Lake) -> pl.DataFrame:
+def load_pairs(lake: Lake, extra_columns: tuple[str, ...] = ()) -> pl.DataFrame:
     """Every pair with its image ids resolved: metadata-only ids ('<source>:<uid>') become content
-    hashes when the images have arrived (image_refs); `images_available` says whether both have bytes."""
+    hashes when the images have arrived (image_refs); `images_available` says whether both have bytes.
+    `extra_columns` (of the pairs table, e.g. prompt and split) come along from the same scan."""
     import duckdb
 
     con = duckdb.connect()
@@ -89,7 +90,8 @@ def load_pairs(lake: Lake) -> pl.DataFrame:
         if not files["pairs"]:
             return pl.DataFrame(schema={"pair_id": pl.String, "source": pl.String, "prompt_id": pl.String,
                                         "image_0_id": pl.String, "image_1_id": pl.String, "label_0": pl.Float64,
-                                        "user_id": pl.String, "images_available": pl.Boolean})
+                                        "user_id": pl.String, "images_available": pl.Boolean,
+                                        **{c: pl.String for c in extra_columns}})
         refs = (f"SELECT ref_id, min(image_id) AS image_id FROM read_parquet({lake.sql_file_list(files['image_refs'])}) "
                 f"GROUP BY ref_id" if files["image_refs"] else
                 "SELECT NULL::VARCHAR AS ref_id, NULL::VARCHAR AS image_id WHERE false")
@@ -101,7 +103,7 @@ def load_pairs(lake: Lake) -> pl.DataFrame:
             SELECT p.pair_id, p.source, p.prompt_id,
                    coalesce(r0.image_id, p.image_0_id) AS image_0_id,
                    coalesce(r1.image_id, p.image_1_id) AS image_1_id,
-                   p.label_0, p.user_id,
+                   p.label_0, p.user_id,{"".join(f" p.{c}," for c in extra_columns)}
                    (s0.image_id IS NOT NULL AND s1.image_id IS NOT NULL) AS images_available
             FROM p
             LEFT JOIN r r0 ON r0.ref_id = p.image_0_id

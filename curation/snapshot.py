@@ -90,13 +90,7 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
     run = current_run(lake)
     if run is None and policy.kind != "plain":
         raise SnapshotError(f"policy {policy.kind!r} needs curation statistics: run `prefcurate curate` first")
-    pairs = load_pairs(lake)
-    con = duckdb.connect()
-    try:
-        extra = con.sql(f"SELECT pair_id, prompt, split FROM read_parquet({lake.sql_file_list(lake.files('pairs'))})").pl()
-    finally:
-        con.close()
-    frame = pairs.join(extra, on="pair_id", how="left")
+    frame = load_pairs(lake, extra_columns=("prompt", "split"))
     counts = {"candidates": frame.height}
     in_split = frame["split"].is_in(list(policy.splits))
     counts["other_splits"] = int((~in_split).sum())
