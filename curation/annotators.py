@@ -211,9 +211,11 @@ def annotator_stats(
         agreement_shrunk (its Beta posterior mean, the weights acting as fractional trials),
         peer_agreement (agreeing / all comparisons with other annotators' decisive labels on the same
         unordered image pair), n_peer_pairs (labels with at least one such peer label),
-        mean_minority_score, minority_rate, ds_sensitivity (Dawid-Skene P(picks image_0 | image_0 is
-        better)), ds_specificity (P(picks image_1 | image_1 is better)), reliability_beta_binomial,
-        reliability_dawid_skene, reliability (the chosen one) and reliability_method.
+        mean_minority_score, minority_rate, sensitivity (Dawid-Skene P(picks image_0 | image_0 is
+        better), i.e. P(left | left better)), specificity (P(picks image_1 | image_1 is better)),
+        reliability_beta_binomial, reliability_dawid_skene, reliability (the chosen one) and
+        reliability_method. A spammer has sensitivity + specificity ~ 1, a position-biased clicker
+        a high sensitivity and a low specificity, a reliable annotator both high.
     """
     labels = as_lazy(pairs, "pairs", ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]).select(
         pl.col("pair_id").cast(pl.String), pl.col("user_id").cast(pl.String), pl.col("label_0").cast(pl.Float64),
@@ -313,7 +315,7 @@ def annotator_stats(
         "n_peer_pairs": per_user(peer_total > 0).astype(np.int64),
         "mean_minority_score": ratio(per_user(np.where(has_minority, minority, 0.0)), n_minority),
         "minority_rate": ratio(per_user(has_minority & (minority > config.minority_threshold)), n_minority),
-        "ds_sensitivity": sens, "ds_specificity": spec,
+        "sensitivity": sens, "specificity": spec,
         "reliability_beta_binomial": reliability_bb, "reliability_dawid_skene": reliability_ds,
         "reliability": reliability_bb if config.reliability_method == "beta_binomial" else reliability_ds,
         "reliability_method": pl.Series([config.reliability_method] * n_workers, dtype=pl.String),

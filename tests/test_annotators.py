@@ -177,3 +177,48 @@ def test_config_rejects_unknown_choices():
         AnnotatorStatsConfig(reliability_method="vibes")
     with pytest.raises(ValueError, match="agreement_reference"):
         AnnotatorStatsConfig(agreement_reference="oracle")
+
+
+def crowd_frames(seed: int, n_items: int = 1500, labels_per_item: int = 3):
+    """pairs/consensus/pair_metrics frames of a planted crowd: workers 0-9 reliable (accuracy 0.9),
+    10-13 spammers (uniform random), 14-17 position-biased (image_0 with probability 0.85, else
+    accurate). Two scorers that agree with the truth 75 % of the time each."""
+    rng = np.random.default_rng(seed)
+    n_workers = 18
+    first_better = rng.random(n_items) < 0.5
+    worker = np.concatenate([rng.choice(n_workers, labels_per_item, replace=False) for _ in range(n_items)])
+    item = np.repeat(np.arange(n_items), labels_per_item)
+    flipped = rng.random(item.size) < 0.5
+    image_0_better = first_better[item] != flipped
+    correct = rng.random(item.size) < 0.9
+    chose_0 = np.where(correct, image_0_better, ~image_0_better)
+    spam = (worker >= 10) & (worker < 14)
+    chose_0[spam] = rng.random(spam.sum()) < 0.5
+    biased = worker >= 14
+    chose_0[biased] = np.where(rng.random(biased.sum()) < 0.85, True, chose_0[biased])
+    a, b = np.array([f"a{i:05d}" for i in item]), np.array([f"b{i:05d}" for i in item])  # a < b: a is "first"
+    scorer_right = rng.random((item.size, 2)) < 0.75
+    votes_for_0 = np.where(scorer_right, image_0_better[:, None], ~image_0_better[:, None]).sum(axis=1)
+    pairs = pl.DataFrame({
+        "pair_id": [f"p{r}" for r in range(item.size)], "user_id": [f"w{w:02d}" for w in worker],
+        "label_0": chose_0.astype(float), "image_0_id": np.where(flipped, b, a), "image_1_id": np.where(flipped, a, b),
+    })
+    consensus = pairs.select("pair_id", n_scorers=pl.lit(2), votes_for_0=pl.Series(votes_for_0.astype(float)),
+                             consensus_label=pl.lit(None, pl.Float64))
+    return pairs, consensus, pairs.select("pair_id", minority_score=pl.lit(0.0))
+
+
+def test_annotator_table_separates_reliable_spammer_and_position_biased():
+    stats = by_user(annotator_stats(*crowd_frames(seed=3)))
+    reliable = [stats[f"w{j:02d}"] for j in range(10)]
+    spammers = [stats[f"w{j:02d}"] for j in range(10, 14)]
+    biased = [stats[f"w{j:02d}"] for j in range(14, 18)]
+    assert all(s["n_labels"] >= 200 for s in stats.values())
+    for s in reliable:
+        assert s["sensitivity"] > 0.8 and s["specificity"] > 0.8
+    for s in spammers:
+        assert abs(s["sensitivity"] + s["specificity"] - 1) < 0.15
+    for s in biased:  # left with 0.85 + 0.15 * 0.9 = 0.985 when left is better, 0.15 * 0.9 when right is
+        assert s["sensitivity"] > 0.9 and s["specificity"] < 0.3
+    worst_reliable = min(s["reliability"] for s in reliable)
+    assert max(s["reliability"] for s in spammers + biased) < worst_reliable
