@@ -1,0 +1,236 @@
+"""Input checks before training starts, in well under a second, WITHOUT importing torch, diffusers or peft.
+
+``check_train_inputs(model=..., snapshot=..., output=..., ...)`` reads only small JSON files and directory
+listings: the diffusers pipeline folder layout (model_index.json, unet/, vae/, text encoder(s), tokenizer(s),
+scheduler/, and the weight files), the snapshot's manifest.json (format, version, shards present with the
+sizes it names; the sha256 of every shard is verified later by ``training.snapshot.open_snapshot``), the
+output folder (writable; not an earlier run unless resuming it) and the optional packages asked for
+(bitsandbytes for 8-bit AdamW, wandb / tensorboard trackers). Every problem raises ``PreflightError`` whose
+message is one line naming all problems found, so the CLI can print it and exit 3.
+
+It also reads the model's defaults that need no weights: the native resolution (UNet ``sample_size`` × VAE
+scale factor 2^(len(block_out_channels) − 1): 512 for SD1.5, 768 for SD2.1-768, 1024 for SDXL), the
+scheduler's ``prediction_type`` and whether the pipeline is SDXL (two text encoders).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+SNAPSHOT_FORMAT = "prefcurate-snapshot"  # manifest "format"; training.snapshot imports these two
+SNAPSHOT_VERSION = 1
+
+# Files every trainable pipeline folder holds, as diffusers ``save_pretrained`` / a hub download writes them
+# for runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0.
+MODEL_CONFIGS = {
+    "model_index.json": "the pipeline index written by save_pretrained",
+    "unet/config.json": "UNet2DConditionModel config",
+    "vae/config.json": "AutoencoderKL config",
+    "text_encoder/config.json": "CLIP text encoder config",
+    "scheduler/scheduler_config.json": "noise scheduler config",
+}
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
+                     "diffusion_pytorch_model.fp16.safetensors.index.json")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
+                        "model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))  # slow BPE pair, or the fast file
+
+# Files of an earlier run in an output folder (training.trainer writes them).
+RUN_MARKERS = ("metrics.jsonl", "train_config.json", "checkpoints")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value -> package it needs
+
+
+class PreflightError(ValueError):
+    """Training inputs are missing or inconsistent; the message is one line listing every problem."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline folder says about itself, read from its JSON configs only."""
+
+    path: Path
+    is_sdxl: bool  # text_encoder_2/ + tokenizer_2/ present (SDXL)
+    resolution: int  # native training resolution in pixels: unet sample_size × VAE scale factor
+    prediction_type: str  # scheduler's "epsilon" (SD1.5, SDXL, SD2.1-base) or "v_prediction" (SD2.1-768)
+
+
+@dataclass(frozen=True)
+class Preflight:
+    model: ModelInfo
+    snapshot_pairs: int  # rows the manifest lists over all shards
+    resume_checkpoint: Path | None  # the checkpoint folder --resume-from resolves to, if any
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.append(f"{path} unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{path} is not a JSON object")
+        return None
+    return value
+
+
+def _weights_missing(folder: Path, names: tuple[str, ...], what: str) -> list[str]:
+    if folder.is_dir() and not any((folder / n).is_file() for n in names):
+        return [f"{folder.name}/{names[0]} ({what} weights)"]
+    return []
+
+
+def _tokenizer_missing(folder: Path) -> list[str]:
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        return [f"{folder.name}/tokenizer_config.json (CLIP tokenizer config)"]
+    if not any(all((folder / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        return [f"{folder.name}/vocab.json + merges.txt or tokenizer.json (CLIP tokenizer vocabulary)"]
+    return []
+
+
+def check_model(model: str | Path) -> ModelInfo:
+    """Check a local diffusers pipeline folder's layout and read its native resolution and prediction type."""
+    root = Path(model)
+    if not root.is_dir():
+        raise PreflightError(f"model folder {root} does not exist: expected a local diffusers pipeline folder "
+                             f"(e.g. a download of runwayml/stable-diffusion-v1-5) with model_index.json, unet/, "
+                             f"vae/, text_encoder/, tokenizer/, scheduler/")
+    missing = [f"{name} ({why})" for name, why in MODEL_CONFIGS.items() if not (root / name).is_file()]
+    missing += _tokenizer_missing(root / "tokenizer")
+    missing += _weights_missing(root / "unet", DIFFUSERS_WEIGHTS, "UNet")
+    missing += _weights_missing(root / "vae", DIFFUSERS_WEIGHTS, "VAE")
+    missing += _weights_missing(root / "text_encoder", TRANSFORMERS_WEIGHTS, "text encoder")
+    is_sdxl = (root / "text_encoder_2").is_dir() or (root / "tokenizer_2").is_dir()
+    if is_sdxl:
+        if not (root / "text_encoder_2" / "config.json").is_file():
+            missing.append("text_encoder_2/config.json (SDXL second text encoder config)")
+        missing += _weights_missing(root / "text_encoder_2", TRANSFORMERS_WEIGHTS, "second text encoder")
+        missing += _tokenizer_missing(root / "tokenizer_2")
+    if missing:
+        raise PreflightError(f"model folder {root} is not a complete diffusers pipeline; missing: "
+                             f"{', '.join(missing)} (as in runwayml/stable-diffusion-v1-5 or "
+                             f"stabilityai/stable-diffusion-xl-base-1.0)")
+    problems: list[str] = []
+    unet = _read_json(root / "unet" / "config.json", problems) or {}
+    vae = _read_json(root / "vae" / "config.json", problems) or {}
+    sched = _read_json(root / "scheduler" / "scheduler_config.json", problems) or {}
+    _read_json(root / "model_index.json", problems)
+    sample = unet.get("sample_size")
+    blocks = vae.get("block_out_channels")
+    if isinstance(sample, (list, tuple)):
+        sample = sample[0] if sample else None
+    if not isinstance(sample, int) or sample < 1:
+        problems.append(f"{root / 'unet' / 'config.json'}: sample_size {sample!r} is not a positive integer")
+    if not isinstance(blocks, list) or not blocks:
+        problems.append(f"{root / 'vae' / 'config.json'}: block_out_channels {blocks!r} is not a non-empty list")
+    if problems:
+        raise PreflightError(f"model folder {root} refused: {'; '.join(problems)}")
+    return ModelInfo(root, is_sdxl, int(sample) * 2 ** (len(blocks) - 1),
+                     str(sched.get("prediction_type", "epsilon")))
+
+
+def check_snapshot(snapshot: str | Path) -> int:
+    """Check ``manifest.json`` (format, version, snapshot_id, shards present with their byte-free row counts);
+    returns the number of pairs it lists. Shard hashes are verified when the trainer opens the snapshot."""
+    root = Path(snapshot)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise PreflightError(f"{manifest_path} not found: a training snapshot is a folder with manifest.json and "
+                             f"shards/*.parquet, written by `prefcurate snapshot`")
+    problems: list[str] = []
+    manifest = _read_json(manifest_path, problems)
+    if manifest is None:
+        raise PreflightError(f"snapshot {root} refused: {'; '.join(problems)}")
+    if manifest.get("format") != SNAPSHOT_FORMAT or manifest.get("version") != SNAPSHOT_VERSION:
+        raise PreflightError(f"{manifest_path}: expected format {SNAPSHOT_FORMAT!r} version {SNAPSHOT_VERSION}, "
+                             f"got {manifest.get('format')!r} version {manifest.get('version')!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards or not manifest.get("snapshot_id"):
+        raise PreflightError(f"{manifest_path}: needs a snapshot_id and a non-empty 'shards' list")
+    rows = 0
+    for entry in shards:
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        if not rel or not (root / str(rel)).is_file():
+            problems.append(f"shard {rel!r} missing")
+        elif not isinstance(entry.get("rows"), int) or entry["rows"] < 0:
+            problems.append(f"shard {rel!r}: rows {entry.get('rows')!r} is not a count")
+        else:
+            rows += entry["rows"]
+    if problems:
+        raise PreflightError(f"snapshot {root} refused, it does not match its manifest: {'; '.join(problems)}")
+    if rows == 0:
+        raise PreflightError(f"snapshot {root} has no pairs (every shard lists 0 rows)")
+    return rows
+
+
+def _latest_checkpoint(output: Path) -> Path | None:
+    done = sorted(p for p in (output / "checkpoints").glob("step-*[0-9]") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def check_output(output: str | Path, resume_from: str | None = None) -> Path | None:
+    """The output folder must be creatable and writable, and hold no earlier run unless that run is resumed;
+    returns the checkpoint folder ``resume_from`` resolves to (``latest``: the newest complete one)."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise PreflightError(f"output {out} exists and is not a folder")
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PreflightError(f"output {out} is not writable (checked {parent})")
+    if out.is_dir():  # a real write: catches read-only mounts and full quotas that os.access does not
+        try:
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".preflight-"):
+                pass
+        except OSError as err:
+            raise PreflightError(f"output {out} is not writable: {err.strerror or err}") from None
+    if resume_from is None:
+        found = [m for m in RUN_MARKERS if (out / m).exists()]
+        if found:
+            raise PreflightError(f"output {out} already holds a run ({', '.join(found)}); resume it with "
+                                 f"--resume-from latest, or choose a new --output")
+        return None
+    if resume_from == "latest":
+        ckpt = _latest_checkpoint(out)
+        if ckpt is None:
+            raise PreflightError(f"--resume-from latest but {out / 'checkpoints'} holds no complete checkpoint "
+                                 f"(step-*/state.pt): nothing to resume")
+        return ckpt
+    ckpt = Path(resume_from)
+    lacking = [n for n in ("state.pt", "lora.safetensors") if not (ckpt / n).is_file()]
+    if lacking:
+        raise PreflightError(f"checkpoint {ckpt} lacks {', '.join(lacking)}; expected a checkpoints/step-N folder "
+                             f"written by the trainer")
+    return ckpt
+
+
+def check_packages(*, use_8bit_adam: bool = False, report_to: str | list[str] | tuple[str, ...] | None = None) -> None:
+    """Optional packages the options ask for must be importable (found without importing them)."""
+    wanted = [] if report_to in (None, "", "none") else ([report_to] if isinstance(report_to, str) else list(report_to))
+    problems = []
+    if use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes (CUDA only)")
+    for name in wanted:
+        if name == "all" or name == "none":
+            continue
+        if name not in TRACKERS:
+            problems.append(f"--report-to {name!r} is not one of {sorted(TRACKERS)}, 'all' or 'none'")
+        elif importlib.util.find_spec(TRACKERS[name]) is None:
+            problems.append(f"--report-to {name} needs {TRACKERS[name]}: pip install {TRACKERS[name]}")
+    if problems:
+        raise PreflightError("; ".join(problems))
+
+
+def check_train_inputs(*, model: str | Path, snapshot: str | Path, output: str | Path,
+                       resume_from: str | None = None, use_8bit_adam: bool = False,
+                       report_to: str | list[str] | tuple[str, ...] | None = None) -> Preflight:
+    """All checks, cheapest first; raises ``PreflightError`` (one line) at the first failing group."""
+    check_packages(use_8bit_adam=use_8bit_adam, report_to=report_to)
+    info = check_model(model)
+    pairs = check_snapshot(snapshot)
+    ckpt = check_output(output, resume_from)
+    return Preflight(info, pairs, ckpt)
