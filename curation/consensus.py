@@ -1,19 +1,29 @@
 """Multi-scorer consensus labels: BalancedDPO's majority vote over preference scorers.
 
 BalancedDPO (Tamboli et al., arXiv 2503.12575, TMLR 2026) relabels each pair by "a majority-vote
-consensus over multiple preference scorers". Its tie rule and whether the human label votes are
-not published (`methods.md` §3.2), so both are options here (`methods.md` §3.3, step 2):
+consensus over multiple preference scorers" (v2 abstract): the scorers vote, the human label does
+not. The paper's published text states neither a tie rule nor any role for the human label, so the
+default here is the rule that adds nothing the paper does not say:
 
     y = 1[ sum_m v_m > M / 2 ]     v_m = 1 if scorer m prefers image_0, 0 if image_1, 0.5 if tied
+    a split vote (sum_m v_m = M / 2) gives no label and the pair is dropped (tie_policy "drop")
+
+as Diffusion-DPO drops Pick-a-Pic's tied pairs (Wallace et al., arXiv 2311.12908, `train.py`).
 
 Tie policies, for a split vote (vote fraction exactly 1/2):
-- "human_fallback": use the human label_0;
-- "drop": no label (consensus_label null, consensus_source "split");
-- "human_vote": the human label_0 is one more voter (with M = 4 scorers: 5 voters, no ties unless
-  a scorer or the human is itself tied).
+- "drop" (default, the paper form): no label (consensus_label null, consensus_source "split");
+- "scorer_margin": still scorers only; the sign of the mean normalized margin of the scorers
+  (`curation.votes`: one unit = one typical margin of that scorer) decides; an exact 0 stays split;
+- "human_fallback": use the human label_0 (not the paper's method: the human decides splits);
+- "human_vote": the human label_0 is one more voter (with M = 4 scorers: 5 voters; the human then
+  decides every 2-2 split, so labels follow the human's noise).
 A human tie (label_0 = 0.5) is a half vote each way under "human_vote" and cannot break a split
 under "human_fallback": the pair then gets no label. Pairs with no scorer vote at all keep the
-human label (consensus_source "no_scorer_votes") except under "drop".
+human label (consensus_source "no_scorer_votes") under the two human policies only.
+
+Agreement. `scorer_label` is the label the scorers alone reach (the rule, then "scorer_margin"
+when that is the policy), whatever the tie policy; `human_agrees` compares the human with it, so
+"human agrees with consensus" never counts a label the human voted in or decided.
 
 Baselines named in BalancedDPO §4.2 (their exact definitions are not published; these follow the
 names): "random_scorer" (one scorer per pair, chosen by a seeded hash of pair and scorer: the
@@ -32,15 +42,15 @@ import polars as pl
 from curation.votes import as_lazy
 
 
-TiePolicy = Literal["human_fallback", "drop", "human_vote"]
+TiePolicy = Literal["drop", "scorer_margin", "human_fallback", "human_vote"]
 Method = Literal["majority", "random_scorer", "vanilla_sum", "normalized_sum"]
-TIE_POLICIES = ("human_fallback", "drop", "human_vote")
+TIE_POLICIES = ("drop", "scorer_margin", "human_fallback", "human_vote")
 METHODS = ("majority", "random_scorer", "vanilla_sum", "normalized_sum")
 
 CONSENSUS_SCHEMA = {
     "pair_id": pl.String, "n_scorers": pl.Int64, "votes_for_0": pl.Float64, "vote_fraction": pl.Float64,
-    "consensus_label": pl.Float64, "human_label": pl.Float64, "human_agrees": pl.Boolean,
-    "consensus_source": pl.String,
+    "consensus_label": pl.Float64, "scorer_label": pl.Float64, "human_label": pl.Float64,
+    "human_agrees": pl.Boolean, "consensus_source": pl.String,
 }
 
 
@@ -53,7 +63,7 @@ def consensus(
     votes: pl.DataFrame | pl.LazyFrame,
     pairs: pl.DataFrame | pl.LazyFrame,
     scorers: Collection[str] | None = None,
-    tie_policy: TiePolicy = "human_vote",
+    tie_policy: TiePolicy = "drop",
     *,
     method: Method = "majority",
     seed: int = 0,
@@ -64,7 +74,7 @@ def consensus(
         votes: output of `curation.votes.compute_votes`.
         pairs: columns pair_id, label_0 (the human label: 1, 0 or 0.5 for a tie).
         scorers: the scorers that vote; None = every scorer in `votes`.
-        tie_policy: "human_fallback", "drop" or "human_vote" (module docstring).
+        tie_policy: "drop" (default), "scorer_margin", "human_fallback" or "human_vote" (module docstring).
         method: "majority" (BalancedDPO) or a baseline: "random_scorer", "vanilla_sum", "normalized_sum".
         seed: seed of the "random_scorer" choice.
 
@@ -75,9 +85,12 @@ def consensus(
         - vote_fraction: share of voters for image_0, the human included under "human_vote";
           null when nobody voted;
         - consensus_label: 1.0 (image_0), 0.0 (image_1) or null (no decisive label);
+        - scorer_label: the label of the scorers alone (rule, then "scorer_margin" if that is the
+          policy); null on an unbroken split or without scorer votes;
         - human_label: label_0;
-        - human_agrees: consensus_label == human_label; null when either is null or the human tied;
+        - human_agrees: scorer_label == human_label; null when either is null or the human tied;
         - consensus_source: "majority" / the baseline's name (decided by the rule),
+          "scorer_margin" (split broken by the scorers' mean normalized margin),
           "human_fallback" (tie broken by the human), "split" (tie left unbroken),
           "no_scorer_votes" (no scorer voted: human label, or null under "drop").
     """
@@ -85,7 +98,8 @@ def consensus(
         raise ValueError(f"unknown tie_policy {tie_policy!r}; expected one of {TIE_POLICIES}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    vote_frame = as_lazy(votes, "votes", ["pair_id", "scorer", "vote", "margin", "score_0", "score_1"])
+    vote_frame = as_lazy(votes, "votes", ["pair_id", "scorer", "vote", "margin", "score_0", "score_1",
+                                          "normalized_margin"])
     if scorers is not None:
         vote_frame = vote_frame.filter(pl.col("scorer").is_in(list(scorers)))
     pair_frame = as_lazy(pairs, "pairs", ["pair_id", "label_0"]).select(
@@ -106,24 +120,32 @@ def consensus(
         rule["_rule"] = (pl.when(pl.col("_std") > 0).then(pl.col("margin") / pl.col("_std")).otherwise(0.0)).sum()
 
     per_pair = vote_frame.group_by("pair_id").agg(n_scorers=pl.len().cast(pl.Int64), votes_for_0=pl.col("vote").sum(),
-                                                  **rule)
+                                                  _mean_margin=pl.col("normalized_margin").mean(), **rule)
     human = pl.col("human_label")
     human_decisive = human.is_in([0.0, 1.0])
     human_vote = tie_policy == "human_vote"
     n_voters = pl.col("n_scorers") + (human.is_not_null().cast(pl.Int64) if human_vote else 0)
     for_0 = pl.col("votes_for_0") + (human.fill_null(0.0) if human_vote else 0.0)
     decided = _sign_label(pl.col("vote_fraction") - 0.5) if method == "majority" else _sign_label(pl.col("_rule"))
+    # the scorers' own label: the rule without the human, then their margin under "scorer_margin"
+    scorer_rule = (_sign_label(pl.col("votes_for_0") / pl.col("n_scorers") - 0.5) if method == "majority"
+                   else _sign_label(pl.col("_rule")))
+    by_margin = _sign_label(pl.col("_mean_margin")) if tie_policy == "scorer_margin" else pl.lit(None, pl.Float64)
+    scorer_label = pl.when(pl.col("n_scorers") > 0).then(pl.coalesce(scorer_rule, by_margin))
     source_decided = "majority" if method == "majority" else method
-    human_breaks_ties = pl.lit(tie_policy != "drop") & human_decisive
-    # Resolution order: no scorer votes -> decided by the rule -> tie broken by the human -> split.
+    human_breaks_ties = pl.lit(tie_policy in ("human_fallback", "human_vote")) & human_decisive
+    # Resolution order: no scorer votes -> decided by the rule -> split broken by the scorers'
+    # margin -> by the human -> split.
     label = (
         pl.when(pl.col("n_scorers") == 0).then(pl.when(human_breaks_ties).then(human))
         .when(decided.is_not_null()).then(decided)
+        .when(by_margin.is_not_null()).then(by_margin)
         .when(human_breaks_ties).then(human)
     )
     source = (
         pl.when(pl.col("n_scorers") == 0).then(pl.lit("no_scorer_votes"))
         .when(decided.is_not_null()).then(pl.lit(source_decided))
+        .when(by_margin.is_not_null()).then(pl.lit("scorer_margin"))
         .when(human_breaks_ties).then(pl.lit("human_fallback"))
         .otherwise(pl.lit("split"))
     )
@@ -131,8 +153,8 @@ def consensus(
         pair_frame.join(per_pair, on="pair_id", how="left", maintain_order="left")
         .with_columns(pl.col("n_scorers").fill_null(0), pl.col("votes_for_0").fill_null(0.0))
         .with_columns(vote_fraction=pl.when(n_voters > 0).then(for_0 / n_voters))
-        .with_columns(consensus_label=label, consensus_source=source)
-        .with_columns(human_agrees=pl.when(human_decisive).then(pl.col("consensus_label") == human))
+        .with_columns(consensus_label=label, consensus_source=source, scorer_label=scorer_label)
+        .with_columns(human_agrees=pl.when(human_decisive).then(pl.col("scorer_label") == human))
         .select(list(CONSENSUS_SCHEMA))
         .cast(CONSENSUS_SCHEMA)
         .collect()

@@ -47,8 +47,9 @@ RUNS_KEPT = 3  # older run folders are deleted; a snapshot copies what it needs,
 class CurateConfig:
     scorers: tuple[str, ...] | None = None
     """Scorers that vote; None = every scorer with scores in the lake."""
-    tie_policy: TiePolicy = "human_vote"
-    """Split scorer votes: the human label is one more voter (BalancedDPO leaves this open, methods.md §3.3)."""
+    tie_policy: TiePolicy = "drop"
+    """Split scorer votes give no consensus label: BalancedDPO's scorer-only majority (arXiv 2503.12575),
+    whose text states no tie rule; the human never votes, so agreement with it is not circular."""
     pair_metrics: PairMetricsConfig = field(default_factory=PairMetricsConfig)
     annotators: AnnotatorStatsConfig = field(default_factory=AnnotatorStatsConfig)
 

@@ -1,4 +1,9 @@
-"""`prefcurate`: the command line. Each command is a thin shell over a flow or a curation function.
+"""`prefcurate`: the command line. Each command is a thin shell over a stage function (flows/stages.py, the
+same functions the Prefect flows wrap) or a curation function.
+
+One-shot commands (ingest, score, curate, snapshot, train) run their stage in this process, with no Prefect
+server and without importing Prefect; with `--track`, or when PREFECT_API_URL is set, they run the stage's
+flow instead, so the run is recorded by that server. `serve` always uses Prefect.
 
 Exit codes (documented in the README):
   0  success
@@ -28,6 +33,26 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+def _tracked(args) -> bool:
+    """Run the stage as a Prefect flow: asked for (--track), or a server is configured in the environment."""
+    return bool(getattr(args, "track", False) or os.environ.get("PREFECT_API_URL"))
+
+
+def _add_track(p) -> None:
+    p.add_argument("--track", action="store_true",
+                   help="run as a Prefect flow, recorded by the server at PREFECT_API_URL (without one, Prefect "
+                        "starts a temporary server: 8-16 s); the default when PREFECT_API_URL is set")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prefcurate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -41,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
               prefcurate score --lake lake --scorers sharpness,exposure,colourfulness
             exit codes: 0 ok, 1 internal error, 2 usage error, 3 input error"""))
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"prefcurate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="ingest source files into a lake", formatter_class=formatter,
@@ -58,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="source label stored with each pair (default: the format name)")
     p.add_argument("--image-root", help="folder that image paths are relative to (hpdv2, jsonl, csv)")
     p.add_argument("paths", nargs="+", metavar="SOURCE", help="files to ingest")
+    _add_track(p)
 
     p = sub.add_parser("sql", help="run a read-only SQL query over the lake", formatter_class=formatter,
                        description="DuckDB over the lake tables as views (pairs, images, image_refs, quarantine, "
@@ -68,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                              prefcurate sql --lake lake "SELECT reason, count(*) FROM quarantine GROUP BY 1"
                              prefcurate sql --lake lake --format csv "SELECT * FROM ingests" > ingests.csv"""))
     p.add_argument("--lake", required=True)
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="output format (csv and json write binary columns as hex)")
     p.add_argument("query", help="SQL text")
 
     p = sub.add_parser("score", help="score the images the pairs need, once per (scorer version, image, prompt)",
@@ -97,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="local: this process, with a progress bar (default); threads or ray: the Prefect flow, "
                         "one task per shard")
     p.add_argument("--ray-address", help="Ray cluster address for --task-runner ray (default: a local Ray)")
+    _add_track(p)
 
     p = sub.add_parser("curate", help="compute votes, consensus, pair metrics and annotator statistics",
                        formatter_class=formatter,
@@ -110,10 +139,12 @@ def _parser() -> argparse.ArgumentParser:
                            """))
     p.add_argument("--lake", required=True)
     p.add_argument("--scorers", help="comma-separated scorers that vote (default: all scored)")
-    p.add_argument("--tie-policy", choices=("human_vote", "human_fallback", "drop"), default="human_vote",
-                   help="what decides a pair when the scorers' vote splits (default: the human label votes too)")
+    p.add_argument("--tie-policy", choices=("drop", "scorer_margin", "human_fallback", "human_vote"), default="drop",
+                   help="what decides a pair when the scorers' vote splits (default drop: no label, BalancedDPO's "
+                        "scorer-only vote; scorer_margin: the scorers' mean normalized margin)")
     p.add_argument("--reliability", choices=("beta_binomial", "dawid_skene"), default="dawid_skene",
                    help="annotator reliability estimator reported as `reliability` (both are computed)")
+    _add_track(p)
 
     p = sub.add_parser("snapshot", help="write an immutable, weighted training snapshot", formatter_class=formatter,
                        description="Write a content-addressed training snapshot of the current curation run. "
@@ -130,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-reliability", type=float, help="filter: drop pairs of annotators below this reliability")
     p.add_argument("--splits", default="train", help="comma-separated source splits to include")
     p.add_argument("--out", help="snapshots folder (default: LAKE/snapshots)")
+    _add_track(p)
 
     p = sub.add_parser("tables", help="describe the lake tables' columns", formatter_class=formatter,
                        epilog="example:\n  prefcurate tables pairs")
@@ -173,6 +205,8 @@ def _print_table(table, fmt: str) -> None:
     import polars as pl
 
     frame = pl.from_arrow(table) if table.num_columns else pl.DataFrame()
+    if fmt != "table":  # CSV has no binary type; JSON has no bytes: hex is exact and easy to decode
+        frame = frame.with_columns(pl.col(pl.Binary).bin.encode("hex"))
     if fmt == "csv":
         sys.stdout.write(frame.write_csv())
     elif fmt == "json":
@@ -184,19 +218,31 @@ def _print_table(table, fmt: str) -> None:
 
 def cmd_ingest(args) -> int:
     from curation.ingest import READERS
+    from flows import stages
 
     if args.format not in READERS:
         raise UserError(f"unknown format {args.format!r}; formats: {', '.join(sorted(READERS))}")
-    _quiet_prefect_defaults()
-    from flows.ingest import ingest_flow
-
+    errors = {}
+    for path in args.paths:  # before any lake, lock or server: a mistyped path fails at once
+        try:
+            stages.check_source(path, args.format)
+        except stages.SourceError as exc:
+            errors[path] = str(exc)
+    if len(errors) == len(args.paths):
+        raise UserError("; ".join(errors.values()))
     options = {"image_root": args.image_root} if args.image_root else {}
-    results = ingest_flow(args.lake, args.paths, args.format, args.source, options)
+    if _tracked(args):
+        _quiet_prefect_defaults()
+        from flows.ingest import ingest_flow
+
+        results = ingest_flow(args.lake, args.paths, args.format, args.source, options)
+    else:
+        results = stages.run_ingest(args.lake, args.paths, args.format, args.source, options)
     failed = 0
     for r in results:
         if "error" in r:
             failed += 1
-            print(f"error: {r['error']}", file=sys.stderr)
+            print(f"prefcurate ingest: error: {r['error']}", file=sys.stderr)
         else:
             head = "already ingested: " if r["already_ingested"] else ""
             print(f"{head}{r['source_file']}: read {r['n_read']} = accepted {r['n_accepted']} + duplicates "
@@ -241,21 +287,21 @@ def cmd_score(args) -> int:
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     lake = Lake(args.lake)
-    if args.task_runner == "local":
-        from curation.scoring import run_scoring
+    if args.task_runner == "local" and not _tracked(args):
+        from flows.stages import run_score
 
-        summaries = run_scoring(lake, names, args.weights, args.device, args.batch_size, args.workers,
-                                args.shard_size, progress=True).scorers
-        rows = [(s.name, s.n_scores, s.n_images, s.seconds, s.images_per_s, s.n_pairs_skipped) for s in summaries]
+        summaries = run_score(args.lake, names, args.weights, args.device, args.batch_size, args.workers,
+                              args.shard_size, progress=True)
     else:
         _quiet_prefect_defaults()
         from flows.score import run_score_flow
 
-        summaries = run_score_flow(args.lake, names, task_runner=args.task_runner, ray_address=args.ray_address,
+        runner = "threads" if args.task_runner == "local" else args.task_runner
+        summaries = run_score_flow(args.lake, names, task_runner=runner, ray_address=args.ray_address,
                                    weights_dir=args.weights, device=args.device, batch_size=args.batch_size,
                                    workers=args.workers, shard_size=args.shard_size)
-        rows = [(s["name"], s["n_scores"], s["n_images"], s["seconds"], s["images_per_s"], s["n_pairs_skipped"])
-                for s in summaries]
+    rows = [(s["name"], s["n_scores"], s["n_images"], s["seconds"], s["images_per_s"], s["n_pairs_skipped"])
+            for s in summaries]
     for name, n_scores, n_images, seconds, rate, skipped in rows:
         print(f"{name}: {n_scores} scores, {n_images} images in {seconds:.1f} s = {rate:.1f} images/s")
     if rows and rows[0][5]:
@@ -276,27 +322,38 @@ def cmd_curate(args) -> int:
                               annotators=AnnotatorStatsConfig(reliability_method=args.reliability))
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    _quiet_prefect_defaults()
-    from flows.curate import curate_flow
+    if _tracked(args):
+        _quiet_prefect_defaults()
+        from flows.curate import curate_flow
 
-    print(curate_flow(args.lake, config)["line"])
+        print(curate_flow(args.lake, config)["line"])
+    else:
+        from flows.stages import run_curate
+
+        print(run_curate(args.lake, config)["line"])
     return EXIT_OK
 
 
 def cmd_snapshot(args) -> int:
-    from curation.lake import Lake
+    from curation.lake import Lake, check_partition_name
     from curation.snapshot import SnapshotError, SnapshotPolicy
 
     Lake(args.lake)
     try:
+        check_partition_name("snapshot name", args.name)
         policy = SnapshotPolicy(kind=args.policy, max_minority_score=args.max_minority_score,
                                 min_reliability=args.min_reliability, splits=tuple(args.splits.split(",")))
-    except SnapshotError as exc:
+    except (SnapshotError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    _quiet_prefect_defaults()
-    from flows.curate import snapshot_flow
+    if _tracked(args):
+        _quiet_prefect_defaults()
+        from flows.curate import snapshot_flow
 
-    print(snapshot_flow(args.lake, args.name, policy, args.out)["line"])
+        print(snapshot_flow(args.lake, args.name, policy, args.out)["line"])
+    else:
+        from flows.stages import run_snapshot
+
+        print(run_snapshot(args.lake, args.name, policy, args.out)["line"])
     return EXIT_OK
 
 
@@ -310,7 +367,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    _quiet_prefect_defaults()
     from flows.demo import run_demo
 
     run_demo(args.out, seed=args.seed)
@@ -382,7 +438,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`prefcurate tables | head`): what it wanted was written. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again, and exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -118,24 +118,43 @@ def _one(frame: pl.DataFrame, pair_id: str) -> dict:
 
 def test_unanimous_vote():
     votes = _votes({"u": [1.0, 1.0, 1.0, 1.0]})
-    for policy in ("human_fallback", "drop", "human_vote"):
+    for policy in ("human_fallback", "drop", "human_vote", "scorer_margin"):
         row = _one(consensus(votes, pl.DataFrame({"pair_id": ["u"], "label_0": [0.0]}), tie_policy=policy), "u")
         assert (row["n_scorers"], row["votes_for_0"], row["consensus_label"]) == (4, 4.0, 1.0)
         assert row["consensus_source"] == "majority" and row["human_agrees"] is False
         assert row["vote_fraction"] == (0.8 if policy == "human_vote" else 1.0)  # human_vote: 4 of 5 voters
 
 
-@pytest.mark.parametrize(("policy", "label", "source", "fraction"), [
-    ("human_fallback", 0.0, "human_fallback", 0.5),
-    ("drop", None, "split", 0.5),
-    ("human_vote", 0.0, "majority", 0.4),  # 2 scorers + 0 human of 5 voters for image_0
+@pytest.mark.parametrize(("policy", "label", "source", "fraction", "agrees"), [
+    ("human_fallback", 0.0, "human_fallback", 0.5, None),  # the human decided: not counted as agreement
+    ("drop", None, "split", 0.5, None),
+    ("human_vote", 0.0, "majority", 0.4, None),  # 2 scorers + 0 human of 5 voters for image_0
+    ("scorer_margin", 1.0, "scorer_margin", 0.5, False),  # mean margin (2 + 2 - 0.5 - 0.5) / 4 > 0
 ])
-def test_two_two_split_under_each_tie_policy(policy, label, source, fraction):
-    votes = _votes({"s": [1.0, 1.0, 0.0, 0.0]})
+def test_two_two_split_under_each_tie_policy(policy, label, source, fraction, agrees):
+    # normalized margins: image_0's two voters are sure (+2 each), image_1's two barely (-0.5 each)
+    votes = _votes({"s": [1.0, 1.0, 0.0, 0.0]}, margins={"s": [2.0, 2.0, -0.5, -0.5]})
     row = _one(consensus(votes, pl.DataFrame({"pair_id": ["s"], "label_0": [0.0]}), tie_policy=policy), "s")
     assert (row["consensus_label"], row["consensus_source"]) == (label, source)
     assert row["vote_fraction"] == pytest.approx(fraction) and row["votes_for_0"] == 2.0
-    assert row["human_agrees"] is (None if label is None else True)
+    assert row["human_agrees"] is agrees
+    assert row["scorer_label"] == (1.0 if policy == "scorer_margin" else None)
+
+
+def test_default_is_the_paper_form_scorers_only_and_splits_dropped():
+    # 3 scorers split 2-1 for image_0, human says image_1: the human neither votes nor decides.
+    votes = _votes({"a": [1.0, 1.0, 0.0], "s": [1.0, 1.0, 0.0, 0.0]})
+    pairs = pl.DataFrame({"pair_id": ["a", "s"], "label_0": [0.0, 0.0]})
+    out = consensus(votes, pairs)
+    assert out["consensus_label"].to_list() == [1.0, None]
+    assert out["consensus_source"].to_list() == ["majority", "split"]
+    assert out["human_agrees"].to_list() == [False, None]
+    # under human_vote the human turns the 2-1 into a 2-2 split it then wins; agreement is still
+    # measured against the scorers' own 2-1 label, so the human cannot agree with itself
+    voted = consensus(votes, pairs, tie_policy="human_vote")
+    assert voted["consensus_label"].to_list() == [0.0, 0.0]
+    assert voted["consensus_source"].to_list() == ["human_fallback", "majority"]
+    assert voted["human_agrees"].to_list() == [False, None]
 
 
 @pytest.mark.parametrize("policy", ["human_fallback", "drop", "human_vote"])
@@ -216,3 +235,4 @@ def test_votes_feed_consensus_end_to_end():
     assert out["consensus_label"].to_list() == [1.0, 0.0, None]
     assert out["consensus_source"].to_list() == ["majority", "majority", "split"]
     assert out["human_agrees"].to_list() == [True, True, None]
+    assert out["scorer_label"].to_list() == [1.0, 0.0, None]
