@@ -384,3 +384,57 @@ def test_every_loss_type_is_finite_and_trains_the_policy(loss_type):
     loss.backward()
     assert model_w.grad is not None and bool(model_w.grad.abs().sum() > 0)
     assert all(not m.requires_grad for m in metrics.values())
+
+
+# ---------------------------------------------------------------- v-prediction targets (Salimans & Ho 2022)
+
+ABAR = t64(0.64, 0.36, 0.25)  # √ᾱ = 0.8, 0.6, 0.5; √(1 − ᾱ) = 0.6, 0.8, √0.75
+
+
+def test_velocity_closed_form_and_prediction_target():
+    x0, eps, t = t64(1.0, 1.0).view(2, 1), t64(2.0, 2.0).view(2, 1), torch.tensor([0, 1])
+    # v = √ᾱ·ε − √(1 − ᾱ)·x0: 0.8·2 − 0.6·1 = 1.0 and 0.6·2 − 0.8·1 = 0.4
+    assert L.velocity(x0, eps, t, ABAR).flatten().tolist() == pytest.approx([1.0, 0.4], abs=1e-12)
+    assert L.prediction_target("v_prediction", x0, eps, t, ABAR).flatten().tolist() == pytest.approx([1.0, 0.4])
+    assert L.prediction_target("epsilon", x0, eps, t, ABAR) is eps
+    with pytest.raises(ValueError, match="prediction_type"):
+        L.prediction_target("sample", x0, eps, t, ABAR)
+    with pytest.raises(ValueError, match="index alphas_cumprod"):
+        L.velocity(x0, eps, torch.tensor([0, 3]), ABAR)
+
+
+def test_velocity_matches_the_diffusers_scheduler():
+    from diffusers import DDPMScheduler
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(L.velocity(x0, eps, t, scheduler.alphas_cumprod), scheduler.get_velocity(x0, eps, t))
+
+
+def test_epsilon_and_x0_from_v_invert_the_forward_process():
+    x0, eps, t = t64(1.0, -0.5, 3.0).view(3, 1), t64(2.0, 0.25, -1.0).view(3, 1), torch.tensor([0, 1, 2])
+    a, s = ABAR[t].sqrt().view(3, 1), (1 - ABAR[t]).sqrt().view(3, 1)
+    x_t = a * x0 + s * eps
+    v = L.velocity(x0, eps, t, ABAR)
+    torch.testing.assert_close(L.epsilon_from_v(v, x_t, t, ABAR), eps, rtol=0, atol=1e-12)
+    torch.testing.assert_close(L.x0_from_v(v, x_t, t, ABAR), x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(L.epsilon_from_prediction("v_prediction", v, x_t, t, ABAR), eps, rtol=0, atol=1e-12)
+    assert L.epsilon_from_prediction("epsilon", eps, x_t, t, ABAR) is eps
+    # hand-computed first row: ε = 0.8·v + 0.6·x_t with x_t = 0.8 + 1.2 = 2.0 and v = 1.0: 0.8 + 1.2 = 2.0
+    assert float(x_t[0]) == pytest.approx(2.0) and float(v[0]) == pytest.approx(1.0)
+
+
+def test_ncp_reverse_step_of_a_v_model_is_the_x0_form_posterior_mean():
+    """Ho et al. 2020 Eq. 7: μ = (√ᾱ_{t−1}·β_t·x̂0 + √α_t·(1 − ᾱ_{t−1})·x_t)/(1 − ᾱ_t), x̂0 from v."""
+    g = torch.Generator().manual_seed(3)
+    x_t, v = torch.randn(2, 4, dtype=torch.float64, generator=g), torch.randn(2, 4, dtype=torch.float64, generator=g)
+    t = torch.tensor([1, 2])
+    step = L.ddpm_reverse_step(x_t, L.epsilon_from_prediction("v_prediction", v, x_t, t, ABAR), t, ABAR,
+                               torch.zeros_like(x_t))
+    abar_t, abar_prev = ABAR[t].view(2, 1), ABAR[t - 1].view(2, 1)
+    alpha_t = abar_t / abar_prev
+    mu = (abar_prev.sqrt() * (1 - alpha_t) * L.x0_from_v(v, x_t, t, ABAR)
+          + alpha_t.sqrt() * (1 - abar_prev) * x_t) / (1 - abar_t)
+    torch.testing.assert_close(step, mu, rtol=0, atol=1e-12)

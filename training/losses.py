@@ -1,12 +1,13 @@
 """Preference losses for text-to-image diffusion models: pure functions on per-sample tensors.
 
-No model, optimiser or accelerator here. The trainer computes per-sample errors (``per_sample_mse`` on the
-ε-prediction, or ``perceptual_distance`` for NCP) for the policy and the frozen reference, splits them into
+No model, optimiser or accelerator here. The trainer computes per-sample errors (``per_sample_mse`` of the
+prediction against ``prediction_target``: ε, or v for v-prediction models such as SD2.x; or
+``perceptual_distance`` for NCP) for the policy and the frozen reference, splits them into
 winners and losers, and passes the four (B,) vectors to one of the losses below. Every loss returns
 ``(loss, metrics)``; metrics are detached tensors (0-dim, or (B,) for ``logits``).
 
 β convention (the only one used in this module): Salesforce ``train.py``, methods.md §1.4 / §1.7.
-    ℓ_i = Δ_ref,i − Δ_θ,i,   Δ = ē_w − ē_l,   ē = mean over C, H, W of the squared ε error   (``dpo_raw_logits``)
+    ℓ_i = Δ_ref,i − Δ_θ,i,   Δ = ē_w − ē_l,   ē = mean over C, H, W of the squared ε (or v) error   (``dpo_raw_logits``)
     z_i = k·ℓ_i,   k = β/2  (``dpo_logit_scale``),   β = Salesforce ``beta_dpo`` (launcher default 5000)
 Other conventions put a different factor in front of ℓ; convert them once, at the config boundary:
     diffusers SD1.5 ``beta_dpo`` (logit β_dpo·ℓ, default 2500)  -> ``beta_from_diffusers(b)``            = 2b
@@ -20,8 +21,9 @@ Loss types the trainer supports (``LOSS_TYPES``) and the functions that compute 
                   ``adaptive_dpo_loss`` (= ``diffusion_dpo_loss`` with ``adaptive_weight`` and ``adaptive_margin``)
     balanced-dpo  ``balanced_dpo_loss`` (hard consensus label, or the vote-fraction soft target); the dynamic
                   reference update is the trainer's job
-    ncp-dpo       ``ddpm_reverse_step`` (policy, reference and true ε, one shared z) -> frozen encoder at
-                  ``ncp_previous_timestep(t)`` -> ``perceptual_distance`` -> ``ncp_dpo_loss``
+    ncp-dpo       ``epsilon_from_prediction`` (ε of a v-model) -> ``ddpm_reverse_step`` (policy, reference and
+                  true ε, one shared z) -> frozen encoder at ``ncp_previous_timestep(t)`` ->
+                  ``perceptual_distance`` -> ``ncp_dpo_loss``
     cpo           ``cpo_loss`` on ε-MSE or on perceptual distances (NCP-CPO)
     sft           ``sft_loss`` on the winner's ε-MSE or perceptual distance (NCP-SFT)
     ipo           ``ipo_loss`` (optionally with Adaptive-DPO weights)
@@ -89,6 +91,76 @@ def beta_from_sum_of_squares(beta: float, elements_per_sample: int) -> float:
     if elements_per_sample < 1:
         raise ValueError(f"elements_per_sample must be >= 1, got {elements_per_sample}")
     return 2.0 * beta * elements_per_sample
+
+
+# ---------------------------------------------------------------- prediction targets (ε or v)
+
+PredictionType = Literal["epsilon", "v_prediction"]
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _signal_noise_scales(t: Tensor, alphas_cumprod: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """α_t = √ᾱ_t and σ_t = √(1 − ᾱ_t) for integer t (N,), shaped (N, 1, ..., 1) in ``like``'s dtype/device.
+
+    The forward process is x_t = α_t·x_0 + σ_t·ε (Ho et al. 2020 Eq. 4), so α_t² + σ_t² = 1.
+    """
+    if t.dim() != 1 or t.shape[0] != like.shape[0] or t.is_floating_point():
+        raise ValueError(f"t must be an integer tensor of shape ({like.shape[0]},), got {t.dtype} {tuple(t.shape)}")
+    if alphas_cumprod.dim() != 1 or int(t.min()) < 0 or int(t.max()) >= alphas_cumprod.shape[0]:
+        raise ValueError(f"t must index alphas_cumprod of shape (T,), got t in [{int(t.min())}, {int(t.max())}] "
+                         f"and alphas_cumprod of shape {tuple(alphas_cumprod.shape)}")
+    abar = alphas_cumprod.to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))[
+        t.to(like.device)]
+    shape = (-1, *([1] * (like.dim() - 1)))
+    return abar.sqrt().view(shape).to(like.dtype), (1 - abar).sqrt().view(shape).to(like.dtype)
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} (the scheduler config's "
+                         f"prediction_type), got {prediction_type!r}")
+
+
+def velocity(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """v = α_t·ε − σ_t·x_0 (Salimans & Ho 2022, arXiv 2202.00512, §4 / Appendix D), (N, ...) -> same.
+
+    The same quantity as diffusers ``DDPMScheduler.get_velocity(x0, noise, t)``; SD2.x (768 px) is trained on it.
+    """
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 and noise must have the same shape, got {tuple(x0.shape)} and {tuple(noise.shape)}")
+    a, s = _signal_noise_scales(t, alphas_cumprod, x0)
+    return a * noise - s * x0
+
+
+def prediction_target(prediction_type: PredictionType, x0: Tensor, noise: Tensor, t: Tensor,
+                      alphas_cumprod: Tensor) -> Tensor:
+    """What the UNet regresses onto, (N, ...): ε for ``epsilon`` (Ho et al. 2020 Eq. 14), v for
+    ``v_prediction`` (Salimans & Ho 2022). Every ε-MSE loss of this module becomes a v-MSE with the v target,
+    as in the diffusers Diffusion-DPO LoRA script; β keeps its meaning (a factor on mean-squared-error gaps)."""
+    _check_prediction_type(prediction_type)
+    return noise if prediction_type == "epsilon" else velocity(x0, noise, t, alphas_cumprod)
+
+
+def epsilon_from_v(v: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """ε = α_t·v + σ_t·x_t: the noise a v-prediction implies (Salimans & Ho 2022 §4; substitute
+    x_t = α_t·x_0 + σ_t·ε into v = α_t·ε − σ_t·x_0 and use α_t² + σ_t² = 1)."""
+    a, s = _signal_noise_scales(t, alphas_cumprod, x_t)
+    return a * v + s * x_t
+
+
+def x0_from_v(v: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """x̂_0 = α_t·x_t − σ_t·v: the clean latent a v-prediction implies (Salimans & Ho 2022 §4)."""
+    a, s = _signal_noise_scales(t, alphas_cumprod, x_t)
+    return a * x_t - s * v
+
+
+def epsilon_from_prediction(prediction_type: PredictionType, pred: Tensor, x_t: Tensor, t: Tensor,
+                            alphas_cumprod: Tensor) -> Tensor:
+    """The ε a model output means: itself for ``epsilon``, ``epsilon_from_v`` for ``v_prediction``. NCP-DPO's
+    reverse step (``ddpm_reverse_step``) takes ε; for a v-model it is the same posterior mean as the x_0 form
+    μ = (√ᾱ_{t−1}·β_t·x̂_0 + √α_t·(1 − ᾱ_{t−1})·x_t)/(1 − ᾱ_t) with x̂_0 = ``x0_from_v`` (Ho et al. 2020 Eq. 7)."""
+    _check_prediction_type(prediction_type)
+    return pred if prediction_type == "epsilon" else epsilon_from_v(pred, x_t, t, alphas_cumprod)
 
 
 # ---------------------------------------------------------------- per-sample errors
