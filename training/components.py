@@ -16,6 +16,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from training.losses import PREDICTION_TYPES
+
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
 
@@ -88,9 +90,9 @@ def load_components(model_dir: str | Path) -> Components:
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **kw))
         tokenizers.append(CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", **kw))
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **kw)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"{model_dir}/scheduler predicts {noise_scheduler.config.prediction_type!r}; the DPO "
-                         f"losses here compare ε-predictions (prediction_type 'epsilon', as SD1.5 and SDXL)")
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{model_dir}/scheduler predicts {noise_scheduler.config.prediction_type!r}; training "
+                         f"supports {' and '.join(PREDICTION_TYPES)} (SD1.5/SDXL: epsilon, SD2.x-768: v_prediction)")
     for module in (vae, *text_encoders):
         module.requires_grad_(False)
     return Components(unet, vae, text_encoders, tokenizers, noise_scheduler)
@@ -118,11 +120,35 @@ def encode_prompts(components: Components, prompts: list[str], device: torch.dev
     return torch.cat(hidden, dim=-1).to(dtype), pooled
 
 
-def sdxl_time_ids(resolution: int, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """SDXL micro-conditioning (original size, crop top-left, target size) for centre-cropped square images,
-    (N, 6): ``[res, res, 0, 0, res, res]`` as the Salesforce SDXL script (methods.md §1.3)."""
-    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype)
-    return row.expand(n, 6)
+def center_crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """The geometry of ``training.snapshot.load_image``: resize the short side to ``resolution`` (bilinear),
+    then centre-crop a square. Returns (resized width, resized height, crop left, crop top), in pixels."""
+    if width < 1 or height < 1 or resolution < 1:
+        raise ValueError(f"image and target sizes must be >= 1, got {width}x{height} -> {resolution}")
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
+
+
+def sdxl_micro_conditioning(sizes: Tensor | None, resolution: int, n: int) -> Tensor:
+    """SDXL micro-conditioning rows (N, 6) = (original h, original w, crop top, crop left, target h, target w),
+    Podell et al. 2023 (arXiv 2307.01952) §2.2, in the order of the SDXL pipeline's ``add_time_ids``.
+
+    ``sizes`` (N, 2): each image's (width, height) before preprocessing, from its encoded bytes; the crop is
+    where ``center_crop_box`` cut it (the diffusers SDXL training scripts record the same two). Without sizes
+    (an image of unknown size) the row is ``[res, res, 0, 0, res, res]``, the fixed row of the Salesforce SDXL
+    script. float32 on the CPU; the caller moves and casts it.
+    """
+    if sizes is None:
+        return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32).expand(
+            n, 6).clone()
+    if sizes.shape != (n, 2):
+        raise ValueError(f"sizes must be (N, 2) = (width, height) per image with N = {n}, got {tuple(sizes.shape)}")
+    rows = []
+    for width, height in sizes.long().tolist():
+        _, _, left, top = center_crop_box(width, height, resolution)
+        rows.append([height, width, top, left, resolution, resolution])
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def tiny_unet_config(sample_size: int = 8, cross_attention_dim: int = 32,
@@ -137,14 +163,16 @@ def tiny_unet_config(sample_size: int = 8, cross_attention_dim: int = 32,
     }
 
 
-def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int = 0) -> Path:
+def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int = 0,
+                        prediction_type: str = "epsilon") -> Path:
     """Build and save a tiny SD-style pipeline (random weights, offline) that ``load_components`` and
     ``StableDiffusionPipeline.from_pretrained`` read back; returns ``out_dir``.
 
     VAE with three blocks (32, 32, 32): latents 4 × res/4 × res/4 (8×8 at 32 px, 16×16 at 64 px).
     UNet (32, 64) blocks with cross-attention dim 32; CLIP text encoder of hidden size 32 with the committed
     real CLIP vocabulary (so prompts tokenise as in SD). Training scheduler DDPM 1000 steps (scaled-linear betas, as SD1.5); the
-    pipeline's sampling scheduler is DDIM with the same betas.
+    pipeline's sampling scheduler is DDIM with the same betas and ``prediction_type`` (``v_prediction``: the
+    SD2.x-768 parametrisation).
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -159,7 +187,7 @@ def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int 
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
     betas = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+             "beta_schedule": "scaled_linear", "prediction_type": prediction_type}
     scheduler = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -168,4 +196,30 @@ def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int 
     with open(out_dir / "prefcurate_tiny.json", "w") as f:  # provenance: this folder holds random weights
         json.dump({"built_by": "training.components.build_tiny_pipeline", "seed": seed,
                    "resolution": resolution, "weights": "random"}, f)
+    return out_dir
+
+
+def build_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build and save a tiny SDXL-layout pipeline (random weights, offline): two CLIP text encoders (the second
+    with a projection, giving the pooled embedding), a UNet with ``addition_embed_type="text_time"`` (pooled
+    text + the six micro-conditioning numbers), a three-block VAE (latents res/4). Returns ``out_dir``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32, use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
+    StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)), unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    ).save_pretrained(out_dir)
     return out_dir

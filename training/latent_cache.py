@@ -3,7 +3,8 @@
 The VAE posterior is cached as its mean and std (not a sample), so a training step draws the latent from the
 same seeded noise as an uncached step: with or without the cache the loss is the same. One safetensors file
 per (shard, row group) keeps memory bounded while building and lets steps read single rows (memory-mapped).
-Files per row group: ``w_mean, w_std, l_mean, l_std`` (N, 4, h, w) float32, ``text`` (N, 77, D) and, for SDXL,
+Files per row group: ``w_mean, w_std, l_mean, l_std`` (N, 4, h, w) float32, ``w_size, l_size`` (N, 2) int64
+(width, height) of the images before preprocessing (SDXL micro-conditioning), ``text`` (N, 77, D) and, for SDXL,
 ``pooled`` (N, P); ``empty.safetensors`` holds the empty caption's embedding for prompt dropout.
 """
 from __future__ import annotations
@@ -21,17 +22,18 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from training.components import Components, encode_prompts
-from training.snapshot import Snapshot, load_image
+from training.snapshot import Snapshot, image_size, load_image
 
 
 COMPLETE = "complete.json"
+CACHE_FORMAT = 2  # 2: image sizes stored; part of the key, so an older cache is rebuilt, never misread
 
 
 def cache_key(snapshot: Snapshot, model_dir: str | Path, resolution: int) -> str:
     """Hash of the snapshot id, the model's VAE and text-encoder configs and weight files (path, size, mtime)
     and the resolution: a changed model or resolution gets a new cache."""
     model_dir = Path(model_dir).resolve()
-    digest = hashlib.sha256(f"{snapshot.snapshot_id}|{resolution}|{model_dir}".encode())
+    digest = hashlib.sha256(f"{snapshot.snapshot_id}|{resolution}|{model_dir}|v{CACHE_FORMAT}".encode())
     for sub in ("vae", "text_encoder", "text_encoder_2"):
         for f in sorted((model_dir / sub).glob("*")) if (model_dir / sub).is_dir() else []:
             stat = f.stat()
@@ -73,6 +75,8 @@ def build_cache(components: Components, snapshot: Snapshot, root: Path, resoluti
                     mean, std = vae_posterior(components, pixels)
                     parts.setdefault(f"{side}_mean", []).append(mean.cpu())
                     parts.setdefault(f"{side}_std", []).append(std.cpu())
+                    parts.setdefault(f"{side}_size", []).append(torch.tensor([image_size(b) for b in images],
+                                                                             dtype=torch.int64))
                 text, pooled = encode_prompts(components, table["prompt"][sl], device, dtype)
                 parts.setdefault("text", []).append(text.float().cpu())
                 if pooled is not None:

@@ -138,6 +138,8 @@ class PairBatch:
     minority_score: Tensor  # (B,) offline u in [0, 1]
     vote_fraction: Tensor  # (B,) share of voters for the winner; NaN when none
     position: DataPosition  # where the stream continues after this batch
+    winner_sizes: Tensor | None = None  # (B, 2) int64 (width, height) before preprocessing; None without pixels
+    loser_sizes: Tensor | None = None
 
 
 def load_image(data: bytes, resolution: int) -> Tensor:
@@ -153,6 +155,12 @@ def load_image(data: bytes, resolution: int) -> Tensor:
         img = img.crop((left, top, left + resolution, top + resolution))
         array = np.asarray(img, dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, from the header only (PIL opens lazily)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def _nan_to(value: float | None, fill: float) -> float:
@@ -227,13 +235,15 @@ class PairStream:
         def column(name: str, fill: float) -> Tensor:
             return torch.tensor([_nan_to(v[name], fill) for v in values], dtype=torch.float32)
 
-        pixels_w = pixels_l = None
+        pixels_w = pixels_l = sizes_w = sizes_l = None
         if self.decode_images:
             pixels_w = torch.stack([load_image(v["winner_image"], self.resolution) for v in values])
             pixels_l = torch.stack([load_image(v["loser_image"], self.resolution) for v in values])
+            sizes_w = torch.tensor([image_size(v["winner_image"]) for v in values], dtype=torch.int64)
+            sizes_l = torch.tensor([image_size(v["loser_image"]) for v in values], dtype=torch.int64)
         return PairBatch(
             pair_ids=[v["pair_id"] for v in values], prompts=[v["prompt"] for v in values],
             rows=[(f, r) for f, r, _ in rows], winner_pixels=pixels_w, loser_pixels=pixels_l,
             weight=column("weight", 1.0), margin=column("margin", 0.0),
             minority_score=column("minority_score", 0.0), vote_fraction=column("vote_fraction", float("nan")),
-            position=position)
+            position=position, winner_sizes=sizes_w, loser_sizes=sizes_l)

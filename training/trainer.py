@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from training import losses as L
 from training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from training.components import encode_prompts, load_components, sdxl_time_ids
+from training.components import encode_prompts, load_components, sdxl_micro_conditioning
 from training.config import TrainConfig, parse_args
 from training.latent_cache import LatentCache, build_cache, cache_key, vae_posterior
 from training.lora import (
@@ -86,13 +86,18 @@ class Trainer:
         opt_kw = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
                       eps=c.adam_epsilon)
         if c.use_8bit_adam:
-            import bitsandbytes as bnb
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ValueError(f"--use-8bit-adam needs bitsandbytes, which cannot be imported ({err}): "
+                                 f"pip install bitsandbytes (CUDA only), or drop --use-8bit-adam") from None
             optimizer = bnb.optim.AdamW8bit(params, **opt_kw)
         else:
             optimizer = torch.optim.AdamW(params, **opt_kw)
         self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.generator = torch.Generator().manual_seed(c.seed + self.accelerator.process_index)
         self.alphas_cumprod = comp.noise_scheduler.alphas_cumprod.to(self.device)
+        self.prediction_type = comp.noise_scheduler.config.prediction_type  # epsilon, or v_prediction (SD2.x)
         self.global_step, self.position = 0, DataPosition()
         self.cache = self._prepare_cache() if c.latent_cache else None
         self.empty_text = (self.cache.empty if self.cache else
@@ -121,6 +126,8 @@ class Trainer:
         l_mean, l_std = vae_posterior(self.components, batch.loser_pixels.to(self.device))
         text, pooled = encode_prompts(self.components, batch.prompts, self.device, self.weight_dtype)
         out = {"w_mean": w_mean, "w_std": w_std, "l_mean": l_mean, "l_std": l_std, "text": text}
+        if batch.winner_sizes is not None and batch.loser_sizes is not None:  # (B, 2) width, height
+            out |= {"w_size": batch.winner_sizes, "l_size": batch.loser_sizes}
         return out | ({"pooled": pooled} if pooled is not None else {})
 
     def _inputs(self, batch: PairBatch) -> dict[str, Tensor]:
@@ -136,14 +143,18 @@ class Trainer:
         std = torch.cat([enc["w_std"], enc["l_std"]])
         latents = (mean + std * vae_eps) * self.scaling_factor
         x_t = self.components.noise_scheduler.add_noise(latents, noise, t)
+        target = L.prediction_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)  # ε or v
         empty = self.empty_text["text"].to(self.device, enc["text"].dtype)
         text = torch.where(drop[:, None, None], empty, enc["text"]).repeat(2, 1, 1).to(self.weight_dtype)
         added = None
         if self.is_sdxl:
             pooled = torch.where(drop[:, None], self.empty_text["pooled"].to(self.device), enc["pooled"])
+            sizes = torch.cat([enc["w_size"], enc["l_size"]]).cpu() if "w_size" in enc else None  # (2B, 2)
+            time_ids = sdxl_micro_conditioning(sizes, self.config.resolution, 2 * b)
             added = {"text_embeds": pooled.repeat(2, 1).to(self.weight_dtype),
-                     "time_ids": sdxl_time_ids(self.config.resolution, 2 * b, self.device, self.weight_dtype)}
-        return {"x_t": x_t.to(self.weight_dtype), "noise": noise, "t": t, "z": z, "text": text, "added": added}
+                     "time_ids": time_ids.to(self.device, self.weight_dtype)}
+        return {"x_t": x_t.to(self.weight_dtype), "noise": noise, "target": target, "t": t, "z": z, "text": text,
+                "added": added}
 
     # ------------------------------------------------------------------ errors and loss
     def _eps(self, module: torch.nn.Module, inp: dict) -> Tensor:
@@ -152,14 +163,18 @@ class Trainer:
                           added_cond_kwargs=inp["added"]).sample.float()
 
     def _errors(self, eps: dict[str, Tensor], inp: dict, need_grad: set[str]) -> dict[str, Tensor]:
-        """Per-sample errors (2B,) of each ε-prediction: mean squared ε error, or the NCP perceptual distance
-        ‖f(x_{t−1}(ε̂)) − f(x_{t−1}(ε))‖² of the frozen base encoder f at t−1 (gradients only through ε̂)."""
+        """Per-sample errors (2B,) of each prediction: mean squared error against the target (ε, or v for a
+        v-prediction model), or the NCP perceptual distance ‖f(x_{t−1}(ε̂)) − f(x_{t−1}(ε))‖² of the frozen base
+        encoder f at t−1, ε̂ being the ε the prediction implies (gradients only through ε̂)."""
         if not self.config.uses_perceptual:
-            return {k: L.per_sample_mse(v, inp["noise"]) for k, v in eps.items()}
+            return {k: L.per_sample_mse(v, inp["target"]) for k, v in eps.items()}
         t_prev = L.ncp_previous_timestep(inp["t"])
+        x_t = inp["x_t"].float()
 
-        def step(e: Tensor) -> Tensor:
-            return L.ddpm_reverse_step(inp["x_t"].float(), e, inp["t"], self.alphas_cumprod, inp["z"])
+        def step(e: Tensor, is_prediction: bool = True) -> Tensor:
+            if is_prediction:
+                e = L.epsilon_from_prediction(self.prediction_type, e, x_t, inp["t"], self.alphas_cumprod)
+            return L.ddpm_reverse_step(x_t, e, inp["t"], self.alphas_cumprod, inp["z"])
 
         def features(x: Tensor) -> list[Tensor]:
             added = inp["added"]
@@ -171,7 +186,7 @@ class Trainer:
         self.unet.disable_adapters()
         try:
             with torch.no_grad():
-                target = features(step(inp["noise"]))
+                target = features(step(inp["noise"], is_prediction=False))  # the true ε
             for k, e in eps.items():
                 with torch.set_grad_enabled(k in need_grad):
                     out[k] = L.perceptual_distance(features(step(e)), target)
