@@ -76,8 +76,9 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = _f(("to_q", "to_k", "to_v", "to_out.0"),
                                               "attention projections that get LoRA (diffusers DPO script)")
     resolution: int = _f(512, "training resolution in pixels: 512 for SD1.5, 1024 for SDXL")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "frozen weights in fp16/bf16 under autocast on "
-                                                              "CUDA; always 'no' on CPU; LoRA weights stay fp32")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "frozen weights in fp16/bf16 under autocast; bf16 "
+                                                              "also on the CPU, fp16 (with loss scaling) on CUDA "
+                                                              "only; LoRA weights stay fp32")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward: less memory, ~30% slower")
     proportion_empty_prompts: float = _f(0.2, "share of captions replaced by '' (Diffusion-DPO default 0.2)")
     latent_cache: bool = _f(True, "encode every image and caption once per snapshot and model, so steps skip "
@@ -85,6 +86,17 @@ class TrainConfig:
     cache_dir: str | None = _f(None, "latent cache root; default <output>/latent_cache")
     buffer_rows: int = _f(256, "shuffle buffer in rows: the snapshot is never loaded whole")
     checkpoint_every: int = _f(500, "optimiser steps between resumable checkpoints (Salesforce SD1.5: 500)")
+    # ---- tracking and validation
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = _f(
+        "tensorboard", "trackers for the step metrics: TensorBoard event files in <output>/logs, W&B, both, or none")
+    validation_prompts: tuple[str, ...] = _f((), "captions rendered every --validation-every steps into "
+                                                 "<output>/validation/step-N/ (one fixed seed per prompt)")
+    validation_every: int = _f(100, "optimiser steps between validation images (and once at the end)")
+    validation_inference_steps: int = _f(20, "DDIM steps per validation image")
+    # ---- test hook
+    debug_nonfinite_step: int = _f(0, "TEST HOOK: make the loss NaN at this optimiser step (1-based) on "
+                                      "--debug-nonfinite-rank; 0 = off")
+    debug_nonfinite_rank: int = _f(0, "TEST HOOK: the rank whose loss --debug-nonfinite-step makes NaN")
     # ---- Adaptive-DPO (methods.md §2)
     u_source: Literal["online", "offline", "max", "mean"] = _f(
         "online", "minority score u: online (model + 2 EMA annotators, the paper), offline (snapshot "
@@ -116,6 +128,7 @@ class TrainConfig:
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         self.lora_target_modules = tuple(self.lora_target_modules)
+        self.validation_prompts = tuple(self.validation_prompts)
         checks = {
             "loss": self.loss in LOSS_TYPES,
             "snapshot": bool(self.snapshot), "model": bool(self.model), "output": bool(self.output),
@@ -130,6 +143,10 @@ class TrainConfig:
             "mixed_precision": self.mixed_precision in ("no", "fp16", "bf16"),
             "proportion_empty_prompts": 0.0 <= self.proportion_empty_prompts <= 1.0,
             "buffer_rows": self.buffer_rows >= 1, "checkpoint_every": self.checkpoint_every >= 1,
+            "validation_every": self.validation_every >= 1,
+            "validation_inference_steps": self.validation_inference_steps >= 1,
+            "debug_nonfinite_step": self.debug_nonfinite_step >= 0,
+            "debug_nonfinite_rank": self.debug_nonfinite_rank >= 0,
             "u_source": self.u_source in ("online", "offline", "max", "mean"),
             "rho": self.rho > 0, "c1": self.c1 > 0, "k1": self.k1 >= 0,
             "weight_type": self.weight_type in ("linear", "quadratic", "sigmoid", "sqrt"),
@@ -160,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        flag, kind, kw = "--" + f.name.replace("_", "-"), hints[f.name], {"help": f.metadata["help"]}
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help: "30% s" printed a dict
+        flag, kind, kw = "--" + f.name.replace("_", "-"), hints[f.name], {"help": help_text}
         if f.metadata.get("required"):
             kw["required"] = True
         else:
