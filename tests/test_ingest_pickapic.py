@@ -5,12 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import random
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -39,6 +43,28 @@ def jpeg(color, size=24) -> bytes:
 
 
 RED, BLUE, GREEN = jpeg((220, 30, 30)), jpeg((30, 30, 220)), jpeg((30, 200, 30))
+
+
+def noise(fmt: str) -> bytes:
+    """A 64 px noise image: real entropy-coded data (JPEG scan, PNG IDAT) for damage to land in."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def damaged_middle(data: bytes) -> bytes:
+    """512 bytes of seeded garbage over the middle of the file; header and end marker are intact."""
+    mid = len(data) // 2
+    return data[:mid] + random.Random(0).randbytes(512) + data[mid + 512:]
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+# A 68-byte, structurally valid PNG whose header claims 12000 x 12000 RGB pixels (432 MB decoded).
+BOMB_PNG = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(b"\0" * 10)) + png_chunk(b"IEND", b""))
 
 
 def row(i, *, caption="a red bicycle", jpg_0=RED, jpg_1=BLUE, label_0=1.0, label_1=None, user=7, uid0=None,
@@ -101,6 +127,10 @@ def test_good_rows_are_accepted_with_exact_values(tmp_path, lake):
     (dict(jpg_1=RED), "identical_images"),
     (dict(are_different=False, jpg_1=GREEN), "identical_images"),
     (dict(has_label=False), "unlabelled"),
+    (dict(jpg_1=damaged_middle(noise("JPEG"))), "corrupt_image"),
+    (dict(jpg_1=damaged_middle(noise("PNG"))), "corrupt_image"),
+    (dict(jpg_0=BOMB_PNG), "image_too_large"),
+    (dict(caption="x" * (1 << 20)), "prompt_too_long"),
 ])
 def test_each_kind_of_bad_row_is_quarantined_and_the_ingest_goes_on(tmp_path, lake, bad, reason):
     shard = write_shard(tmp_path / "train-0.parquet", [row(0), row(1, **bad), row(2, jpg_1=GREEN)])
@@ -110,6 +140,42 @@ def test_each_kind_of_bad_row_is_quarantined_and_the_ingest_goes_on(tmp_path, la
     assert q["reason"] == reason and q["row_identity"].startswith("1001:")
     assert q["source_file"] == shard and q["detail"]
     assert '"caption"' not in q["raw"] and '"prompt"' in q["raw"]  # the raw values a person needs, by our names
+
+
+def test_damaged_images_are_ones_pillow_cannot_decode():
+    """The damage the ingest check refuses is real: Pillow's full decode fails on both files."""
+    for fmt in ("JPEG", "PNG"):
+        with pytest.raises(OSError), Image.open(io.BytesIO(damaged_middle(noise(fmt)))) as im:
+            im.load()
+
+
+def test_limits_are_configurable_and_quarantine_rows_stay_small(tmp_path, lake):
+    shard = write_shard(tmp_path / "train-0.parquet", [row(0, caption="y" * 300_000), row(1, jpg_1=GREEN)])
+    result = ingest_file(lake, shard, IngestConfig("pickapic", "pickapic", max_prompt_bytes=400_000,
+                                                   max_image_pixels=24 * 24 - 1), make_reader("pickapic"))
+    # The long prompt is now allowed; every 24x24 image is over the pixel limit.
+    assert (result.n_accepted, result.n_quarantined, dict(result.reasons)) == (0, 2, {"image_too_large": 2})
+    big = [q for q in lake.read("quarantine").to_pylist() if q["row_identity"].startswith("1000:")][0]
+    assert "576 pixels, more than the limit of 575" in big["detail"]
+    assert len(big["raw"]) < 1000 and '"chars": 300000' in big["raw"]  # the 300 kB prompt, summarised
+    with pytest.raises(ValueError, match="max_prompt_bytes must be >= 1"):
+        IngestConfig("pickapic", "pickapic", max_prompt_bytes=0)
+
+
+def test_the_same_bad_input_gives_byte_identical_quarantine_rows(tmp_path):
+    """No object address (PIL's '<_io.BytesIO object at 0x...>') or time in quarantine content."""
+    rows = [row(0), row(1, jpg_1=b"not an image at all"), row(2, jpg_0=damaged_middle(noise("PNG"))),
+            row(3, jpg_1=BOMB_PNG), row(4, caption="z" * 10_000)]
+    shard = write_shard(tmp_path / "train-0.parquet", rows)
+    tables = []
+    for name in ("a", "b"):
+        lake = Lake(str(tmp_path / name), create=True)
+        ingest(lake, shard)
+        tables.append(lake.read("quarantine").sort_by("row_identity"))
+    assert tables[0].num_rows == 4 and tables[0].equals(tables[1])
+    details = tables[0].column("detail").to_pylist()
+    assert not any(" at 0x" in d for d in details), details
+    assert "cannot identify image file" in details[0]
 
 
 def test_wrong_type_values_are_quarantined(tmp_path, lake):

@@ -10,6 +10,8 @@ import csv
 import io
 import itertools
 import json
+import os
+import signal
 from pathlib import Path
 
 import fsspec
@@ -206,6 +208,79 @@ def test_jsonl_paths_base64_and_problems(tmp_path):
     quarantine = lake.read("quarantine").to_pylist()
     assert sorted(q["row_identity"] for q in quarantine if q["reason"] == "malformed_json") == ["12", "3"]
     assert [q["detail"] for q in quarantine if q["reason"] == "wrong_type"] == ["label 'maybe' is not a number"]
+
+
+def contained_inputs_case(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A root with two images, a folder, a FIFO, a too-big file and symlinks; an image outside it.
+    Returns (root, jsonl path, expected reason per line number)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "p0.png").write_bytes(png((1, 2, 3)))
+    (root / "p1.png").write_bytes(png((4, 5, 6)))
+    (root / "big.png").write_bytes(png((7, 8, 9)) + b"\0" * 4000)
+    (outside / "o.png").write_bytes(png((9, 9, 9)))
+    (root / "escape.png").symlink_to(outside / "o.png")  # a link inside the root that points out
+    (root / "alias.png").symlink_to(root / "p1.png")     # a link that stays inside: fine
+    os.mkfifo(root / "fifo.png")
+    cases = [("p0.png", "p1.png", None), (str(outside / "o.png"), "p1.png", "image_outside_root"),
+             ("../outside/o.png", "p1.png", "image_outside_root"), ("sub/../../outside/o.png", "p0.png",
+                                                                    "image_outside_root"),
+             ("escape.png", "p0.png", "image_outside_root"), ("alias.png", "p0.png", None),
+             ("/dev/zero", "p0.png", "image_outside_root"), ("fifo.png", "p0.png", "not_a_regular_file"),
+             ("sub", "p0.png", "not_a_regular_file"), ("big.png", "p0.png", "image_too_large"),
+             ("nope.png", "p0.png", "missing_image_file")]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"case {n}", "image_0": a, "image_1": b, "label": 1}) + "\n"
+                            for n, (a, b, _) in enumerate(cases, start=1)))
+    return root, path, {str(n): reason for n, (_, _, reason) in enumerate(cases, start=1)}
+
+
+def run_with_alarm(seconds: int, fn, *args, **kwargs):
+    """fn(*args) with SIGALRM after `seconds`: a regression that blocks on a FIFO fails, never hangs CI."""
+    def hung(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s (blocked on a FIFO or device?)")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_image_paths_stay_inside_the_root_and_name_regular_files(tmp_path):
+    root, path, expected = contained_inputs_case(tmp_path)
+    lake, result = run_with_alarm(60, ingest, tmp_path / "lake", path, "gen", "jsonl", image_root=str(root),
+                                  max_image_bytes=2000)
+    assert (result.n_read, result.n_accepted, result.n_quarantined) == (11, 2, 9)
+    got = {q["row_identity"].split(":")[0]: q["reason"] for q in lake.read("quarantine").to_pylist()}
+    assert got == {n: r for n, r in expected.items() if r is not None}
+    details = {q["row_identity"].split(":")[0]: q["detail"] for q in lake.read("quarantine").to_pylist()}
+    assert "--allow-outside-root" in details["2"] and "2000" in details["10"]
+    assert ids.content_id((tmp_path / "outside" / "o.png").read_bytes()) not in lake.read("images").column(
+        "image_id").to_pylist()
+
+
+def test_allow_outside_root_reads_outside_paths_but_never_special_files(tmp_path):
+    root, path, expected = contained_inputs_case(tmp_path)
+    lake, result = run_with_alarm(60, ingest, tmp_path / "lake", path, "gen", "jsonl", image_root=str(root),
+                                  allow_outside_root=True, max_image_bytes=2000)
+    got = {q["row_identity"].split(":")[0]: q["reason"] for q in lake.read("quarantine").to_pylist()}
+    assert got == {"7": "not_a_regular_file", "8": "not_a_regular_file", "9": "not_a_regular_file",
+                   "10": "image_too_large", "11": "missing_image_file"}
+    assert result.n_accepted == 6  # lines 1-6: the outside image is read when allowed
+
+
+def test_hpdv2_paths_are_contained_too(tmp_path, hpd_images):
+    root = tmp_path / "hpd"
+    entries = [{"human_preference": [1, 0], "prompt": "p", "file_path": ["train/a.png", "../../etc/hostname"]},
+               {"human_preference": [0, 1], "prompt": "q", "file_path": ["train/a.png", "train/b.png"]}]
+    path = root / "train.json"
+    path.write_text(json.dumps(entries))
+    lake, result = ingest(tmp_path / "lake", path, "hpdv2", "hpdv2")
+    assert (result.n_accepted, quarantine_reasons(lake)) == (1, {"image_outside_root": 1})
 
 
 def test_csv_metadata_only(tmp_path):

@@ -11,6 +11,8 @@ import datetime as dt
 import hashlib
 import io
 import math
+import re
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +50,17 @@ REASONS = {
     "malformed_csv_row": "a CSV row has the wrong number of cells",
     "fewer_than_two_ranked": "a ranking row has fewer than two items to compare",
     "unlabelled": "the source marks the row as carrying no preference (Pick-a-Pic has_label = false)",
+    "image_outside_root": "an image path is absolute or leaves the image root (symlinks resolved)",
+    "not_a_regular_file": "an image path names a device, a FIFO, a folder or another non-regular file",
+    "image_too_large": "an image has more pixels (by its header) or more bytes than the configured limit",
+    "prompt_too_long": "the prompt has more UTF-8 bytes than the configured limit",
 }
+
+# Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, 1024**3 // 4 // 3, ~89.5 Mpx;
+# ~256 MB of RGB): above it a header alone can make a decoder allocate gigabytes.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# 8 kB of UTF-8: ~100x the 77-token text window of the CLIP-family scorers and T2I text encoders.
+MAX_PROMPT_BYTES = 8 << 10
 
 
 @dataclass
@@ -59,6 +71,14 @@ class IngestConfig:
                                      # decodes the pixels (several times slower, catches mid-stream damage)
     decode_threads: int = 2          # for full decodes: PIL releases the GIL while decoding
     max_file_bytes: int = 256 << 20  # part files rotate at about this size, so no single file is huge
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height from the header; above: image_too_large
+    max_image_bytes: int = 64 << 20  # encoded bytes of one image (inline in the source); above: image_too_large
+    max_prompt_bytes: int = MAX_PROMPT_BYTES  # above: prompt_too_long
+
+    def __post_init__(self):
+        for name in ("max_image_pixels", "max_image_bytes", "max_prompt_bytes", "max_file_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -84,14 +104,77 @@ class IngestResult:
                 f"{self.n_duplicates} + quarantined {self.n_quarantined}; {self.n_images_new} new images")
 
 
+class ImageTooLargeError(ValueError):
+    """An image's header claims more pixels than the limit: it is refused before any decode."""
+
+
+# A marker inside or after JPEG entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a
+# restart marker (D0-D7) or a fill byte (FF).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _jpeg_problem(data: bytes) -> str | None:
+    """Why JPEG bytes are damaged, or None. Walks every marker segment (lengths inside the file) and
+    the entropy-coded data of every scan, where only stuffed bytes and restart markers may follow a
+    0xFF until the next segment; it must end with EOI. Garbage written over the middle of a file
+    almost always puts a reserved marker (0xFF02-0xFFBF) or a second SOI into a scan: libjpeg then
+    fails or decodes rubbish. Costs one C regex scan, not a decode."""
+    pos, end, in_scan = 2, len(data), False
+    while True:
+        if in_scan or (pos < end and data[pos] != 0xFF):
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                return "JPEG ends without its EOI marker (truncated)"
+            pos = found.start()
+        if pos + 2 > end:
+            return "JPEG ends without its EOI marker (truncated)"
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart / TEM: no length
+            pos += 2
+            continue
+        if marker == 0xD8 or 0x02 <= marker <= 0xBF:
+            return f"JPEG has an invalid marker 0xFF{marker:02X} at byte {pos} (damaged data)"
+        if pos + 4 > end:
+            return "JPEG ends inside a segment header (truncated)"
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > end:
+            return f"JPEG segment 0xFF{marker:02X} at byte {pos} runs past the end of the file (truncated or damaged)"
+        pos += 2 + length
+        in_scan = marker == 0xDA
+
+
+def _png_problem(data: bytes) -> str | None:
+    """Why PNG bytes are damaged, or None: every chunk lies inside the file and matches its CRC-32
+    (PNG spec, section 5.3), there is image data, and IEND comes last. A flipped byte anywhere in
+    the file fails a CRC, at memory speed (zlib.crc32), without inflating the pixels."""
+    view, pos, end, has_data = memoryview(data), 8, len(data), False
+    while pos + 12 <= end:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = bytes(view[pos + 4:pos + 8])
+        if pos + 12 + length > end:
+            return f"PNG chunk {kind.decode('latin-1')!r} at byte {pos} runs past the end of the file (truncated)"
+        if zlib.crc32(view[pos + 4:pos + 8 + length]) != int.from_bytes(data[pos + 8 + length:pos + 12 + length], "big"):
+            return f"PNG chunk {kind.decode('latin-1')!r} at byte {pos} fails its CRC (damaged data)"
+        has_data = has_data or kind == b"IDAT"
+        if kind == b"IEND":
+            return None if has_data else "PNG has no IDAT image data"
+        pos += 12 + length
+    return "PNG ends without its IEND chunk (truncated)"
+
+
 def _complete(fmt: str, data: bytes) -> str | None:
-    """Why encoded bytes are structurally incomplete, or None. Checks the end marker that every
-    complete file of the format has: truncation (the common corruption of scraped and copied
-    images) is caught without decoding the pixels."""
+    """Why encoded bytes are structurally damaged, or None. JPEG and PNG are walked whole (see
+    _jpeg_problem, _png_problem); WebP and GIF get their end-marker check, which catches truncation
+    (the common corruption of scraped and copied images) without decoding the pixels."""
     if fmt == "JPEG":
-        return None if b"\xff\xd9" in data[-64:] else "JPEG ends without its EOI marker (truncated)"
+        return _jpeg_problem(data)
     if fmt == "PNG":
-        return None if b"IEND" in data[-12:] else "PNG ends without its IEND chunk (truncated)"
+        return _png_problem(data)
     if fmt == "WEBP":
         declared = int.from_bytes(data[4:8], "little") + 8
         return None if declared <= len(data) else f"WebP declares {declared} bytes but has {len(data)} (truncated)"
@@ -132,22 +215,36 @@ def _fast_header(data: bytes) -> tuple[str, int, int] | None:
     return None
 
 
-def inspect_image(data: bytes, full_decode: bool = False) -> tuple[str, int, int]:
-    """(format, width, height) of encoded image bytes; raises ValueError (or PIL's error) if the
-    bytes are not a complete image.
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
 
-    Default: parse the header (format, size) and check the format's end marker. That catches
-    garbage and truncated files at a small fraction of the cost of decoding. `full_decode=True`
+
+def inspect_image(data: bytes, full_decode: bool = False,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, int, int]:
+    """(format, width, height) of encoded image bytes; raises ImageTooLargeError if the header claims
+    more than `max_pixels` (before anything is decoded), ValueError (or PIL's error) if the bytes
+    are not a complete image.
+
+    Default: parse the header (format, size) and check the file's structure (JPEG markers and
+    segment lengths, PNG chunk CRCs, WebP/GIF end markers). That catches garbage, truncation and
+    damage inside JPEG/PNG files at a small fraction of the cost of decoding. `full_decode=True`
     also decodes the pixels (JPEGs in draft mode: DCT scaling to ~1/8 size still reads the whole
-    entropy stream); formats without an end-marker check are always fully decoded."""
+    entropy stream); formats without a structure check are always fully decoded."""
     header = None if full_decode else _fast_header(data)
     if header is not None:
+        _check_pixels(header[1], header[2], max_pixels)
         problem = _complete(header[0], data)
         if problem is not None:
             raise ValueError(problem)
         return header
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own guard (2x its limit) fired at open
+        raise ImageTooLargeError(_describe(exc)) from None
+    with im:
         fmt, (width, height) = im.format or "UNKNOWN", im.size
+        _check_pixels(width, height, max_pixels)
         problem = _complete(fmt, data)
         if problem not in (None, "unchecked"):
             raise ValueError(problem)
@@ -156,6 +253,16 @@ def inspect_image(data: bytes, full_decode: bool = False) -> tuple[str, int, int
                 im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             im.load()
     return fmt, width, height
+
+
+_ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def _describe(exc: BaseException) -> str:
+    """'ExceptionName: message' with object reprs ('<_io.BytesIO object at 0x7f...>') removed, so the
+    same input always gives the same quarantine detail."""
+    text = _ADDRESS.sub("", str(exc)).replace("  ", " ").strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _fingerprint(path: str) -> tuple[str, object, str]:
@@ -196,7 +303,8 @@ class _Batcher:
         self.known_images = _known_ids(lake, "images", "image_id")
         self.known_refs = _known_ids(lake, "image_refs", "ref_id")
         self.prompt_ids: dict[str, str] = {}  # prompts repeat across pairs: normalize and hash each once
-        self.bad_images: dict[str, str] = {}  # content id -> decode error, so a bad image is decoded once
+        # content id -> (reason, detail) of a refused image, so a bad image is inspected once
+        self.bad_images: dict[str, tuple[str, str]] = {}
         self.pool = ThreadPoolExecutor(max(1, config.decode_threads))
 
     def _decode_new(self, blobs: dict[str, bytes]) -> dict[str, tuple[str, int, int]]:
@@ -204,12 +312,19 @@ class _Batcher:
         todo = [(i, b) for i, b in blobs.items() if i not in self.known_images and i not in self.bad_images]
         results = {}
 
+        config = self.config
+
         def run(item):
             image_id, data = item
+            if len(data) > config.max_image_bytes:
+                return image_id, None, ("image_too_large", f"{len(data)} bytes, more than the limit of "
+                                                           f"{config.max_image_bytes}")
             try:
-                return image_id, inspect_image(data, self.config.full_decode), None
+                return image_id, inspect_image(data, config.full_decode, config.max_image_pixels), None
+            except ImageTooLargeError as exc:
+                return image_id, None, ("image_too_large", str(exc))
             except Exception as exc:  # any decoder failure means the bytes are unusable
-                return image_id, None, f"{type(exc).__name__}: {exc}"
+                return image_id, None, ("corrupt_image", _describe(exc))
 
         mapper = self.pool.map if self.config.full_decode else map  # header checks are GIL-bound
         for image_id, meta, error in mapper(run, todo):
@@ -316,6 +431,7 @@ class _Batcher:
         checks = [
             pc.is_valid(raw.column("reader_reason")),
             pc.is_null(prompt), pc.equal(pc.utf8_trim_whitespace(prompt), ""),
+            pc.greater(pc.binary_length(prompt), self.config.max_prompt_bytes),
             pc.is_null(label_0), pc.is_nan(label_0), pc.fill_null(pc.is_nan(label_1), False),
             pc.less(label_0, 0.0), pc.greater(label_0, 1.0),
             pc.fill_null(pc.greater(pc.abs(pc.subtract(pc.add(label_0, label_1), 1.0)), 1e-6), False),
@@ -358,6 +474,9 @@ class _Batcher:
         prompt = cols["prompt"][i]
         if prompt is None or not prompt.strip():
             return "empty_prompt", "prompt is missing or blank"
+        if len(prompt) * 4 > self.config.max_prompt_bytes and len(prompt.encode()) > self.config.max_prompt_bytes:
+            return "prompt_too_long", (f"prompt has {len(prompt.encode())} UTF-8 bytes, more than the limit of "
+                                       f"{self.config.max_prompt_bytes}")
         label_0, label_1 = cols["label_0"][i], cols["label_1"][i]
         if label_0 is None:
             return "missing_label", "label_0 is missing"
@@ -372,7 +491,8 @@ class _Batcher:
             if content is None and uid is None:
                 return "missing_image", f"image_{side} has neither bytes nor a source id"
             if content is not None and content in self.bad_images:
-                return "corrupt_image", f"image_{side}: {self.bad_images[content]}"
+                reason, detail = self.bad_images[content]
+                return reason, f"image_{side}: {detail}"
         same_content = blob_ids[0][i] is not None and blob_ids[0][i] == blob_ids[1][i]
         same_uid = (blob_ids[0][i] is None and cols["image_0_uid"][i] is not None
                     and cols["image_0_uid"][i] == cols["image_1_uid"][i])

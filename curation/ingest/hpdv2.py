@@ -14,8 +14,9 @@ Two shapes (data-and-scorers.md §2), told apart by the keys of the first entry:
 
 Images are read as bytes from ``image_root/<path>`` (option ``image_root``, default: the JSON
 file's folder); image_*_uid is the relative path as written in the JSON, so the same picture
-keeps one uid across files. Per row problems become reader reasons: ``missing_image_file``
-(detail: the full path), ``unreadable_image_file``, ``malformed_entry`` (an entry that is not
+keeps one uid across files. Paths must stay inside the image root (see rows.ImageFolder). Per
+row problems become reader reasons: ``missing_image_file`` (detail: the full path),
+``unreadable_image_file``, ``image_outside_root``, ``not_a_regular_file``, ``image_too_large``, ``malformed_entry`` (an entry that is not
 an object, lacks a key, or whose lists differ in length: one row per entry or annotation),
 ``unlabelled`` (a train entry with no preferred or no non-preferred image), ``wrong_type``
 (a rank or preference that is not a number).
@@ -36,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 
 from curation.ingest.raw import UnreadableSourceError
-from curation.ingest.rows import ImageFolder, RowBuffer, rank_pairs, split_from_filename
+from curation.ingest.rows import MAX_IMAGE_FILE_BYTES, ImageFolder, RowBuffer, rank_pairs, split_from_filename
 
 
 TRAIN_KEYS = ("human_preference", "prompt", "file_path")
@@ -55,11 +56,14 @@ def _numbers(values: Any) -> list[float] | None:
 class HPDv2Reader:
     format = "hpdv2"
 
-    def __init__(self, image_root: str | None = None, split: str | None = None, batch_rows: int = 256):
+    def __init__(self, image_root: str | None = None, split: str | None = None, batch_rows: int = 256,
+                 allow_outside_root: bool = False, max_image_bytes: int = MAX_IMAGE_FILE_BYTES):
         # 256 pairs of HPDv2 images (mostly 512-1024 px JPEG/PNG, ~50-500 kB) is < ~250 MB in flight.
         self.image_root = image_root
         self.split = split
         self.batch_rows = batch_rows
+        self.allow_outside_root = allow_outside_root  # paths must stay inside image_root unless True
+        self.max_image_bytes = max_image_bytes
 
     def batches(self, path: str, fs) -> Iterator[pa.Table]:
         try:
@@ -81,8 +85,9 @@ class HPDv2Reader:
             keys = sorted(first) if isinstance(first, dict) else type(first).__name__
             raise UnreadableSourceError(path, f"not an HPDv2 file: the first entry has {keys}; expected the keys "
                                               f"{list(TRAIN_KEYS)} (train) or {list(TEST_KEYS)} (test)")
-        images = (ImageFolder(self.image_root) if self.image_root is not None
-                  else ImageFolder(posixpath.dirname(path), fs))
+        images = (ImageFolder(self.image_root, None, self.allow_outside_root, self.max_image_bytes)
+                  if self.image_root is not None
+                  else ImageFolder(posixpath.dirname(path), fs, self.allow_outside_root, self.max_image_bytes))
         split = self.split or split_from_filename(path) or shape
         name = os.path.basename(path)
         buffer = RowBuffer(self.batch_rows)

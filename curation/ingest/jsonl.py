@@ -11,7 +11,10 @@ Required fields:
 ``image_0``, ``image_1``
     Each one of
       * a file path, resolved against the reader option ``image_root`` (default: the folder of the
-        JSONL/CSV file); an absolute path is used as written. The path as written is the image's uid;
+        JSONL/CSV file). It must stay inside that root (symlinks resolved): an absolute path or a
+        ``..`` escape is quarantined (``image_outside_root``) unless the reader option
+        ``allow_outside_root=True`` is set. Only regular files of at most ``max_image_bytes``
+        (64 MB) are read. The path as written is the image's uid;
       * base64 bytes: ``data:image/<type>;base64,<data>`` or ``base64:<data>`` (whitespace inside is ignored);
       * an id with no bytes, when the reader option ``metadata_only=True`` is set (a metadata-only
         pair: the lake stores the image id as ``'<source>:<id>'`` until the bytes arrive).
@@ -54,7 +57,9 @@ line or row is one pair, and a bad one is quarantined with a reason: ``malformed
 line that does not parse as a JSON object; its identity is its line number), ``malformed_csv_row``
 (a CSV row with more or fewer cells than the header), ``wrong_type`` (label, time or text field
 of the wrong kind), ``corrupt_image`` (invalid base64), ``missing_image_file`` /
-``unreadable_image_file`` (an image path that cannot be read). Blank JSONL lines are skipped.
+``unreadable_image_file`` (an image path that cannot be read), ``image_outside_root``,
+``not_a_regular_file`` (a device, FIFO or folder), ``image_too_large`` (a file over the byte
+limit). Blank JSONL lines are skipped.
 """
 from __future__ import annotations
 
@@ -73,7 +78,7 @@ import pyarrow as pa
 
 from curation.ids import content_id
 from curation.ingest.raw import UnreadableSourceError, coerce_float
-from curation.ingest.rows import ImageFolder, RowBuffer, split_from_filename
+from curation.ingest.rows import MAX_IMAGE_FILE_BYTES, ImageFolder, RowBuffer, split_from_filename
 
 
 REQUIRED = ("prompt", "image_0", "image_1", "label")
@@ -205,16 +210,20 @@ class _GenericReader:
     format = ""
 
     def __init__(self, image_root: str | None = None, metadata_only: bool = False, split: str | None = None,
-                 batch_rows: int = 256):
+                 batch_rows: int = 256, allow_outside_root: bool = False,
+                 max_image_bytes: int = MAX_IMAGE_FILE_BYTES):
         # 256 pairs with bytes of typical 512-1024 px images is ~50-250 MB in flight.
         self.image_root = image_root
         self.metadata_only = metadata_only
         self.split = split
         self.batch_rows = batch_rows
+        self.allow_outside_root = allow_outside_root
+        self.max_image_bytes = max_image_bytes
 
     def _mapper(self, path: str, fs) -> _PairMapper:
-        images = (ImageFolder(self.image_root) if self.image_root is not None
-                  else ImageFolder(posixpath.dirname(path), fs))
+        images = (ImageFolder(self.image_root, None, self.allow_outside_root, self.max_image_bytes)
+                  if self.image_root is not None
+                  else ImageFolder(posixpath.dirname(path), fs, self.allow_outside_root, self.max_image_bytes))
         return _PairMapper(images, self.metadata_only, self.split or split_from_filename(path))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,23 +66,90 @@ class RowBuffer:
         return table
 
 
-class ImageFolder:
-    """Image files under a root folder (a local path or any fsspec URL). Relative paths are
-    resolved against the root; absolute paths are used as given."""
+# An image file larger than this is not read (reason image_too_large): 64 MB is ~10x the largest
+# Pick-a-Pic/HPDv2 PNGs, and bounds what one row can make the ingest hold in memory.
+MAX_IMAGE_FILE_BYTES = 64 << 20
 
-    def __init__(self, root: str, fs: Any | None = None):
+
+class ImageFolder:
+    """Image files under a root folder (a local path or any fsspec URL), read as contained inputs.
+
+    A path is resolved against the root and must stay inside it: absolute paths and `..` escapes
+    (after resolving symlinks, on local disks) give reason 'image_outside_root' unless
+    `allow_outside_root=True`. Only regular files of at most `max_bytes` are read: a device, a FIFO
+    or a directory gives 'not_a_regular_file' (checked with stat before any open, and the open is
+    non-blocking, so a FIFO can never hang the ingest), a bigger file 'image_too_large'."""
+
+    def __init__(self, root: str, fs: Any | None = None, allow_outside_root: bool = False,
+                 max_bytes: int = MAX_IMAGE_FILE_BYTES):
         if fs is None:
             fs, root = fsspec.core.url_to_fs(root)
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.fs = fs
         self.root = root.rstrip("/") or "/"
+        self.allow_outside_root = allow_outside_root
+        self.max_bytes = max_bytes
+        self.local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        self._real_root = os.path.realpath(self.root) if self.local else posixpath.normpath(self.root)
+
+    def _resolve(self, rel_path: str) -> tuple[str | None, str]:
+        """(the path to open, or None if it leaves the root; the path as joined, for messages)."""
+        joined = posixpath.join(self.root, rel_path)  # an absolute rel_path replaces the root
+        resolved = os.path.realpath(joined) if self.local else posixpath.normpath(joined)
+        if self.allow_outside_root:
+            return resolved, joined
+        inside = resolved == self._real_root or resolved.startswith(self._real_root.rstrip("/") + "/")
+        return (resolved if inside else None), joined
 
     def read(self, rel_path: str) -> tuple[bytes | None, str | None, str | None]:
-        """(bytes, None, None), or (None, reason, detail) when the file cannot be read:
-        reason 'missing_image_file' (no such file) or 'unreadable_image_file' (any other OS error)."""
-        full = posixpath.join(self.root, rel_path)
+        """(bytes, None, None), or (None, reason, detail) when the file is not read: reason
+        'image_outside_root', 'missing_image_file', 'not_a_regular_file', 'image_too_large' or
+        'unreadable_image_file' (any other OS error). Details name the path as written in the source."""
+        full, joined = self._resolve(rel_path)
+        if full is None:
+            return None, "image_outside_root", (f"image path {rel_path!r} resolves outside the image root "
+                                                f"{self.root} (pass --allow-outside-root to allow it)")
         try:
-            return self.fs.cat_file(full), None, None
+            return (self._read_local(full, joined) if self.local else self._read_remote(full, joined)), None, None
         except FileNotFoundError:
-            return None, "missing_image_file", f"image file {full} does not exist"
-        except OSError as exc:  # a directory, no permission, a broken remote read: this row only
-            return None, "unreadable_image_file", f"image file {full}: {type(exc).__name__}: {exc}"
+            return None, "missing_image_file", f"image file {joined} does not exist"
+        except _Refused as refused:
+            return None, refused.reason, refused.detail
+        except OSError as exc:  # no permission, a broken remote read: this row only
+            return None, "unreadable_image_file", f"image file {joined}: {type(exc).__name__}: {exc.strerror or exc}"
+
+    def _check(self, is_regular: bool, size: int, joined: str) -> None:
+        if not is_regular:
+            raise _Refused("not_a_regular_file", f"image path {joined} is not a regular file")
+        if size > self.max_bytes:
+            raise _Refused("image_too_large", f"image file {joined} has {size} bytes, more than the limit "
+                                              f"of {self.max_bytes}")
+
+    def _read_local(self, full: str, joined: str) -> bytes:
+        info = os.stat(full)
+        self._check(stat.S_ISREG(info.st_mode), info.st_size, joined)  # before any open: never open a FIFO
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            info = os.fstat(fd)  # the file opened may not be the one checked (replaced in between)
+            self._check(stat.S_ISREG(info.st_mode), info.st_size, joined)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(self.max_bytes + 1)  # never more than the limit, even if the file grows
+        finally:
+            os.close(fd)
+        self._check(True, len(data), joined)
+        return data
+
+    def _read_remote(self, full: str, joined: str) -> bytes:
+        info = self.fs.info(full)
+        self._check(info.get("type") == "file", int(info.get("size") or 0), joined)
+        with self.fs.open(full, "rb") as f:
+            data = f.read(self.max_bytes + 1)
+        self._check(True, len(data), joined)
+        return data
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
