@@ -100,7 +100,7 @@ SNAPSHOT_PAIRS = _schema("snapshot_pairs", [
     _field("loser_image_id", pa.string(), "content hash of the other image", False),
     _field("winner_image", pa.binary(), "encoded bytes of the preferred image", False),
     _field("loser_image", pa.binary(), "encoded bytes of the other image", False),
-    _field("label_source", pa.string(), "what decided the winner: human, consensus, human_fallback", False),
+    _field("label_source", pa.string(), "what decided the winner: human, human_flipped, consensus, calibrated_consensus", False),
     _field("weight", pa.float64(), "per-pair loss weight W (1.0 = plain DPO)", False),
     _field("margin", pa.float64(), "offline adaptive margin term (0.0 = none); see training.losses", False),
     _field("minority_score", pa.float64(), "offline minority score u in [0, 1] (0 when not computed)", False),
@@ -108,7 +108,83 @@ SNAPSHOT_PAIRS = _schema("snapshot_pairs", [
     _field("stability", pa.float64(), "offline stability v (NaN when not computed)"),
     _field("vote_fraction", pa.float64(), "share of voters for the winner (NaN when no votes)"),
     _field("user_id", pa.string(), "human annotator of the pair, if any"),
+    _field("label_smoothing", pa.float64(),
+           "conservative-DPO epsilon: the target puts 1 - epsilon on the winner (0.0 = hard label; reliability "
+           "policy: 1 - P(label right))"),
 ])
+
+# Tables of a curation run (LAKE/curation/<run_id>/<table>.parquet, written by curation/curate.py and
+# queryable with SQL once a run exists). Documented here for `prefcurate tables`; the writers own the types.
+_F, _S, _I, _B = pa.float64(), pa.string(), pa.int64(), pa.bool_()
+CURATION_TABLES: dict[str, pa.Schema] = {
+    "votes": _schema("votes", [
+        _field("pair_id", _S, "lake pair id"),
+        _field("scorer", _S, "scorer name"),
+        _field("score_0", _F, "the scorer's score of image_0"),
+        _field("score_1", _F, "the scorer's score of image_1"),
+        _field("margin", _F, "score_0 - score_1, sign-flipped for lower-is-better scorers: > 0 prefers image_0"),
+        _field("vote", _F, "1 = prefers image_0, 0 = image_1, 0.5 = exact tie"),
+        _field("normalized_margin", _F, "margin / the scorer's rms margin over all pairs: 1 = a typical margin"),
+    ]),
+    "consensus": _schema("consensus", [
+        _field("pair_id", _S, "lake pair id"),
+        _field("n_scorers", _I, "scorers with a vote on the pair"),
+        _field("votes_for_0", _F, "scorer votes for image_0 (a tied scorer counts 1/2); the human never counts"),
+        _field("vote_fraction", _F, "share of voters for image_0 (the human included only under tie policy "
+                                    "human_vote); null without voters"),
+        _field("consensus_label", _F, "1 = image_0, 0 = image_1, null = none (BalancedDPO majority of the "
+                                      "scorers; splits per the tie policy, default dropped)"),
+        _field("scorer_label", _F, "the label of the scorers alone, whatever the tie policy (null on a split)"),
+        _field("human_label", _F, "label_0 of the pair"),
+        _field("human_agrees", _B, "human_label == scorer_label: agreement with a label the human did not vote "
+                                   "in; null when either is undecided"),
+        _field("consensus_source", _S, "majority, a baseline's name, scorer_margin, human_fallback, split or "
+                                       "no_scorer_votes"),
+    ]),
+    "pair_metrics": _schema("pair_metrics", [
+        _field("pair_id", _S, "lake pair id"),
+        _field("confidence", _F, "Adaptive-DPO c: mean sigmoid(rho * margin toward the label) over annotators"),
+        _field("stability", _F, "Adaptive-DPO v: min(std of the annotators' rho * margin, cap)"),
+        _field("minority_score", _F, "Adaptive-DPO u = (1 - c) v in [0, 1]: high = likely a minority/wrong label"),
+        _field("weight", _F, "Adaptive-DPO W = 1 / (k1 u + c1) (unnormalised; snapshots normalise it)"),
+        _field("margin", _F, "Adaptive-DPO margin Gamma"),
+        _field("n_annotators", _I, "annotators behind c and v (scorers, plus the human if configured)"),
+        _field("consensus_label", _F, "as in the consensus table"),
+        _field("vote_fraction", _F, "as in the consensus table"),
+        _field("human_agrees", _B, "as in the consensus table"),
+        _field("scorer_log_odds", _F, "calibrated consensus: log-odds that image_0 is better from the scorer "
+                                      "votes weighted by their Dawid-Skene reliability (null without votes)"),
+        _field("calibrated_label", _F, "1 if scorer_log_odds > 0, 0 if < 0, else null"),
+        _field("peer_log_odds", _F, "evidence toward image_0 from other annotators' labels on the same images"),
+        _field("label_log_odds", _F, "evidence of the pair's own label toward its chosen image, from its "
+                                     "annotator's sensitivity/specificity (null for ties)"),
+        _field("label_posterior", _F, "P(the human label is right) given scorers, peers and the annotator's "
+                                      "confusion (null for ties and missing labels)"),
+    ]),
+    "annotators": _schema("annotators", [
+        _field("user_id", _S, "annotator id"),
+        _field("n_labels", _I, "labels given"),
+        _field("tie_rate", _F, "share of ties"),
+        _field("left_rate", _F, "share of decisive labels for image_0 (position bias)"),
+        _field("consensus_agreement", _F, "share of decisive labels agreeing with the scorers' majority"),
+        _field("peer_agreement", _F, "agreement with other annotators on the same image pair"),
+        _field("minority_rate", _F, "share of the annotator's pairs with a high minority score"),
+        _field("sensitivity", _F, "Dawid-Skene P(picks image_0 | image_0 better)"),
+        _field("specificity", _F, "Dawid-Skene P(picks image_1 | image_1 better)"),
+        _field("reliability", _F, "the chosen reliability estimate (higher = more trustworthy)"),
+        _field("reliability_method", _S, "dawid_skene or beta_binomial"),
+    ]),
+    "scorer_reliability": _schema("scorer_reliability", [
+        _field("scorer", _S, "scorer name"),
+        _field("n_votes", _I, "decisive votes, one per unordered image pair"),
+        _field("sensitivity", _F, "P(votes image_0 | image_0 better): joint Dawid-Skene with the annotators"),
+        _field("specificity", _F, "P(votes image_1 | image_1 better)"),
+        _field("reliability", _F, "(sensitivity + specificity) / 2: 0.5 = no information"),
+        _field("log_odds_for_0", _F, "weight of a vote for image_0 in the calibrated consensus, log a/(1-b)"),
+        _field("log_odds_for_1", _F, "weight of a vote for image_1, log b/(1-a)"),
+        _field("agreement_with_humans", _F, "share of decisive human labels the scorer's vote agrees with"),
+    ]),
+}
 
 TABLES: dict[str, pa.Schema] = {
     "pairs": PAIRS,
@@ -120,9 +196,21 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 
+# The columns that identify a row of each lake table: no two committed rows share them. Writers that may race
+# (two scorers that planned the same work) commit with `skip_existing`; `Lake.repair` removes repeats.
+UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
+    "pairs": ("pair_id",),
+    "images": ("image_id",),
+    "image_refs": ("ref_id", "image_id"),
+    "quarantine": ("ingest_id", "row_identity", "reason"),
+    "ingests": ("ingest_id",),
+    "scores": ("image_id", "prompt_id", "scorer", "scorer_version"),
+}
+
+
 def describe(table: str) -> str:
-    """A plain-text listing of a table's columns, types and meanings."""
-    schema = TABLES[table]
+    """A plain-text listing of a table's columns, types and meanings (lake or curation table)."""
+    schema = TABLES[table] if table in TABLES else CURATION_TABLES[table]
     lines = [f"{table} (schema version {SCHEMA_VERSION})"]
     for f in schema:
         doc = (f.metadata or {}).get(b"doc", b"").decode()
