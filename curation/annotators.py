@@ -127,12 +127,18 @@ def dawid_skene_pairs(
         prior_first: (I,) prior P(item's first image is better), in (0, 1) (e.g. from scorer votes).
         n_workers: W; default max(worker) + 1. A worker with no label gets the pooled values.
 
-    Model: item i has a latent winner; worker j picks image_0 with probability a_j (sensitivity)
-    when image_0 is the better one and image_1 with probability b_j (specificity) when image_1 is,
-    so a position bias shows as a_j >> b_j. E-step: the item's log-odds = logit(prior_i) + the sum of
-    its labels' log-likelihood ratios. M-step: a_j, b_j = the worker's expected agreement under the
-    posterior (MAP, shrunk toward the pooled a, b with `accuracy_prior_strength` pseudo-labels).
-    An item labelled once still informs a_j, b_j through its prior: P(pick image_0) = p a + (1 - p)(1 - b).
+    Model (Dawid & Skene 1979, Applied Statistics 28(1), with two classes): item i has a latent
+    winner; worker j picks image_0 with probability a_j (sensitivity) when image_0 is the better one
+    and image_1 with probability b_j (specificity) when image_1 is, so a position bias shows as
+    a_j >> b_j. E-step: the item's log-odds = logit(prior_i) + the sum of its labels' log-likelihood
+    ratios. M-step: a_j, b_j = the worker's expected agreement under the posterior (MAP, shrunk toward
+    the pooled a, b with `accuracy_prior_strength` pseudo-labels). An item labelled once still
+    informs a_j, b_j through its prior: P(pick image_0) = p a + (1 - p)(1 - b).
+
+    The EM runs over sufficient statistics, not rows: a label is one of 4W types (worker, chose_0,
+    flipped), and items with a single label and the same prior share one posterior, so they are
+    grouped into (type, prior) patterns with a count; items with several labels stay one pattern each.
+    The M-step needs only, per label type, the expected number with image_0 better.
 
     Returns:
         sensitivity a (W,), specificity b (W,), posterior P(item's first image is better) (I,).
@@ -140,23 +146,40 @@ def dawid_skene_pairs(
     if n_workers is None:
         n_workers = int(worker.max()) + 1 if worker.size else 0
     n_items = prior_first.size
-    prior_logit = np.log(prior_first) - np.log1p(-prior_first)
-    orient = np.where(flipped, -1.0, 1.0)  # (R,) maps "label's image_0 better" log-odds to the item's order
-    code = 2 * worker + chose_0.astype(np.int64)  # (R,) index into the per-worker (W, 2) llr table
-    n_labels = np.bincount(worker, minlength=n_workers).astype(float)  # (W,)
-    n_chose_0 = np.bincount(worker, chose_0.astype(float), n_workers)  # (W,)
+    prior_logit = np.log(prior_first) - np.log1p(-prior_first)  # (I,)
+    label_type = 4 * worker.astype(np.int64) + 2 * chose_0.astype(np.int64) + flipped.astype(np.int64)  # (R,)
+    per_item = np.bincount(item, minlength=n_items)  # (I,) labels per item
+    single = per_item[item] == 1  # (R,) the row is its item's only label
+    # Patterns of single-label items: distinct (label type, prior log-odds) with their count (a hash
+    # group-by); multi-label items: one pattern each.
+    singles = (pl.DataFrame({"type": label_type[single], "prior": prior_logit[item[single]]})
+               .group_by("type", "prior").agg(count=pl.len()).sort("type", "prior"))  # sorted: same sums every run
+    multi_items, multi_item_code = np.unique(item[~single], return_inverse=True)
+    n_single, n_multi = singles.height, multi_items.size
+    pattern_prior = np.concatenate([singles["prior"].to_numpy(), prior_logit[multi_items]])  # (P,)
+    pattern_count = np.concatenate([singles["count"].to_numpy(), np.ones(n_multi)]).astype(float)  # (P,) items
+    # (E,) entries: one per label of a pattern (singles: 1 entry; multi items: each row)
+    entry_pattern = np.concatenate([np.arange(n_single), n_single + multi_item_code])
+    entry_type = np.concatenate([singles["type"].to_numpy(), label_type[~single]])
+    entry_weight = pattern_count[entry_pattern]  # (E,) how many labels the entry stands for
+    type_count = np.bincount(entry_type, entry_weight, 4 * n_workers)  # (4W,) labels of each type
+    entry_orient = np.where(entry_type % 2 == 1, -1.0, 1.0)  # maps "image_0 better" log-odds to the item's order
+    n_patterns = pattern_prior.size
+    counts = type_count.reshape(n_workers, 2, 2)  # (W, chose_0, flipped)
+    n_labels, n_chose_0 = counts.sum(axis=(1, 2)), counts[:, 1, :].sum(axis=1)  # (W,)
     sens, spec = np.full(n_workers, 0.7), np.full(n_workers, 0.7)
     eps, strength = 1e-4, accuracy_prior_strength
 
-    def item_log_odds(sens: np.ndarray, spec: np.ndarray) -> np.ndarray:
+    def pattern_log_odds(sens: np.ndarray, spec: np.ndarray) -> np.ndarray:
         # per worker: log P(label | image_0 better) - log P(label | image_1 better) for label image_1, image_0
-        table = np.stack([np.log1p(-sens) - np.log(spec), np.log(sens) - np.log1p(-spec)], axis=1).ravel()
-        return prior_logit + np.bincount(item, table[code] * orient, minlength=n_items)  # (I,)
+        llr = np.stack([np.log1p(-sens) - np.log(spec), np.log(sens) - np.log1p(-spec)], axis=1).ravel()
+        return pattern_prior + np.bincount(entry_pattern, llr[entry_type // 2] * entry_orient, n_patterns)  # (P,)
 
     for _ in range(max_iter):
-        q = 1.0 / (1.0 + np.exp(-item_log_odds(sens, spec)[item] * orient))  # (R,) P(label's image_0 better)
-        q_sum = np.bincount(worker, q, n_workers)  # (W,) expected labels with image_0 better
-        q_agree = np.bincount(worker, np.where(chose_0, q, 0.0), n_workers)  # ... of which image_0 was picked
+        q = 1.0 / (1.0 + np.exp(-pattern_log_odds(sens, spec)[entry_pattern] * entry_orient))  # (E,) P(image_0 better)
+        q_type = np.bincount(entry_type, q * entry_weight, 4 * n_workers).reshape(n_workers, 2, 2)
+        q_sum = q_type.sum(axis=(1, 2))  # (W,) expected labels with image_0 better
+        q_agree = q_type[:, 1, :].sum(axis=1)  # ... of which image_0 was picked
         not_q_sum = n_labels - q_sum
         not_q_agree = (n_labels - n_chose_0) - (q_sum - q_agree)  # image_1 better and picked
         pooled_sens = q_agree.sum() / max(q_sum.sum(), eps)
@@ -167,7 +190,11 @@ def dawid_skene_pairs(
         sens, spec = new_sens, new_spec
         if change < tol:
             break
-    return sens, spec, 1.0 / (1.0 + np.exp(-item_log_odds(sens, spec)))
+    # Posterior per item: its prior log-odds plus its labels' log-likelihood ratios (a pass over the rows).
+    llr = np.stack([np.log1p(-sens) - np.log(spec), np.log(sens) - np.log1p(-spec)], axis=1).ravel()  # (2W,)
+    row_llr = llr[2 * worker + chose_0.astype(np.int64)] * np.where(flipped, -1.0, 1.0)  # (R,) in the item's order
+    posterior = 1.0 / (1.0 + np.exp(-(prior_logit + np.bincount(item, row_llr, n_items))))  # (I,)
+    return sens, spec, posterior
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -217,12 +244,7 @@ def annotator_stats(
         reliability_method. A spammer has sensitivity + specificity ~ 1, a position-biased clicker
         a high sensitivity and a low specificity, a reliable annotator both high.
     """
-    labels = as_lazy(pairs, "pairs", ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]).select(
-        pl.col("pair_id").cast(pl.String), pl.col("user_id").cast(pl.String), pl.col("label_0").cast(pl.Float64),
-        "image_0_id", "image_1_id").filter(pl.col("user_id").is_not_null())
-    cons = as_lazy(consensus, "consensus", ["pair_id", "n_scorers", "votes_for_0", "consensus_label"]).select(
-        "pair_id", "n_scorers", "votes_for_0", "consensus_label")
-    minority = as_lazy(pair_metrics, "pair_metrics", ["pair_id", "minority_score"]).select("pair_id", "minority_score")
+    rows = _label_rows(pairs, consensus, pair_metrics)
     excess = pl.col("votes_for_0") / pl.col("n_scorers") - 0.5  # null/NaN when no scorer voted
     if config.agreement_reference == "scorer_majority":
         reference = pl.when(pl.col("n_scorers") > 0).then(
@@ -231,37 +253,33 @@ def annotator_stats(
         reference = pl.col("consensus_label")
     by_margin = config.agreement_weighting == "vote_margin" and config.agreement_reference == "scorer_majority"
     reference_weight = (2.0 * excess.abs()) if by_margin else pl.lit(1.0)
-    label = pl.col("label_0")
-    decisive = label.is_in([0.0, 1.0])
-    flip = pl.col("image_0_id") > pl.col("image_1_id")  # the row's image_0 is its item's second image
-    rows = (
-        labels.join(cons, on="pair_id", how="left").join(minority, on="pair_id", how="left")
-        .with_columns(_lo=pl.min_horizontal("image_0_id", "image_1_id"),
-                      _hi=pl.max_horizontal("image_0_id", "image_1_id"),
-                      _flip=flip, _reference=reference, _weight=reference_weight,
-                      _first=decisive & ((label == 1.0) != flip))  # decisive label for the item's first image
-        .collect()
-    )
-    rows = rows.with_row_index("_r")
-    items = rows.group_by("_lo", "_hi").agg("_r")  # I unordered image pairs
-    users = rows.group_by("user_id").agg("_r").sort("user_id")  # W annotators, the output's rows
-    item, worker = _group_codes(items, rows.height), _group_codes(users, rows.height)  # (R,) each
-    n_items, n_workers = items.height, users.height
-
-    # (R,) label columns as numpy; nulls become NaN (reference, minority_score) or 0 (weight, votes)
+    # Images by a 64-bit hash of their id: an item (unordered image pair) is (smaller hash, larger
+    # hash), and the row is "flipped" when its image_0 has the larger one. Hashing avoids grouping
+    # 2 x R long strings; two distinct images collide with probability ~ n_images^2 / 2^65 (1e-7 at
+    # 2M images), which would merge their items.
+    rows = rows.with_columns(_h0=pl.col("image_0_id").hash(), _h1=pl.col("image_1_id").hash(),
+                             _reference=reference.cast(pl.Float64),
+                             _weight=reference_weight.cast(pl.Float64).fill_null(0.0).fill_nan(0.0))
+    h0, h1 = rows["_h0"].to_numpy(), rows["_h1"].to_numpy()
+    flip = h0 > h1  # (R,) the row's image_0 is its item's second image
+    _, item = np.unique(_mix64(np.minimum(h0, h1), np.maximum(h0, h1)), return_inverse=True)  # (R,) item codes
+    user_names, worker = _sorted_codes(rows["user_id"])  # (W,) sorted user ids, (R,) index into them
+    n_items, n_workers = int(item.max()) + 1 if item.size else 0, user_names.len()
     label = rows["label_0"].to_numpy()
     decisive = (label == 0.0) | (label == 1.0)
-    first = rows["_first"].to_numpy()
-    reference = rows["_reference"].cast(pl.Float64).to_numpy()
-    weight = rows["_weight"].cast(pl.Float64).fill_null(0.0).fill_nan(0.0).to_numpy()
+    first = decisive & ((label == 1.0) != flip)  # (R,) decisive label for the item's first image
+    reference = rows["_reference"].to_numpy()
+    weight = rows["_weight"].to_numpy()
     minority = rows["minority_score"].cast(pl.Float64).to_numpy()
     per_item = lambda x: np.bincount(item, x, n_items)[item]  # noqa: E731  (R,) sum over the row's item
     per_user = lambda x: np.bincount(worker, x, n_workers)  # noqa: E731  (W,) sum over the annotator's rows
 
     # Peer agreement: other users' decisive labels on the same item (the user's own excluded).
-    _, own = np.unique(item * n_workers + worker, return_inverse=True)  # (R,) index of (item, user)
     n_item, k_item = per_item(decisive), per_item(first)
-    n_own, k_own = np.bincount(own, decisive)[own], np.bincount(own, first)[own]
+    n_own, k_own = decisive.astype(float), first.astype(float)  # (R,) the user's own labels on the item
+    shared = np.bincount(item, minlength=n_items)[item] > 1  # (R,) rows whose item has other labels
+    _, own = np.unique(item[shared] * n_workers + worker[shared], return_inverse=True)  # index of (item, user)
+    n_own[shared], k_own[shared] = np.bincount(own, decisive[shared])[own], np.bincount(own, first[shared])[own]
     peer_total = np.where(decisive, n_item - n_own, 0.0)
     peer_agree = np.where(decisive, np.where(first, k_item - k_own, (n_item - k_item) - (n_own - k_own)), 0.0)
 
@@ -288,7 +306,6 @@ def annotator_stats(
 
     # Dawid-Skene over decisive labels; the prior on each item's winner comes from the scorer votes:
     # (mean votes for the item's first image + a) / (mean n_scorers + 2a) over its decisive rows.
-    flip = rows["_flip"].to_numpy()
     n_scorers = rows["n_scorers"].cast(pl.Float64).fill_null(0.0).to_numpy()
     votes_for_0 = rows["votes_for_0"].cast(pl.Float64).fill_null(0.0).to_numpy()
     votes_first = np.where(flip, n_scorers - votes_for_0, votes_for_0)
@@ -306,7 +323,7 @@ def annotator_stats(
         return pl.Series(np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)).fill_nan(None)
 
     return pl.DataFrame({
-        "user_id": users["user_id"],
+        "user_id": user_names,
         "n_labels": n_labels.astype(np.int64), "n_ties": n_ties.astype(np.int64), "tie_rate": ratio(n_ties, n_labels),
         "n_decisive": n_decisive.astype(np.int64), "left_rate": ratio(n_left, n_decisive),
         "n_reference": per_user(has_reference).astype(np.int64), "consensus_agreement": ratio(w_agree, w_reference),
@@ -322,8 +339,41 @@ def annotator_stats(
     })
 
 
-def _group_codes(groups: pl.DataFrame, n_rows: int) -> np.ndarray:
-    """(n_rows,) index of each row's group, from a frame with one row per group listing its row indices in `_r`."""
-    codes = np.empty(n_rows, dtype=np.int64)
-    codes[groups["_r"].explode().to_numpy()] = np.repeat(np.arange(groups.height), groups["_r"].list.len().to_numpy())
-    return codes
+def _label_rows(pairs: pl.DataFrame | pl.LazyFrame, consensus: pl.DataFrame | pl.LazyFrame,
+                pair_metrics: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    """One row per labelled pair (non-null user_id): user_id, label_0, image ids, the consensus columns
+    and minority_score. Frames row-aligned with `pairs` (as curate produces them) are put side by
+    side; otherwise they are joined on pair_id."""
+    pair_columns = ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]
+    consensus_columns = ["pair_id", "n_scorers", "votes_for_0", "consensus_label"]
+    labels = as_lazy(pairs, "pairs", pair_columns).select(
+        pl.col("pair_id").cast(pl.String), pl.col("user_id").cast(pl.String), pl.col("label_0").cast(pl.Float64),
+        "image_0_id", "image_1_id")
+    cons = as_lazy(consensus, "consensus", consensus_columns).select(consensus_columns)
+    minority = as_lazy(pair_metrics, "pair_metrics", ["pair_id", "minority_score"]).select("pair_id", "minority_score")
+    frames = (pairs, consensus, pair_metrics)
+    if all(isinstance(f, pl.DataFrame) for f in frames) and len({f.height for f in frames}) == 1 and \
+            pairs["pair_id"].cast(pl.String).equals(consensus["pair_id"]) and \
+            pairs["pair_id"].cast(pl.String).equals(pair_metrics["pair_id"]):
+        rows = pl.concat([labels, cons.drop("pair_id"), minority.drop("pair_id")], how="horizontal")
+    else:
+        rows = labels.join(cons, on="pair_id", how="left").join(minority, on="pair_id", how="left")
+    return rows.filter(pl.col("user_id").is_not_null()).collect()
+
+
+def _mix64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,) uint64 key of the ordered pair (a, b) of uint64s: splitmix64 finaliser of a, xor b, mixed again
+    (wrapping arithmetic), so that distinct pairs collide with probability ~ 2^-64."""
+    def mix(x: np.ndarray) -> np.ndarray:
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+    with np.errstate(over="ignore"):
+        return mix(mix(a.astype(np.uint64)) ^ b.astype(np.uint64))
+
+
+def _sorted_codes(names: pl.Series) -> tuple[pl.Series, np.ndarray]:
+    """(distinct names sorted, (n,) index of each element into them): a hash unique of the W names,
+    then a binary search of each element among them."""
+    distinct = names.unique().sort()
+    return distinct, distinct.search_sorted(names).cast(pl.Int64).to_numpy()

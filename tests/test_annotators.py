@@ -222,3 +222,46 @@ def test_annotator_table_separates_reliable_spammer_and_position_biased():
         assert s["sensitivity"] > 0.9 and s["specificity"] < 0.3
     worst_reliable = min(s["reliability"] for s in reliable)
     assert max(s["reliability"] for s in spammers + biased) < worst_reliable
+
+
+def rowwise_dawid_skene(worker, item, flipped, chose_0, prior_first, n_workers, strength=4.0, iterations=100):
+    """The EM of `dawid_skene_pairs` written over rows, one label at a time (the test's oracle)."""
+    def item_log_odds(sens, spec):
+        log_odds = np.log(prior_first / (1 - prior_first))
+        for j, i, f, c in zip(worker, item, flipped, chose_0):
+            llr = np.log(sens[j] / (1 - spec[j])) if c else np.log((1 - sens[j]) / spec[j])
+            log_odds[i] += -llr if f else llr
+        return log_odds
+
+    sens, spec = np.full(n_workers, 0.7), np.full(n_workers, 0.7)
+    for _ in range(iterations):
+        log_odds = item_log_odds(sens, spec)
+        stats = np.zeros((n_workers, 4))  # q_sum, q_agree, n, n_chose_0
+        for j, i, f, c in zip(worker, item, flipped, chose_0):
+            q = 1 / (1 + np.exp(log_odds[i] if f else -log_odds[i]))  # P(the label's image_0 is better)
+            stats[j] += [q, q * c, 1, c]
+        q_sum, q_agree, n, n_chose_0 = stats.T
+        not_agree = (n - n_chose_0) - (q_sum - q_agree)
+        pooled_sens, pooled_spec = q_agree.sum() / q_sum.sum(), not_agree.sum() / (n - q_sum).sum()
+        sens = ((q_agree + strength * pooled_sens) / (q_sum + strength)).clip(1e-4, 1 - 1e-4)
+        spec = ((not_agree + strength * pooled_spec) / (n - q_sum + strength)).clip(1e-4, 1 - 1e-4)
+    return sens, spec, 1 / (1 + np.exp(-item_log_odds(sens, spec)))
+
+
+def test_dawid_skene_over_patterns_equals_the_rowwise_em():
+    rng = np.random.default_rng(4)
+    n_items = 300
+    item = np.concatenate([np.arange(n_items), rng.integers(0, 60, 120)])  # items 0-59 get extra labels
+    worker = rng.integers(0, 7, item.size)
+    flipped, chose_0 = rng.random(item.size) < 0.5, rng.random(item.size) < 0.6
+    prior = rng.choice([0.25, 0.5, 0.75], n_items)  # few distinct priors: single-label items share patterns
+    got = dawid_skene_pairs(worker, item, flipped, chose_0, prior, n_workers=8, tol=0.0, max_iter=40)
+    want = rowwise_dawid_skene(worker, item, flipped, chose_0, prior, n_workers=8, iterations=40)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-10)
+
+
+def test_aligned_and_joined_inputs_give_the_same_table():
+    aligned = annotator_stats(PAIRS, CONSENSUS, PAIR_METRICS)
+    shuffled = annotator_stats(PAIRS.lazy(), CONSENSUS.reverse(), PAIR_METRICS.reverse())
+    assert aligned.equals(shuffled)
