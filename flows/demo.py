@@ -1,4 +1,5 @@
-"""`prefcurate demo`: the pipeline on the embedded sample, offline."""
+"""`prefcurate demo`: the pipeline on the embedded sample, offline, through the stage functions the flows
+wrap (flows/stages.py): no Prefect server is started."""
 from __future__ import annotations
 
 import glob
@@ -11,10 +12,7 @@ from curation.report import write_report
 from curation.sample import SampleConfig, generate_sample
 from curation.snapshot import SnapshotPolicy
 from curation.sql import query
-from flows.curate import curate_flow, snapshot_flow
-from flows.ingest import ingest_flow
-from flows.score import run_score_flow
-from flows.train import train_flow
+from flows.stages import run_curate, run_ingest, run_score, run_snapshot, run_train
 
 
 BUSIEST_ANNOTATORS = """
@@ -45,26 +43,26 @@ def run_demo(out_dir: str, seed: int = 0) -> Lake:
     shards = sorted(glob.glob(os.path.join(paths.pickapic_dir, "*.parquet")))
     lake_root = os.path.join(out_dir, "lake")
     print(f"[2/{STEPS}] ingesting {len(shards)} Pick-a-Pic-shaped shard(s) into {lake_root}")
-    for r in ingest_flow(lake_root, shards, "pickapic"):
+    for r in run_ingest(lake_root, shards, "pickapic"):
         print("  " + (f"error: {r['error']}" if "error" in r else
                       f"{os.path.basename(r['source_file'])}: read {r['n_read']} = accepted {r['n_accepted']} "
                       f"+ duplicates {r['n_duplicates']} + quarantined {r['n_quarantined']}"))
     print(f"[3/{STEPS}] scoring the pairs' images with {', '.join(DEMO_SCORERS)}")
     # One shard per scorer and decoding in this process: at 64 px, worker start-up would cost more than it saves.
-    summaries = run_score_flow(lake_root, DEMO_SCORERS, workers=0, shard_size=1 << 20)
+    summaries = run_score(lake_root, DEMO_SCORERS, workers=0, shard_size=1 << 20)
     print("  throughput (images/s): " + ", ".join(f"{s['name']} {s['images_per_s']:.0f}" for s in summaries)
           + f" ({summaries[0]['n_images']} images; {summaries[0]['n_pairs_skipped']} pairs skipped)")
     print(f"[4/{STEPS}] curating: scorer votes, consensus, minority scores, annotator reliability")
-    print("  " + curate_flow(lake_root)["line"])
+    print("  " + run_curate(lake_root)["line"])
     print(f"[5/{STEPS}] writing an adaptive (reweighted) training snapshot")
-    snapshot = snapshot_flow(lake_root, "demo-adaptive", SnapshotPolicy(kind="adaptive"))
+    snapshot = run_snapshot(lake_root, "demo-adaptive", SnapshotPolicy(kind="adaptive"))
     print("  " + snapshot["line"])
     print(f"[6/{STEPS}] fine-tuning a tiny offline SD-style pipeline on it with Adaptive-DPO (LoRA, CPU)")
     from training.components import build_tiny_pipeline
 
     model = build_tiny_pipeline(os.path.join(out_dir, "tiny-sd"), resolution=32)
     run_dir = os.path.join(out_dir, "runs", "adaptive-dpo")
-    trained = train_flow(snapshot["path"], str(model), run_dir, loss="adaptive-dpo", options=DEMO_TRAIN_OPTIONS)
+    trained = run_train(snapshot["path"], str(model), run_dir, loss="adaptive-dpo", options=DEMO_TRAIN_OPTIONS)
     print(f"  {trained['global_step']} steps, loss {trained['losses'][0]:.4f} -> {trained['final_loss']:.4f}; "
           f"LoRA (diffusers format, loads with pipe.load_lora_weights) in {trained['lora_dir']}")
     lake = Lake(lake_root)

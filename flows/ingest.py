@@ -1,12 +1,11 @@
-"""Prefect flow for the ingest stage: one task per source file, over curation.ingest."""
+"""Prefect flow for the ingest stage: one task per source file, each wrapping flows.stages.ingest_one."""
 from __future__ import annotations
-
-from dataclasses import asdict
 
 from prefect import flow, get_run_logger, task
 
-from curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader
-from curation.lake import Lake, LakeError
+from curation.ingest import UnreadableSourceError
+from curation.lake import LakeError
+from flows import stages
 
 
 def _transient(task, task_run, state) -> bool:
@@ -24,11 +23,8 @@ def _transient(task, task_run, state) -> bool:
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, task_run_name="ingest {path}")
 def ingest_one(lake_root: str, path: str, fmt: str, source: str, reader_options: dict) -> dict:
-    lake = Lake(lake_root, create=True)
-    result = ingest_file(lake, path, IngestConfig(source=source, format=fmt), make_reader(fmt, **reader_options))
-    get_run_logger().info(result.line())
-    out = asdict(result)
-    out["reasons"] = dict(result.reasons)
+    out = stages.ingest_one(lake_root, path, fmt, source, reader_options)
+    get_run_logger().info(out["line"])
     return out
 
 
@@ -39,6 +35,11 @@ def ingest_flow(lake_root: str, paths: list[str], fmt: str, source: str | None =
     is a no-op; an unreadable file fails its task with one clear line and writes nothing."""
     results = []
     for path in paths:
+        try:
+            stages.check_source(path, fmt)  # a missing or non-Parquet file: no task, no retries
+        except stages.SourceError as exc:
+            results.append({"source_file": path, "error": str(exc)})
+            continue
         state = ingest_one(lake_root, path, fmt, source or fmt, reader_options or {}, return_state=True)
         if state.is_completed():
             results.append(state.result())

@@ -33,6 +33,12 @@ def add_parsers(sub, formatter) -> None:
     p.add_argument("--model", required=True, help="local diffusers pipeline folder (nothing is downloaded)")
     p.add_argument("--loss", choices=TRAIN_LOSSES, default="dpo")
     p.add_argument("--output", required=True, help="output folder: metrics.jsonl, checkpoints, LoRA weights")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="training processes (one per GPU; gloo ranks on the CPU): N > 1 runs `accelerate launch "
+                        "--num_processes N -m training.trainer`; 1 trains in this process (default)")
+    p.add_argument("--track", action="store_true",
+                   help="run as a Prefect flow, recorded by the server at PREFECT_API_URL (the default when "
+                        "PREFECT_API_URL is set)")
 
     p = sub.add_parser("serve", help="curate a landing folder on a schedule (needs a Prefect server)",
                        formatter_class=formatter, allow_abbrev=False,
@@ -72,6 +78,8 @@ def add_parsers(sub, formatter) -> None:
     p.add_argument("--train-model", help="local diffusers pipeline folder: train on each new snapshot")
     p.add_argument("--train-output", help="training outputs go to TRAIN_OUTPUT/<snapshot_id>")
     p.add_argument("--train-loss", choices=TRAIN_LOSSES, default="dpo")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="processes of each triggered training run (accelerate launch when above 1; default 1)")
     p.add_argument("--train-min-pairs", type=int, help="gate: fewest pairs worth a run (default 1000)")
     p.add_argument("--train-max-minority-share", type=float,
                    help="gate: most pairs with minority score u > 0.5, as a share (default 0.5)")
@@ -84,7 +92,7 @@ class TrainerOptionError(ValueError):
 def check_trainer_options(snapshot: str, model: str, output: str, loss: str, options: list[str]) -> None:
     """Parse the argv the training flow will get with the trainer's own parser and config checks."""
     from flows.cli import UserError
-    from flows.train import trainer_argv
+    from flows.stages import trainer_argv
     from training.config import TrainConfig, build_parser
 
     def refuse(message: str):
@@ -107,21 +115,64 @@ def _usage_error(command: str, exc: TrainerOptionError) -> int:
     return EXIT_USAGE
 
 
-def cmd_train(args) -> int:
-    from flows.cli import EXIT_OK, UserError, _quiet_prefect_defaults
-    from flows.train import resolve_snapshot_arg
+def preflight(snapshot: str | None, model: str, output: str | None, options: list[str]) -> None:
+    """training.preflight's checks (model folder layout, snapshot manifest, output folder, optional packages),
+    before torch is imported: a mistake is one line (exit 3) in well under a second. `snapshot` None (serve:
+    not written yet) checks the model and packages only."""
+    import argparse
 
+    from flows.cli import UserError
+    from training.preflight import PreflightError, check_model, check_packages, check_train_inputs
+
+    wanted = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the options preflight needs, no torch
+    wanted.add_argument("--resume-from")
+    wanted.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=False)
+    wanted.add_argument("--report-to")
+    known, _ = wanted.parse_known_args(options)
+    try:
+        if snapshot is None:
+            check_packages(use_8bit_adam=known.use_8bit_adam, report_to=known.report_to)
+            check_model(model)
+        else:
+            check_train_inputs(model=model, snapshot=snapshot, output=output, resume_from=known.resume_from,
+                               use_8bit_adam=known.use_8bit_adam, report_to=known.report_to)
+    except PreflightError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_num_processes(n: int) -> None:
+    from flows.cli import UserError
+
+    if n < 1:
+        raise UserError(f"--num-processes must be at least 1, got {n}")
+
+
+def cmd_train(args) -> int:
+    from flows.cli import EXIT_OK, UserError, _quiet_prefect_defaults, _tracked
+    from flows.stages import resolve_snapshot_arg
+
+    _check_num_processes(args.num_processes)
+    preflight(None, args.model, None, args.trainer_options)  # the model first: it needs no lake opened
     snapshot = resolve_snapshot_arg(args.snapshot, args.lake)  # a bad name: SnapshotError, one line, exit 3
+    preflight(snapshot, args.model, args.output, args.trainer_options)
     try:
         check_trainer_options(snapshot, args.model, args.output, args.loss, args.trainer_options)
     except TrainerOptionError as exc:
         return _usage_error("train", exc)
-    _quiet_prefect_defaults()
-    from flows.train import train_flow
     from training.snapshot import SnapshotError as UnreadableSnapshot
 
     try:
-        result = train_flow(snapshot, args.model, args.output, args.loss, args.trainer_options)
+        if _tracked(args):
+            _quiet_prefect_defaults()
+            from flows.train import train_flow
+
+            result = train_flow(snapshot, args.model, args.output, args.loss, args.trainer_options,
+                                num_processes=args.num_processes)
+        else:
+            from flows.stages import run_train
+
+            result = run_train(snapshot, args.model, args.output, args.loss, args.trainer_options,
+                               num_processes=args.num_processes)
     except UnreadableSnapshot as exc:
         raise UserError(str(exc)) from None
     print(f"trained {result['global_step']} steps on {snapshot}; final loss {result['final_loss']:.4f}; "
@@ -158,8 +209,11 @@ def cmd_serve(args) -> int:
             raise UserError("--train-model needs --train-output, the folder training runs write into")
         gate = {k: v for k, v in (("min_pairs", args.train_min_pairs),
                                   ("max_minority_share", args.train_max_minority_share)) if v is not None}
+        _check_num_processes(args.num_processes)
+        preflight(None, args.train_model, None, list(args.trainer_options))
         train = TrainRequest(model=os.path.abspath(args.train_model), output_root=os.path.abspath(args.train_output),
-                             loss=args.train_loss, options=tuple(args.trainer_options), gate=TrainGate(**gate))
+                             loss=args.train_loss, options=tuple(args.trainer_options), gate=TrainGate(**gate),
+                             num_processes=args.num_processes)
         try:
             check_trainer_options("snapshot", train.model, train.output_root, train.loss, list(train.options))
         except TrainerOptionError as exc:

@@ -82,6 +82,8 @@ class TrainRequest:
     loss: str = "dpo"
     options: tuple[str, ...] = ()
     """The trainer's own options, verbatim: e.g. ("--max-steps", "2000", "--lora-rank", "8")."""
+    num_processes: int = 1
+    """Training processes (accelerate launch when above 1): one per GPU of the machine that trains."""
     deployment: str | None = TRAIN_DEPLOYMENT
     """Start a run of this deployment (served by `prefcurate serve --train-model`) and return at once;
     None: train inside this pipeline run, as a subflow."""
@@ -120,7 +122,8 @@ def _training(snapshot: dict, train: TrainRequest) -> dict:
     if reasons:
         return {"started": False, "reasons": reasons, "minority_share": share}
     parameters = {"snapshot": snapshot["path"], "model": train.model, "loss": train.loss,
-                  "output": os.path.join(train.output_root, snapshot["snapshot_id"]), "options": list(train.options)}
+                  "output": os.path.join(train.output_root, snapshot["snapshot_id"]), "options": list(train.options),
+                  "num_processes": train.num_processes}
     if train.deployment is None:
         result = train_flow(**parameters)
         return {"started": True, "minority_share": share, "output": result["output"],

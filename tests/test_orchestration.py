@@ -133,14 +133,21 @@ def first_run(server, sample, tmp_path_factory):
     return lake, pipeline_flow(lake, str(sample.pickapic_dir), score_options=FAST_SCORING, return_state=True)
 
 
-def test_train_command_refuses_bad_snapshot_and_options(capsys, first_run):
-    lake = first_run[0]
-    assert main(["train", "--lake", lake, "--snapshot", "nope", "--model", "m", "--output", "o"]) == 3
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from training.components import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", resolution=32))
+
+
+def test_train_command_refuses_bad_snapshot_and_options(capsys, first_run, tiny_model):
+    lake, m = first_run[0], tiny_model
+    assert main(["train", "--lake", lake, "--snapshot", "nope", "--model", m, "--output", "o"]) == 3
     err = capsys.readouterr().err.strip()
     assert err == f"prefcurate train: error: no snapshot named 'nope' under {lake}/snapshots (names: curated)"
-    assert main(["train", "--snapshot", "latest", "--model", "m", "--output", "o"]) == 3
+    assert main(["train", "--snapshot", "latest", "--model", m, "--output", "o"]) == 3
     assert "give the lake (--lake LAKE)" in capsys.readouterr().err
-    assert main(["train", "--lake", lake, "--snapshot", "latest", "--model", "m", "--output", "o",
+    assert main(["train", "--lake", lake, "--snapshot", "latest", "--model", m, "--output", "o",
                  "--max-stepz", "1"]) == 2
     assert "unrecognized arguments: --max-stepz 1" in capsys.readouterr().err
 
@@ -179,13 +186,11 @@ def test_pipeline_publishes_artifacts_and_a_repeat_run_redoes_nothing(tmp_path, 
     assert again["training"] == {"started": False, "reasons": ["snapshot unchanged since an earlier run"]}
 
 
-def test_train_command_and_inline_training(tmp_path, capsys, first_run, sample):
+def test_train_command_and_inline_training(tmp_path, capsys, first_run, sample, tiny_model):
     """`prefcurate train --snapshot latest`, and a pipeline with no training deployment training in its own run."""
     import torch
 
-    from training.components import build_tiny_pipeline
-
-    model = str(build_tiny_pipeline(tmp_path / "model", resolution=32))
+    model = tiny_model
     fast = ["--max-steps", "1", "--resolution", "32", "--no-latent-cache"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: more threads only thrash the 2 shared cores
