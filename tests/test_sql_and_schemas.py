@@ -128,3 +128,95 @@ def test_newer_lake_is_refused(tmp_path):
 def test_files_written_carry_the_schema_version(lake):
     [f] = lake.files("pairs")
     assert pq.read_schema(f).metadata[b"prefcurate.schema_version"] == b"1"
+
+
+# -- the sandbox: every escape refused by the filter, and DuckDB's own settings behind it ----------------------
+
+ESCAPES = [
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}'", "EXPLAIN COPY (SELECT 1) TO '{out}'",
+    "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1", "EXPLAIN ANALYZE INSERT INTO pairs SELECT * FROM pairs",
+    "SELECT * FROM read_text('{secret}')", "SELECT * FROM read_blob('{secret}')",
+    "SELECT * FROM read_csv('{secret}')", "SELECT * FROM read_csv_auto('{secret}')",
+    "SELECT * FROM read_json('{secret}')", "SELECT * FROM sniff_csv('{secret}')",
+    "SELECT * FROM read_parquet('{outside}')", "SELECT * FROM '{outside}'",
+    "SELECT * FROM parquet_metadata('{outside}')",
+    "SELECT * FROM glob('{dir}/*')", "SELECT * FROM read_parquet('{lake}/pairs/**/*.parquet')",
+    "SELECT * FROM duckdb_extensions()",
+    "ATTACH '{dir}/other.db' AS other", "DETACH memory", "USE system", "INSTALL httpfs", "LOAD httpfs",
+    "SET enable_external_access = true", "RESET enable_external_access", "SET VARIABLE x = 1",
+    "PRAGMA enable_profiling", "CALL pragma_version()", "COPY pairs TO '{out}'", "EXPORT DATABASE '{dir}/dump'",
+    "CREATE SECRET s (TYPE s3, KEY_ID 'a', SECRET 'b')", "SELECT 1; SELECT 2", "SELECT ';'; DROP VIEW pairs",
+    "PREPARE p AS SELECT 1", "CHECKPOINT", "BEGIN TRANSACTION",
+]
+
+
+@pytest.mark.parametrize("statement", ESCAPES)
+def test_every_escape_is_refused_in_one_line(lake, tmp_path, statement):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token=hunter2\n")
+    outside = tmp_path / "outside.parquet"
+    pq.write_table(pa.table({"token": ["hunter2"]}), outside)
+    out = tmp_path / "out.csv"
+    text = statement.format(secret=secret, outside=outside, out=out, dir=tmp_path, lake=lake.path)
+    with pytest.raises(ReadOnlyError, match="^refused: ") as error:
+        query(lake, text)
+    assert "\n" not in str(error.value) and "hunter2" not in str(error.value)
+    assert not out.exists() and not (tmp_path / "dump").exists() and not (tmp_path / "other.db").exists()
+
+
+def test_duckdb_sandbox_holds_without_the_statement_filter(lake, tmp_path):
+    """The second wall alone: statements sent straight to the connection `connect` returns."""
+    import duckdb
+
+    from curation.sql import connect
+
+    (tmp_path / "secret.txt").write_text("token=hunter2\n")
+    con = connect(lake)
+    try:
+        assert con.sql("SELECT count(*) FROM pairs").fetchall() == [(3,)]  # the views still bind
+        for statement in (f"SELECT * FROM read_text('{tmp_path}/secret.txt')", f"SELECT * FROM glob('{tmp_path}/*')",
+                          f"COPY (SELECT 1) TO '{tmp_path}/out.csv'", f"ATTACH '{tmp_path}/x.db'", "LOAD httpfs",
+                          "INSTALL httpfs"):
+            with pytest.raises(duckdb.PermissionException):
+                con.execute(statement)
+        for statement in ("SET enable_external_access = true", "RESET allowed_paths", "SET threads = 1",
+                          "SET autoload_known_extensions = true"):
+            with pytest.raises(duckdb.InvalidInputException, match="locked"):
+                con.execute(statement)
+        assert con.sql("SELECT current_setting('enable_external_access')").fetchall() == [(False,)]
+    finally:
+        con.close()
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("statement, expected", [
+    ("SELECT ';' AS s", [{"s": ";"}]),
+    ("SELECT 1 AS one;", [{"one": 1}]),
+    ("WITH t AS (SELECT count(*) AS n FROM pairs) SELECT n FROM t", [{"n": 3}]),
+    ("FROM ingests SELECT n_read", [{"n_read": 4}]),
+    ("VALUES (1)", [{"col0": 1}]),
+])
+def test_read_only_queries_still_answer(lake, statement, expected):
+    assert query(lake, statement).to_pylist() == expected
+
+
+@pytest.mark.parametrize("statement", ["EXPLAIN SELECT * FROM pairs", "EXPLAIN ANALYZE SELECT count(*) FROM pairs",
+                                       "DESCRIBE pairs", "SUMMARIZE pairs", "SHOW TABLES", "PRAGMA show_tables",
+                                       "SELECT * FROM duckdb_settings()"])
+def test_informational_statements_are_allowed(lake, statement):
+    assert query(lake, statement).num_rows > 0
+
+
+def test_limits_threads_memory_and_timeout(lake):
+    from curation.sql import SqlLimits
+
+    limited = SqlLimits(memory_limit="256MB", threads=1)
+    got = query(lake, "SELECT current_setting('threads') AS t, current_setting('memory_limit') AS m", limited)
+    assert got.to_pylist() == [{"t": 1, "m": "244.1 MiB"}]
+    started = time.perf_counter()
+    with pytest.raises(ReadOnlyError, match="0.3 s timeout"):
+        query(lake, "SELECT count(*) FROM range(1000000000000) a, range(10) b WHERE a.range % 7 = b.range",
+              SqlLimits(timeout_s=0.3))
+    assert time.perf_counter() - started < 5
+    with pytest.raises(ReadOnlyError, match="bad SQL limit"):
+        query(lake, "SELECT 1", SqlLimits(memory_limit="lots"))
