@@ -3,17 +3,21 @@
 β is always in the canonical convention of ``training.losses`` (Salesforce ``beta_dpo``: logit = β/2·ℓ on the
 mean-MSE difference). Leave ``beta`` unset to get the per-loss default of ``DEFAULT_BETA``.
 Booleans are real booleans and parse with ``--flag / --no-flag`` (the Adaptive-DPO script's ``type=bool``
-flags read ``--use_margin=False`` as True; methods.md §2.6).
+flags read ``--use_margin=False`` as True).
+``--recipe NAME`` starts from a paper's published hyperparameters (``training.recipes``); explicit flags override
+them. From Python: ``TrainConfig.from_recipe(NAME, snapshot=..., ...)``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 from training.losses import LOSS_TYPES, beta_from_adaptive_dpo
+from training.recipes import RECIPES, apply_recipe, recipe_help
 
 
 LossType = Literal["dpo", "adaptive-dpo", "balanced-dpo", "ncp-dpo", "cpo", "sft", "ipo"]
@@ -28,6 +32,14 @@ DEFAULT_BETA = {
     "sft": 5000.0,  # unused by SFT; kept so every loss has a value
     "ipo": 5000.0,  # unused by IPO (see beta_ipo)
 }
+
+
+# Adaptive-DPO's online metric L2-normalises each annotator's logits over the per-device batch: at batch 1 every
+# normalised logit is ±1, so s = ±ρ and when the three annotators agree in sign the spread v is 0 and u = 0,
+# also when all of them reject the label (the very pair u should flag). Refused below ADAPTIVE_MIN_BATCH; warned
+# below the official README run's per-device batch (train_batch_size 16), where u is coarser than published.
+ADAPTIVE_MIN_BATCH = 2
+ADAPTIVE_RECIPE_BATCH = 16
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse
@@ -47,6 +59,10 @@ class TrainConfig:
     model: str = _required("local diffusers pipeline folder (SD1.5/SD2.1/SDXL layout); nothing is downloaded")
     output: str = _required("output folder: metrics.jsonl, checkpoints/, the final LoRA weights")
     resume_from: str | None = _f(None, "checkpoint folder to resume from, or 'latest' for the newest in output")
+    recipe: str | None = _f(None, "start from a paper's published hyperparameters; explicit flags override them. "
+                                  + recipe_help(), choices=list(RECIPES))
+    recipe_overrides: tuple[str, ...] | None = _f(None, "recipe fields that explicit values overrode (recorded "
+                                                        "in train_config.json)", cli=False)
     # ---- loss
     loss: LossType = _f("dpo", "loss type, one of training.losses.LOSS_TYPES")
     beta: float | None = _f(None, "canonical β (Salesforce beta_dpo); default per loss: dpo 5000, adaptive-dpo "
@@ -67,7 +83,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient-norm clip (Salesforce SD1.5, diffusers); 0 disables")
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (NCP-DPO §6.1); needs bitsandbytes installed")
     max_steps: int = _f(2000, "optimiser steps (Salesforce launchers: 2000)")
-    train_batch_size: int = _f(1, "pairs per device per micro-step (Salesforce: 1 on each of 16 GPUs)")
+    train_batch_size: int | None = _f(None, "pairs per device per micro-step; default per loss: adaptive-dpo 16 "
+                                            "(its online metric normalises over the batch; official README run), "
+                                            "others 1 (Salesforce: 1 on each of 16 GPUs)")
     gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step (Salesforce: 128; README LoRA: 1-2)")
     seed: int = _f(0, "seeds data order, noise, timesteps, prompt dropout (Adaptive-DPO README: 0)")
     # ---- model and memory
@@ -123,6 +141,8 @@ class TrainConfig:
         "last_down", "perceptual features: last down block output, mid block output, or all down blocks")
 
     def __post_init__(self) -> None:
+        if self.train_batch_size is None:
+            self.train_batch_size = ADAPTIVE_RECIPE_BATCH if self.needs_online_u else 1
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.loss] if self.loss in DEFAULT_BETA else None
         if self.lora_alpha is None:
@@ -161,6 +181,27 @@ class TrainConfig:
             raise ValueError("invalid TrainConfig field(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
         if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes (CUDA only)")
+        if self.recipe is not None and self.recipe_overrides is None:
+            raise ValueError(f"TrainConfig(recipe={self.recipe!r}) alone applies no recipe: use "
+                             f"TrainConfig.from_recipe({self.recipe!r}, ...) or --recipe on the command line")
+        if self.needs_online_u and self.normalize_logits:
+            if self.train_batch_size < ADAPTIVE_MIN_BATCH:
+                raise ValueError(f"adaptive-dpo with the online metric needs train_batch_size >= "
+                                 f"{ADAPTIVE_MIN_BATCH} per device (got {self.train_batch_size}): at batch 1 the "
+                                 f"batch-normalised logits are ±1 and u = 0 whenever the annotators agree, even "
+                                 f"when they all reject the label; use a larger batch, --no-normalize-logits, "
+                                 f"or --u-source offline")
+            if self.train_batch_size < ADAPTIVE_RECIPE_BATCH:
+                warnings.warn(f"adaptive-dpo: the online metric u is normalised over the per-device batch; "
+                              f"train_batch_size {self.train_batch_size} < {ADAPTIVE_RECIPE_BATCH} (the official "
+                              f"README run) gives a coarser u than published", UserWarning, stacklevel=3)
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None, **explicit: Any) -> TrainConfig:
+        """The recipe's values (``training.recipes``), then ``explicit`` on top; ``recipe=None``: no recipe."""
+        values = apply_recipe(recipe, explicit)
+        values.setdefault("recipe_overrides", None if recipe is None else ())
+        return cls(**values)
 
     @property
     def needs_online_u(self) -> bool:
@@ -171,16 +212,23 @@ class TrainConfig:
         return self.loss == "ncp-dpo" or (self.perceptual and self.loss in ("cpo", "sft"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One ``--kebab-case`` flag per field; bools are ``--x / --no-x``; Literals become choices."""
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """One ``--kebab-case`` flag per field; bools are ``--x / --no-x``; Literals become choices.
+    ``defaults=False``: absent flags are absent from the namespace (which flags were given explicitly)."""
     parser = argparse.ArgumentParser(prog="python -m training.trainer", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
         help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help: "30% s" printed a dict
         flag, kind, kw = "--" + f.name.replace("_", "-"), hints[f.name], {"help": help_text}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
         if f.metadata.get("required"):
             kw["required"] = True
+        elif not defaults:
+            kw["default"] = argparse.SUPPRESS
         else:
             kw["default"] = f.default if f.default is not MISSING else f.default_factory()
         args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -197,4 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+    """argv -> config: the recipe's values (``--recipe``), then every flag given explicitly."""
+    build_parser().parse_args(argv)  # --help, usage errors
+    explicit = vars(build_parser(defaults=False).parse_args(argv))
+    return TrainConfig.from_recipe(explicit.pop("recipe", None), **explicit)
