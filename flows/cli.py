@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", required=True)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table",
                    help="output format (csv and json write binary columns as hex)")
+    p.add_argument("--memory-limit", help="DuckDB memory limit for the query, e.g. 2GB (default: 80%% of RAM)")
+    p.add_argument("--threads", type=int, help="DuckDB threads for the query (default: one per core)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the query after this many seconds")
     p.add_argument("query", help="SQL text")
 
     p = sub.add_parser("score", help="score the images the pairs need, once per (scorer version, image, prompt)",
@@ -166,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="describe the lake tables' columns", formatter_class=formatter,
                        epilog="example:\n  prefcurate tables pairs")
     p.add_argument("names", nargs="*", help="tables to describe (default: all)")
+
+    p = sub.add_parser("verify", help="check every lake file against the sha256 its commit recorded",
+                       epilog="example:\n  prefcurate verify --lake lake")
+    p.add_argument("--lake", required=True)
+    p = sub.add_parser("repair", help="recover from a crash and remove duplicate rows already written",
+                       epilog="example:\n  prefcurate repair --lake lake")
+    p.add_argument("--lake", required=True)
 
     p = sub.add_parser("sample", help="write the embedded synthetic Pick-a-Pic-shaped sample",
                        formatter_class=formatter, epilog="example:\n  prefcurate sample --out sample --seed 0")
@@ -252,9 +262,28 @@ def cmd_ingest(args) -> int:
 
 def cmd_sql(args) -> int:
     from curation.lake import Lake
-    from curation.sql import query
+    from curation.sql import SqlLimits, query
 
-    _print_table(query(Lake(args.lake), args.query), args.format)
+    limits = SqlLimits(memory_limit=args.memory_limit, threads=args.threads, timeout_s=args.timeout)
+    _print_table(query(Lake(args.lake), args.query, limits), args.format)
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from curation.lake import Lake
+
+    result = Lake(args.lake).verify()
+    if result["problems"]:
+        raise UserError(f"{len(result['problems'])} of {result['files']} lake files do not match their commit: "
+                        + "; ".join(result["problems"]))
+    print(f"ok: {result['files']} lake files, {result['bytes']} bytes, match their commits")
+    return EXIT_OK
+
+
+def cmd_repair(args) -> int:
+    from curation.lake import Lake
+
+    print("\n".join(Lake(args.lake).repair()) or "nothing to repair")
     return EXIT_OK
 
 
@@ -404,7 +433,8 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"ingest": cmd_ingest, "sql": cmd_sql, "score": cmd_score, "curate": cmd_curate,
             "snapshot": cmd_snapshot, "tables": cmd_tables, "sample": cmd_sample, "demo": cmd_demo,
-            "report": cmd_report, "train": cmd_train, "serve": cmd_serve, "eval": cmd_eval}
+            "report": cmd_report, "train": cmd_train, "serve": cmd_serve, "eval": cmd_eval,
+            "verify": cmd_verify, "repair": cmd_repair}
 PASSES_UNKNOWN_OPTIONS = ("train", "serve")  # to the trainer: flows/orchestration_cli.py
 # Input errors of the modules a command uses, by module: looked up in sys.modules when an error is caught, so
 # a command does not import modules it does not use just to name their errors (curation.ingest: ~1 s).

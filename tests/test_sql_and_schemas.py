@@ -220,3 +220,15 @@ def test_limits_threads_memory_and_timeout(lake):
     assert time.perf_counter() - started < 5
     with pytest.raises(ReadOnlyError, match="bad SQL limit"):
         query(lake, "SELECT 1", SqlLimits(memory_limit="lots"))
+
+
+def test_cli_sql_limits(lake, capsys):
+    assert main(["sql", "--lake", lake.root, "--threads", "1", "--memory-limit", "256MB", "--format", "csv",
+                 "SELECT current_setting('threads') AS t"]) == 0
+    assert capsys.readouterr().out == "t\n1\n"
+    assert main(["sql", "--lake", lake.root, "--timeout", "0.3",
+                 "SELECT count(*) FROM range(1000000000000) a, range(10) b WHERE a.range % 7 = b.range"]) == 3
+    err = capsys.readouterr().err
+    assert err == "prefcurate sql: error: refused: the query ran past the 0.3 s timeout\n"
+    assert main(["sql", "--lake", lake.root, "EXPLAIN ANALYZE COPY (SELECT 1) TO 'x.csv'"]) == 3
+    assert capsys.readouterr().err.startswith("prefcurate sql: error: refused: COPY statements under EXPLAIN")
