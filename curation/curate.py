@@ -29,6 +29,7 @@ from curation.annotators import AnnotatorStatsConfig, annotator_stats
 from curation.consensus import TiePolicy, consensus
 from curation.lake import Lake
 from curation.pair_metrics import PairMetricsConfig, pair_metrics
+from curation.reliability import LabelModelConfig, label_reliability
 from curation.votes import compute_votes
 
 
@@ -52,6 +53,8 @@ class CurateConfig:
     whose text states no tie rule; the human never votes, so agreement with it is not circular."""
     pair_metrics: PairMetricsConfig = field(default_factory=PairMetricsConfig)
     annotators: AnnotatorStatsConfig = field(default_factory=AnnotatorStatsConfig)
+    label_model: LabelModelConfig = field(default_factory=LabelModelConfig)
+    """Joint Dawid-Skene over annotators and scorers: label posteriors, calibrated consensus, scorer_reliability."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.scorers or ()) - set(SCORER_TRAITS))
@@ -179,7 +182,7 @@ def curate(lake: Lake, config: CurateConfig = CurateConfig()) -> CurateResult:
 
 def compute_tables(pairs: pl.DataFrame, scores: pl.DataFrame, scorers: list[str],
                    config: CurateConfig) -> dict[str, pl.DataFrame]:
-    """The four curation tables from in-memory pairs and scores (no lake I/O: used by benchmarks)."""
+    """The curation tables from in-memory pairs and scores (no lake I/O: used by benchmarks)."""
     if scorers:
         votes = compute_votes(pairs, scores, {s: SCORER_TRAITS[s][0] for s in scorers},
                               prompt_free=[s for s in scorers if SCORER_TRAITS[s][1]])
@@ -192,7 +195,10 @@ def compute_tables(pairs: pl.DataFrame, scores: pl.DataFrame, scorers: list[str]
     metrics = metrics.join(agreed.select("pair_id", "consensus_label", "vote_fraction", "human_agrees"),
                            on="pair_id", how="left", maintain_order="left")
     annotators = annotator_stats(pairs, agreed, metrics, config.annotators)
-    return {"votes": votes, "consensus": agreed, "pair_metrics": metrics, "annotators": annotators}
+    posterior, scorer_reliability = label_reliability(pairs, votes, config.label_model)
+    metrics = metrics.join(posterior, on="pair_id", how="left", maintain_order="left")
+    return {"votes": votes, "consensus": agreed, "pair_metrics": metrics, "annotators": annotators,
+            "scorer_reliability": scorer_reliability}
 
 
 def _prune_runs(lake: Lake, keep: str) -> None:

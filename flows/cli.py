@@ -156,12 +156,23 @@ def _parser() -> argparse.ArgumentParser:
                            examples:
                              prefcurate snapshot --lake lake --name clean --policy filter --max-minority-score 0.5
                              prefcurate snapshot --lake lake --name adaptive --policy adaptive
-                             prefcurate snapshot --lake lake --name balanced --policy balanced"""))
+                             prefcurate snapshot --lake lake --name balanced --policy balanced
+                             prefcurate snapshot --lake lake --name trusted --policy reliability --min-posterior 0.6"""))
     p.add_argument("--lake", required=True)
     p.add_argument("--name", required=True, help="snapshot name (letters, digits, '_', '.', '-')")
-    p.add_argument("--policy", choices=("plain", "filter", "adaptive", "balanced"), default="plain")
+    p.add_argument("--policy", choices=("plain", "filter", "adaptive", "balanced", "reliability"), default="plain")
     p.add_argument("--max-minority-score", type=float, default=0.5, help="filter: drop pairs with u above this")
     p.add_argument("--min-reliability", type=float, help="filter: drop pairs of annotators below this reliability")
+    p.add_argument("--consensus", choices=("majority", "calibrated"), default="majority",
+                   help="balanced: equal scorer votes (BalancedDPO) or votes weighted by scorer reliability")
+    p.add_argument("--min-posterior", type=float, default=0.5,
+                   help="reliability: drop pairs whose label is right with probability below this (default 0.5)")
+    p.add_argument("--posterior-use", choices=("weight", "soft_target", "both"), default="weight",
+                   help="reliability: the posterior as loss weight, as label_smoothing = 1 - p, or both")
+    p.add_argument("--flip-above", type=float,
+                   help="reliability: flip labels whose other image is better with probability >= this (off)")
+    p.add_argument("--annotator-group",
+                   help="reliability: comma-separated user ids whose own labels form a preference-group snapshot")
     p.add_argument("--splits", default="train", help="comma-separated source splits to include")
     p.add_argument("--out", help="snapshots folder (default: LAKE/snapshots)")
     _add_track(p)
@@ -288,11 +299,13 @@ def cmd_repair(args) -> int:
 
 
 def cmd_tables(args) -> int:
-    from data_schemas import TABLES, describe
+    from data_schemas import describe
+    from data_schemas.tables import CURATION_TABLES, TABLES
 
-    for name in args.names or list(TABLES):
-        if name not in TABLES:
-            raise UserError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
+    known = [*TABLES, *CURATION_TABLES]
+    for name in args.names or known:
+        if name not in known:
+            raise UserError(f"unknown table {name!r}; tables: {', '.join(known)}")
         print(describe(name) + "\n")
     return EXIT_OK
 
@@ -371,7 +384,11 @@ def cmd_snapshot(args) -> int:
     try:
         check_partition_name("snapshot name", args.name)
         policy = SnapshotPolicy(kind=args.policy, max_minority_score=args.max_minority_score,
-                                min_reliability=args.min_reliability, splits=tuple(args.splits.split(",")))
+                                min_reliability=args.min_reliability, splits=tuple(args.splits.split(",")),
+                                consensus=args.consensus, min_posterior=args.min_posterior,
+                                posterior_use=args.posterior_use, flip_above=args.flip_above,
+                                annotator_group=tuple(args.annotator_group.split(",")) if args.annotator_group
+                                else None)
     except (SnapshotError, ValueError) as exc:
         raise UserError(str(exc)) from None
     if _tracked(args):

@@ -13,7 +13,7 @@ import textwrap
 
 # training.config.LossType, kept here so `prefcurate --help` does not import torch; a test checks they agree.
 TRAIN_LOSSES = ("dpo", "adaptive-dpo", "balanced-dpo", "ncp-dpo", "cpo", "sft", "ipo")
-POLICIES = ("plain", "filter", "adaptive", "balanced")  # curation.snapshot.POLICIES
+POLICIES = ("plain", "filter", "adaptive", "balanced", "reliability")  # curation.snapshot.POLICIES
 PATTERNS = {"pickapic": "*.parquet", "hpdv2": "*.json", "jsonl": "*.jsonl", "csv": "*.csv", "wmt": "*.csv"}
 TRAINER_OPTIONS = "any other option goes to the trainer: see `python -m training.trainer --help`"
 

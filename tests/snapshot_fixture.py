@@ -50,6 +50,7 @@ def write_test_snapshot(root: str | Path, *, n_pairs: int = 12, n_shards: int = 
             rows["stability"].append(float("nan"))
             rows["vote_fraction"].append(float(0.75 if i % 3 else 1.0))
             rows["user_id"].append(f"user-{i % 3}")
+            rows["label_smoothing"].append(0.0)
         path = root / "shards" / f"shard-{s:05d}.parquet"
         pq.write_table(pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS), path, row_group_size=row_group_size)
         entries.append({"path": f"shards/{path.name}", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),

@@ -116,7 +116,7 @@ def test_scorer_traits_match_the_scorers():
         CurateConfig(scorers=("nope",))
 
 
-@pytest.mark.parametrize("kind", ["plain", "filter", "adaptive", "balanced"])
+@pytest.mark.parametrize("kind", ["plain", "filter", "adaptive", "balanced", "reliability"])
 def test_snapshot_policies(curated, tmp_path, kind):
     lake = curated["lake"]
     info = write_snapshot(lake, f"t-{kind}", SnapshotPolicy(kind=kind, pairs_per_shard=700), str(tmp_path))
@@ -138,11 +138,22 @@ def test_snapshot_policies(curated, tmp_path, kind):
     else:
         assert (winner_is_0 == (joined["label_0"] == 1.0)).all() and (joined["label_0"] != 0.5).all()
     if kind == "adaptive":
-        metrics = query_polars(lake, "SELECT pair_id, weight, margin FROM pair_metrics")
+        metrics = query_polars(lake, "SELECT pair_id, weight, margin, minority_score FROM pair_metrics")
         check = frame.join(metrics, on="pair_id", suffix="_m")
-        assert np.allclose(check["weight"], check["weight_m"]) and (frame["weight"] < 1).any()
+        ratio = (check["weight"] / check["weight_m"]).to_numpy()
+        assert np.allclose(ratio, ratio[0]) and ratio[0] > 1  # W rescaled, never reordered
+        assert check.filter(pl.col("minority_score_m") <= 0.5)["weight"].mean() == pytest.approx(1.0)
+        assert (frame["weight"] < 0.5).any()  # the suspect pairs stay down-weighted
+    elif kind == "reliability":
+        metrics = query_polars(lake, "SELECT pair_id, label_posterior FROM pair_metrics")
+        check = frame.join(metrics, on="pair_id")
+        assert (check["label_posterior"] >= 0.5).all() and info.counts["filtered"] > 0
+        ratio = (check["weight"] / check["label_posterior"]).to_numpy()
+        assert np.allclose(ratio, ratio[0]) and frame["weight"].mean() == pytest.approx(1.0)
+        assert (frame["label_smoothing"] == 0.0).all() and (frame["margin"] == 0.0).all()
     else:
         assert (frame["weight"] == 1.0).all() and (frame["margin"] == 0.0).all()
+        assert (frame["label_smoothing"] == 0.0).all()
     if kind == "filter":
         assert (frame["minority_score"] <= 0.5).all() and info.counts["filtered"] > 0
 
@@ -201,3 +212,147 @@ def test_annotator_statistics_on_real_wmt13_judgements(tmp_path):
     assert 0.6 < overlapping["peer_agreement"].median() < 0.8  # judges agree on about 2 of 3 decisive calls
     correlation = np.corrcoef(overlapping["peer_agreement"], overlapping["reliability"])[0, 1]
     assert correlation > 0.6, f"reliability vs peer agreement correlation {correlation:.2f}"
+
+
+# --- label reliability (curation.reliability) and the reliability policy ---
+
+def test_label_posterior_closed_forms():
+    from curation.reliability import label_posterior, log_likelihood_ratio
+
+    scorer = np.array([0.8, -1.3, 0.0])  # scorer log-odds toward image_0
+    p_scorer_0 = 1 / (1 + np.exp(-scorer))
+    one = np.ones(3)
+    # a perfect annotator (a = b = 1) is right whatever the scorers say
+    assert np.allclose(label_posterior(scorer, one, one, [True, False, True]), 1.0)
+    # a coin-flip annotator (a = b = 1/2) or an always-left clicker (a = 1, b = 0) adds nothing
+    for a, b in ((0.5, 0.5), (1.0, 0.0), (0.7, 0.3)):
+        # (a = 1 is clipped to 1 - 1e-12, whose float complement is off by ~1e-16: 1e-4 in the log-ratio)
+        assert np.allclose(label_posterior(scorer, a * one, b * one, [True] * 3), p_scorer_0, atol=1e-4)
+        assert np.allclose(label_posterior(scorer, a * one, b * one, [False] * 3), 1 - p_scorer_0, atol=1e-4)
+    # a left-biased annotator (a = 0.9, b = 0.5): "left" is weak evidence, "right" strong
+    left, right = log_likelihood_ratio(0.9, 0.5, True), log_likelihood_ratio(0.9, 0.5, False)
+    assert left == pytest.approx(np.log(0.9 / 0.5)) and right == pytest.approx(np.log(0.1 / 0.5))
+    assert 0 < left < -right
+    # Bayes by hand: prior log-odds 0, a = b = 0.8, says image_1: posterior of image_1 = 0.8
+    assert label_posterior(np.array([0.0]), np.array([0.8]), np.array([0.8]), [False])[0] == pytest.approx(0.8)
+
+
+def test_normalise_weights_makes_trusted_pairs_average_one():
+    from curation.reliability import normalise_weights
+
+    w = normalise_weights(np.array([0.9, 0.7, 0.2, 0.1]), np.array([True, True, False, False]))
+    assert w[:2].mean() == pytest.approx(1.0) and w[2] < w[1] and np.allclose(w / w[0], [1, 7 / 9, 2 / 9, 1 / 9])
+    assert normalise_weights(np.array([0.5, 0.25]), np.array([False, False])).mean() == pytest.approx(1.0)
+    assert normalise_weights(np.zeros(0), np.zeros(0, bool)).size == 0
+
+
+def test_label_reliability_on_a_hand_made_crowd():
+    """Two scorers (one 90 % right, one noise) and two annotators labelling the same 200 items: a
+    reliable one and a contrarian (right 20 % of the time)."""
+    from curation.reliability import label_reliability
+
+    rng = np.random.default_rng(0)
+    n = 200
+    truth_0 = rng.random(n) < 0.5  # image_0 truly better
+    ids = [f"p{i}" for i in range(n)]
+    good = np.where(rng.random(n) < 0.9, truth_0, ~truth_0)
+    noise = rng.random(n) < 0.5
+    votes = pl.DataFrame({
+        "pair_id": ids * 2, "scorer": ["good"] * n + ["noise"] * n,
+        "vote": np.concatenate([good, noise]).astype(float)})
+    reliable = np.where(rng.random(n) < 0.9, truth_0, ~truth_0)
+    contrarian = np.where(rng.random(n) < 0.2, truth_0, ~truth_0)
+    pairs = pl.DataFrame({
+        "pair_id": ids + [f"c{i}" for i in range(n)],
+        "user_id": ["rel"] * n + ["con"] * n,
+        "label_0": np.concatenate([reliable, contrarian]).astype(float),
+        "image_0_id": [f"a{i}" for i in range(n)] * 2, "image_1_id": [f"b{i}" for i in range(n)] * 2})
+    per_pair, per_scorer = label_reliability(pairs, votes)
+    assert per_scorer["scorer"].to_list() == ["good", "noise"]
+    good_row, noise_row = per_scorer.row(0, named=True), per_scorer.row(1, named=True)
+    assert good_row["reliability"] == pytest.approx((good == truth_0).mean(), abs=0.03)  # 0.9 drawn, 0.89 fitted
+    assert abs(noise_row["reliability"] - 0.5) < 0.1
+    assert good_row["log_odds_for_0"] > 3 * abs(noise_row["log_odds_for_0"])
+    right = np.concatenate([reliable == truth_0, contrarian == truth_0])
+    posterior = per_pair["label_posterior"].to_numpy()
+    assert auroc(posterior, right) > 0.9
+    # the peer term: the contrarian's items are the reliable annotator's, so its evidence shows up there
+    assert (per_pair["peer_log_odds"].to_numpy() != 0).all()
+    assert per_pair["calibrated_label"].to_list()[:n] == per_pair["calibrated_label"].to_list()[n:]
+    # a pair with a tie has no posterior; the calibrated label does not need a human label
+    tied = pairs.with_columns(label_0=pl.lit(0.5))
+    assert label_reliability(tied, votes)[0]["label_posterior"].is_null().all()
+
+
+def test_reliability_policy_beats_adaptive_and_filter_on_the_planted_truth(curated):
+    """Issue 11: the weighted share of truly better winners, reliability > adaptive and filter > plain."""
+    from curation.snapshot import compare_policies, pair_truth_from_sample
+
+    lake = curated["lake"]
+    truth = pair_truth_from_sample(lake, pl.read_parquet(curated["paths"].rows))
+    table = compare_policies(lake, truth, {k: SnapshotPolicy(kind=k) for k in ("plain", "filter", "adaptive",
+                                                                               "reliability")})
+    share = dict(zip(table["policy"], table["weighted_share"], strict=True))
+    assert share["reliability"] > max(share["adaptive"], share["filter"]) + 0.04, share
+    assert min(share["adaptive"], share["filter"]) > share["plain"]
+    assert table.filter(pl.col("policy") == "reliability")["pairs"][0] > 0.7 * table["pairs"][0]
+
+
+def test_reliability_policy_options(curated, tmp_path):
+    from curation.snapshot import select_pairs
+
+    lake = curated["lake"]
+    soft, _ = select_pairs(lake, SnapshotPolicy(kind="reliability", posterior_use="soft_target"))
+    assert (soft["weight"] == 1.0).all() and soft["label_smoothing"].is_between(0.0, 0.5).all()
+    assert (soft["label_smoothing"] > 0.2).any()
+    kept, _ = select_pairs(lake, SnapshotPolicy(kind="reliability", min_posterior=None))
+    flipped, counts = select_pairs(lake, SnapshotPolicy(kind="reliability", min_posterior=None, flip_above=0.9))
+    assert counts["flipped"] > 0 and kept.height == flipped.height
+    changed = kept.join(flipped, on="pair_id").filter(pl.col("winner_image_id") != pl.col("winner_image_id_right"))
+    assert changed.height == counts["flipped"] and (changed["label_source_right"] == "human_flipped").all()
+    # a preference-group snapshot: only the group's pairs, its own labels, weight 1
+    truth = pl.read_parquet(curated["paths"].annotators).with_columns(pl.col("user_id").cast(pl.String))
+    minority = truth.filter(pl.col("annotator_type") == "minority")["user_id"].to_list()
+    group, _ = select_pairs(lake, SnapshotPolicy(kind="reliability", annotator_group=tuple(minority)))
+    assert group.height > 0 and set(group["user_id"]) <= set(minority) and (group["weight"] == 1.0).all()
+    majority, _ = select_pairs(lake, SnapshotPolicy(kind="reliability"))
+    assert majority.filter(pl.col("user_id").is_in(minority)).height < 0.5 * group.height  # down-weighted as noise
+    with pytest.raises(SnapshotError, match="flip_above"):
+        SnapshotPolicy(kind="reliability", flip_above=0.4)
+    with pytest.raises(SnapshotError, match="posterior_use"):
+        SnapshotPolicy(kind="reliability", posterior_use="both_ways")
+
+
+def test_scorer_reliability_table_and_calibrated_consensus(curated):
+    lake = curated["lake"]
+    table = query_polars(lake, "SELECT * FROM scorer_reliability ORDER BY reliability DESC")
+    assert sorted(table["scorer"]) == sorted(PIXEL_SCORERS) and (table["n_votes"] > 0).all()
+    # prompt_colour measures the largest share of the planted utility (0.45): the most reliable
+    assert table["scorer"][0] == "prompt_colour" and (table["reliability"] > 0.5).all()
+    truth = pair_truth_from_sample_frame(curated)
+    metrics = query_polars(lake, "SELECT m.pair_id, m.calibrated_label, c.consensus_label, p.image_0_id FROM pair_metrics m "
+                                 "JOIN consensus c USING (pair_id) JOIN pairs p USING (pair_id)").join(truth, on="pair_id")
+    both = metrics.filter(pl.col("consensus_label").is_not_null() & pl.col("better_image_id").is_not_null())
+    better_0 = both["better_image_id"] == both["image_0_id"]
+    calibrated = ((both["calibrated_label"] == 1.0) == better_0).mean()
+    majority = ((both["consensus_label"] == 1.0) == better_0).mean()
+    assert calibrated >= majority - 0.01, (calibrated, majority)
+
+
+def pair_truth_from_sample_frame(curated) -> pl.DataFrame:
+    from curation.snapshot import pair_truth_from_sample
+
+    return pair_truth_from_sample(curated["lake"], pl.read_parquet(curated["paths"].rows))
+
+
+def test_curation_tables_are_described(curated):
+    from data_schemas import describe
+    from data_schemas.tables import CURATION_TABLES
+
+    lake = curated["lake"]
+    for name in ("votes", "consensus", "pair_metrics", "scorer_reliability"):
+        got = query_polars(lake, f"SELECT * FROM {name} LIMIT 1").columns
+        assert got == CURATION_TABLES[name].names, name
+        assert describe(name).count("\n") == len(got)
+    got = set(query_polars(lake, "SELECT * FROM annotators LIMIT 1").columns)
+    assert set(CURATION_TABLES["annotators"].names) <= got
