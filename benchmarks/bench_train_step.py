@@ -9,19 +9,32 @@ Designs, each measured in its own subprocess (clean peak memory), on the same mo
 
 Time per step: mean over ``--steps`` steps after ``--warmup`` (policy fwd + reference fwd + backward + AdamW).
 Peak memory: CUDA ``max_memory_allocated`` after resetting it before the timed steps; on the CPU the process's
-peak RSS (VmHWM) after resetting it via /proc/self/clear_refs before the timed steps.
+peak RSS (VmHWM) after resetting it via /proc/self/clear_refs before the timed steps (weights, optimizer state
+and the step's activations), and the whole process's VmHWM (model loading included) as ``vmhwm_total_mib``.
 
   python benchmarks/bench_train_step.py                 # CPU: SD1.5-shaped UNet at 1/5 width, 32x32 latents
   python benchmarks/bench_train_step.py --sd15          # SD1.5 UNet/VAE/text-encoder architecture, 512 px (GPU)
+  python benchmarks/bench_train_step.py --sd15-cpu      # the real SD1.5 architecture on the CPU, fp32, 1 pair,
+                                                        # 128 px (latent 4x16x16); about 20 GB for the reference
+  python benchmarks/bench_train_step.py --loss-sweep    # every loss with gradient checkpointing off and on
+
+The SD1.5 configurations below are written from the public runwayml/stable-diffusion-v1-5 unet/, vae/ and
+text_encoder/ config.json files; weights are random (the step's cost does not depend on their values). A child
+process exits (code 137, reported) when the machine's available memory falls below ``--min-free-gb``, so a
+design that does not fit never drives the machine into the out-of-memory killer.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +73,52 @@ SMALL_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_o
 SMALL_TEXT = {"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
               "num_hidden_layers": 2, "max_position_embeddings": 77, "bos_token_id": 49406,
               "eos_token_id": 49407, "pad_token_id": 49407}
+
+
+def write_snapshot(root: Path, n_pairs: int, image_size: int, row_group_size: int = 8) -> Path:
+    """A training snapshot (manifest.json + one Parquet shard in ``SNAPSHOT_PAIRS``) of random blocky PNG pairs,
+    in the format ``training.snapshot`` reads; columns the benchmark does not vary get neutral values."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from data_schemas.tables import SNAPSHOT_PAIRS
+    rng = np.random.default_rng(0)
+
+    def png() -> bytes:
+        blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(blocks).resize((image_size, image_size), Image.NEAREST).save(buf, format="PNG")
+        return buf.getvalue()
+
+    neutral = {"weight": 1.0, "label_source": "human", "user_id": "bench"}
+    rows: dict[str, list] = {f.name: [] for f in SNAPSHOT_PAIRS}
+    for i in range(n_pairs):
+        images = {"winner_image": png(), "loser_image": png()}
+        for f in SNAPSHOT_PAIRS:
+            if f.name in images:
+                value = images[f.name]
+            elif f.name.endswith("_image_id"):
+                value = hashlib.blake2b(images[f.name[:-3]], digest_size=16).hexdigest()
+            elif f.name == "pair_id":
+                value = f"pair-{i:05d}"
+            elif f.name == "prompt":
+                value = ("a red cube", "a cat on a mat", "two blue birds")[i % 3]
+            elif f.name in neutral:
+                value = neutral[f.name]
+            else:
+                value = 0.0 if pa.types.is_floating(f.type) else None
+            rows[f.name].append(value)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    path = root / "shards" / "shard-00000.parquet"
+    pq.write_table(pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS), path, row_group_size=row_group_size)
+    manifest = {"format": "prefcurate-snapshot", "version": 1, "name": "bench", "snapshot_id": "bench-0",
+                "policy": {"benchmark": True}, "counts": {"pairs": n_pairs},
+                "shards": [{"path": "shards/shard-00000.parquet",
+                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": n_pairs}]}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root
 
 
 def build_pipeline(out: Path, sd15: bool) -> None:
@@ -101,12 +160,13 @@ def run_trainer(args, design: str) -> dict:
 
     from training.config import TrainConfig
     from training.trainer import Trainer
-    loss = "ncp-dpo" if design == "ncp-ours" else "dpo"
+    loss = "ncp-dpo" if design == "ncp-ours" else (args.loss or "dpo")
     cfg = TrainConfig(snapshot=args.snapshot, model=args.model, output=tempfile.mkdtemp(), loss=loss,
                       resolution=args.resolution, train_batch_size=args.pairs, max_steps=10**6,
                       latent_cache=design != "lora-nocache", mixed_precision=args.mixed_precision,
                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.rank,
-                      cache_dir=args.cache_dir)
+                      cache_dir=args.cache_dir, ref_update_every=1, ema_warmup_steps=0,
+                      normalize_logits=args.pairs > 1)
     trainer = Trainer(cfg)
     batches = trainer._batches()
 
@@ -174,6 +234,29 @@ def run_reference(args) -> dict:
 
 
 BASELINE_MIB = 0.0  # process memory after imports, before any model exists (CPU: the torch/CUDA libraries)
+TOTAL_HWM_MIB = [0.0]  # CPU: the process's VmHWM before the reset of the timed steps (model loading included)
+
+
+def _status_kib(key: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+    return int(line.split()[1])
+
+
+def memory_guard(min_free_gb: float) -> None:
+    """Exit this process (code 137) when the machine's MemAvailable drops below ``min_free_gb``: the design
+    does not fit here, and the out-of-memory killer would otherwise pick some other process."""
+    def watch() -> None:
+        while True:
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            available_gb = int(info["MemAvailable"].split()[0]) / 2**20
+            if available_gb < min_free_gb:
+                print(f"MEMORY-GUARD available {available_gb:.2f} GB < {min_free_gb} GB at process VmRSS "
+                      f"{_status_kib('VmRSS') / 2**20:.2f} GB, VmHWM {_status_kib('VmHWM') / 2**20:.2f} GB",
+                      flush=True)
+                os._exit(137)
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def current_mib() -> float:
@@ -191,6 +274,8 @@ def measure(step, args, trainable: int, torch) -> dict:
 
     for _ in range(args.warmup):
         step()
+    if not torch.cuda.is_available():
+        TOTAL_HWM_MIB[0] = _status_kib("VmHWM") / 1024
     reset_peak()
     times = []
     for _ in range(args.steps):
@@ -201,7 +286,8 @@ def measure(step, args, trainable: int, torch) -> dict:
         times.append(time.perf_counter() - t0)
     peak = peak_mib()
     return {"step_s": sum(times) / len(times), "min_step_s": min(times), "peak_mib": peak,
-            "peak_above_baseline_mib": peak - BASELINE_MIB, "trainable_params": trainable}
+            "peak_above_baseline_mib": peak - BASELINE_MIB, "trainable_params": trainable,
+            "vmhwm_total_mib": max(TOTAL_HWM_MIB[0], peak) if not torch.cuda.is_available() else None}
 
 
 def child(args) -> None:
@@ -211,62 +297,129 @@ def child(args) -> None:
     import torch
     import transformers  # noqa: F401
     BASELINE_MIB = current_mib()
+    if args.min_free_gb > 0:
+        memory_guard(args.min_free_gb)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_reference(args) if args.design == "reference" else run_trainer(args, args.design)
     print("RESULT " + json.dumps(result))
 
 
+def run_child(work: Path, design: str, args, resolution: int, loss: str | None = None,
+              checkpointing: bool | None = None) -> dict | None:
+    """One design in a fresh process; None when the memory guard stopped it (it did not fit)."""
+    ckpt = args.gradient_checkpointing if checkpointing is None else checkpointing
+    cmd = [sys.executable, __file__, "--design", design, "--snapshot", str(work / "snapshot"),
+           "--model", str(work / "model"), "--cache-dir", str(work / "cache"), "--resolution", str(resolution),
+           "--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--rank", str(args.rank), "--threads", str(args.threads), "--mixed-precision", args.mixed_precision,
+           "--min-free-gb", str(args.min_free_gb),
+           "--gradient-checkpointing" if ckpt else "--no-gradient-checkpointing"] + (["--loss", loss] if loss else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    guard = next((x for x in out.stdout.splitlines() if x.startswith("MEMORY-GUARD")), None)
+    if guard is not None:
+        print(f"{design:13s} stopped by the memory guard (does not fit): {guard}", flush=True)
+        return None
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{design} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def describe(name: str, r: dict) -> str:
+    total = f", process VmHWM {r['vmhwm_total_mib']:,.0f} MiB" if r.get("vmhwm_total_mib") else ""
+    return (f"{name:13s} step {r['step_s']:8.3f} s (min {r['min_step_s']:8.3f})  peak {r['peak_mib']:9,.0f} MiB "
+            f"({r['peak_above_baseline_mib']:8,.0f} above imports{total})  trainable {r['trainable_params']:,}")
+
+
+def loss_sweep(work: Path, args, resolution: int) -> dict:
+    """Every loss with our trainer, gradient checkpointing off and on: step time and peak memory."""
+    from training.losses import LOSS_TYPES
+    rows, results = [], {}
+    for loss in LOSS_TYPES:
+        pair = {}
+        for ckpt in (False, True):
+            r = run_child(work, "ours", args, resolution, loss=loss, checkpointing=ckpt)
+            pair[ckpt] = r
+            if r is not None:
+                print(describe(f"{loss}{' +ckpt' if ckpt else ''}", r), flush=True)
+        results[loss] = {"off": pair[False], "on": pair[True]}
+        if pair[False] and pair[True]:
+            off, on = pair[False], pair[True]
+            rows.append(f"| {loss} | {off['step_s']:.3f} s | {on['step_s']:.3f} s | {on['step_s'] / off['step_s']:.2f}x "
+                        f"| {off['peak_above_baseline_mib']:,.0f} MiB | {on['peak_above_baseline_mib']:,.0f} MiB | "
+                        f"{on['peak_above_baseline_mib'] / off['peak_above_baseline_mib']:.2f}x |")
+    print("| loss | step, checkpointing off | on | time on/off | peak above imports, off | on | memory on/off |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sd15", action="store_true", help="SD1.5 architecture (random weights) at 512 px")
-    p.add_argument("--pairs", type=int, default=2, help="pairs per step (2 latents each)")
+    p.add_argument("--sd15", action="store_true", help="SD1.5 architecture (random weights) at 512 px (GPU)")
+    p.add_argument("--sd15-cpu", action="store_true",
+                   help="SD1.5 architecture (random weights) on the CPU in fp32: 1 pair, latent --latent-size")
+    p.add_argument("--latent-size", type=int, default=16, help="--sd15-cpu latent side (16: 128 px, 32: 256 px)")
+    p.add_argument("--loss-sweep", action="store_true",
+                   help="every loss with our trainer, gradient checkpointing off and on (small model)")
+    p.add_argument("--pairs", type=int, default=None, help="pairs per step (2 latents each); default 2, "
+                                                            "--sd15-cpu 1")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--mixed-precision", default="fp16", choices=["no", "fp16", "bf16"], help="CUDA only")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--designs", nargs="+", default=["ours", "lora-nocache", "reference", "ncp-ours"])
+    p.add_argument("--designs", nargs="+", default=None,
+                   help="default: ours lora-nocache reference ncp-ours; --sd15-cpu: ours reference")
+    p.add_argument("--min-free-gb", type=float, default=1.5,
+                   help="a child exits when the machine's available memory falls below this (0: no guard)")
     p.add_argument("--design", help=argparse.SUPPRESS)
+    p.add_argument("--loss", help=argparse.SUPPRESS)
     for hidden in ("--snapshot", "--model", "--cache-dir", "--resolution"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.pairs is None:
+        args.pairs = 1 if args.sd15_cpu else 2
     if args.design:
         args.resolution = int(args.resolution)
         return child(args)
-    from tests.snapshot_fixture import write_test_snapshot
     work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
-    resolution = 512 if args.sd15 else 128
-    build_pipeline(work / "model", args.sd15)
-    write_test_snapshot(work / "snapshot", n_pairs=max(16, args.pairs * (args.steps + args.warmup + 1)),
-                        n_shards=2, image_size=resolution, row_group_size=8)
+    sd15 = args.sd15 or args.sd15_cpu
+    resolution = 512 if args.sd15 else 8 * args.latent_size if args.sd15_cpu else 128
+    if args.sd15_cpu:
+        args.mixed_precision = "no"
+    t0 = time.perf_counter()
+    build_pipeline(work / "model", sd15)
+    write_snapshot(work / "snapshot", n_pairs=max(16, args.pairs * (args.steps + args.warmup + 1)),
+                   image_size=resolution)
+    print(f"built the {'SD1.5' if sd15 else 'small'} pipeline and snapshot in {time.perf_counter() - t0:.1f} s "
+          f"({work})", flush=True)
+    if args.loss_sweep:
+        results = loss_sweep(work, args, resolution)
+        print(json.dumps({"loss_sweep": True, "resolution": resolution, "pairs": args.pairs, **results}))
+        return
+    designs = args.designs or (["ours", "reference"] if args.sd15_cpu else
+                               ["ours", "lora-nocache", "reference", "ncp-ours"])
     results = {}
-    for design in args.designs:
-        cmd = [sys.executable, __file__, "--design", design, "--snapshot", str(work / "snapshot"),
-               "--model", str(work / "model"), "--cache-dir", str(work / "cache"), "--resolution", str(resolution),
-               "--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--rank", str(args.rank), "--threads", str(args.threads), "--mixed-precision", args.mixed_precision,
-               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"{design} failed:\n{out.stderr[-3000:]}")
-        results[design] = json.loads(line[len("RESULT "):])
-        r = results[design]
-        print(f"{design:13s} step {r['step_s'] * 1000:9.1f} ms (min {r['min_step_s'] * 1000:9.1f})  "
-              f"peak {r['peak_mib']:9.1f} MiB ({r['peak_above_baseline_mib']:8.1f} above imports)  "
-              f"trainable {r['trainable_params']:,}", flush=True)
-    if "reference" in results:
-        ref = results["reference"]
+    for design in designs:
+        r = run_child(work, design, args, resolution)
+        results[design] = r
+        if r is not None:
+            print(describe(design, r), flush=True)
+    ref = results.get("reference")
+    if ref:
         for design, r in results.items():
-            if design != "reference":
+            if design != "reference" and r:
+                total = (f", process VmHWM {r['vmhwm_total_mib'] / ref['vmhwm_total_mib']:.2f}x"
+                         if r.get("vmhwm_total_mib") and ref.get("vmhwm_total_mib") else "")
                 print(f"{design:13s} / reference: time {r['step_s'] / ref['step_s']:.2f}x, "
                       f"peak memory {r['peak_mib'] / ref['peak_mib']:.2f}x "
-                      f"({r['peak_above_baseline_mib'] / ref['peak_above_baseline_mib']:.2f}x above imports)")
-    if "ncp-ours" in results and "ours" in results:
+                      f"({r['peak_above_baseline_mib'] / ref['peak_above_baseline_mib']:.2f}x above imports{total})")
+    if results.get("ncp-ours") and results.get("ours"):
         print(f"ncp-dpo / dpo (ours): time {results['ncp-ours']['step_s'] / results['ours']['step_s']:.2f}x")
-    print(json.dumps({"sd15": args.sd15, "resolution": resolution, "pairs": args.pairs, **results}))
+    print(json.dumps({"sd15": sd15, "resolution": resolution, "pairs": args.pairs, **results}))
 
 
 if __name__ == "__main__":
