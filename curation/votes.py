@@ -12,9 +12,11 @@ This is the dataset-wide stand-in for the per-batch L2 normalisation of Adaptive
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
 
@@ -67,6 +69,115 @@ def margin_spread(margin: pl.Expr, spread: Spread) -> pl.Expr:
     raise ValueError(f"unknown spread {spread!r}; expected 'rms' or 'mad'")
 
 
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def score_lookup_sql(pairs_sql: str, scores_sql: str, names: list[str], prompt_free: Collection[str],
+                     pair_columns: list[str]) -> str:
+    """DuckDB SQL: each row of `pairs_sql` (its `pair_columns`) with the scores of its two images, as
+    columns _s{i}_0 and _s{i}_1 for scorer names[i] (NULL when missing, null or NaN).
+
+    `pairs_sql` must have prompt_id, image_0_id, image_1_id; `scores_sql` image_id, prompt_id, scorer,
+    score. Prompt-free scorers are looked up by image_id alone, the others by (image_id, prompt_id).
+    Scores go wide first (one row per image, or per image and prompt), so each side of a pair is one
+    hash join of the pairs against the much smaller score table, which DuckDB streams and spills.
+    Call `check_unique_scores` first: with duplicate keys this takes the largest score."""
+    groups = [("pf", ["image_id"], [n for n in names if n in prompt_free]),
+              ("pd", ["image_id", "prompt_id"], [n for n in names if n not in prompt_free])]
+    ctes = [f"_scores AS (SELECT image_id, prompt_id, scorer, CAST(score AS DOUBLE) AS score FROM ({scores_sql}) "
+            f"WHERE scorer IN ({', '.join(_sql_str(n) for n in names)}) AND score IS NOT NULL AND NOT isnan(score))"]
+    select = [f"_p.{c}" for c in pair_columns]
+    joins = []
+    for alias, keys, group in groups:
+        if not group:
+            continue
+        wide = ", ".join(f"max(score) FILTER (WHERE scorer = {_sql_str(n)}) AS _s{names.index(n)}" for n in group)
+        ctes.append(f"_{alias} AS (SELECT {', '.join(keys)}, {wide} FROM _scores "
+                    f"WHERE scorer IN ({', '.join(_sql_str(n) for n in group)}) GROUP BY {', '.join(keys)})")
+        for side in ("0", "1"):
+            on = f"_{alias}{side}.image_id = _p.image_{side}_id"
+            if "prompt_id" in keys:
+                on += f" AND _{alias}{side}.prompt_id = _p.prompt_id"
+            joins.append(f"LEFT JOIN _{alias} _{alias}{side} ON {on}")
+            select += [f"_{alias}{side}._s{names.index(n)} AS _s{names.index(n)}_{side}" for n in group]
+    return (f"WITH {', '.join(ctes)} SELECT {', '.join(select)} FROM ({pairs_sql}) _p " + " ".join(joins))
+
+
+def check_unique_scores(con, scores_sql: str, names: list[str], prompt_free: Collection[str]) -> None:
+    """ValueError naming the scorers with more than one score per (image_id, prompt_id), or per image_id
+    for prompt-free scorers. `con` is a DuckDB connection."""
+    parts = []
+    for keys, group in (("image_id", [n for n in names if n in prompt_free]),
+                        ("image_id, prompt_id", [n for n in names if n not in prompt_free])):
+        if group:
+            parts.append(f"SELECT scorer FROM ({scores_sql}) WHERE scorer IN ({', '.join(_sql_str(n) for n in group)}) "
+                         f"AND score IS NOT NULL AND NOT isnan(score) GROUP BY {keys}, scorer HAVING count(*) > 1")
+    if not parts:
+        return
+    found = sorted(r[0] for r in con.sql(f"SELECT DISTINCT scorer FROM ({' UNION ALL '.join(parts)})").fetchall())
+    if found:
+        raise ValueError(f"scores has duplicate (image_id[, prompt_id], scorer) rows for scorer(s) {found}; "
+                         "keep one scorer_version per scorer first")
+
+
+def _margin(i: int, higher_is_better: bool) -> pl.Expr:
+    """Scorer i's margin toward image_0 from the wide columns (null when either score is missing)."""
+    return (1.0 if higher_is_better else -1.0) * (pl.col(f"_s{i}_0") - pl.col(f"_s{i}_1"))
+
+
+class SpreadAccumulator:
+    """Each scorer's spread of margins (`margin_spread`) over wide frames added one chunk at a time.
+    "rms" keeps two numbers per scorer; "mad" keeps every |margin| (8 bytes per vote) for the median."""
+
+    def __init__(self, scorers: Mapping[str, bool], spread: Spread = "rms"):
+        if spread not in ("rms", "mad"):
+            raise ValueError(f"unknown spread {spread!r}; expected 'rms' or 'mad'")
+        self.scorers, self.spread = dict(scorers), spread
+        self.sum_squares = dict.fromkeys(scorers, 0.0)
+        self.count = dict.fromkeys(scorers, 0)
+        self.absolute: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
+
+    def add(self, wide: pl.DataFrame) -> None:
+        margins = wide.select(**{f"m{i}": _margin(i, up) for i, up in enumerate(self.scorers.values())})
+        for i, name in enumerate(self.scorers):
+            m = margins[f"m{i}"].drop_nulls().to_numpy()  # (n,) this chunk's margins of the scorer
+            self.sum_squares[name] += float(np.dot(m, m))
+            self.count[name] += m.size
+            if self.spread == "mad":
+                self.absolute[name].append(np.abs(m))
+
+    def result(self) -> dict[str, float]:
+        """scorer -> spread (0 when the scorer has no vote, or every margin is 0)."""
+        out = {}
+        for name in self.scorers:
+            rms = math.sqrt(self.sum_squares[name] / self.count[name]) if self.count[name] else 0.0
+            if self.spread == "mad" and self.count[name]:
+                mad = MAD_TO_SIGMA * float(np.median(np.concatenate(self.absolute[name])))
+                out[name] = mad if mad > 0 else rms
+            else:
+                out[name] = rms
+        return out
+
+
+def vote_rows(wide: pl.DataFrame, scorers: Mapping[str, bool], spreads: Mapping[str, float]) -> pl.DataFrame:
+    """VOTE_COLUMNS rows from a frame of pair_id and wide score columns (`score_lookup_sql`): one per
+    (pair, scorer) with both scores, grouped by scorer in the order of `scorers`, pairs in frame order."""
+    parts = []
+    for i, (name, up) in enumerate(scorers.items()):
+        spread = spreads[name]
+        parts.append(
+            wide.lazy().select("pair_id", scorer=pl.lit(name), score_0=pl.col(f"_s{i}_0"), score_1=pl.col(f"_s{i}_1"),
+                               margin=_margin(i, up))
+            .filter(pl.col("margin").is_not_null())
+            .with_columns(vote=pl.when(pl.col("margin") > 0).then(1.0).when(pl.col("margin") < 0).then(0.0)
+                          .otherwise(0.5),
+                          normalized_margin=(pl.col("margin") / spread) if spread > 0 else pl.lit(0.0)))
+    if not parts:
+        return pl.DataFrame(schema=VOTES_SCHEMA)
+    return pl.concat(parts).select(VOTE_COLUMNS).cast(VOTES_SCHEMA).collect()
+
+
 def compute_votes(
     pairs: pl.DataFrame | pl.LazyFrame,
     scores: pl.DataFrame | pl.LazyFrame,
@@ -94,58 +205,35 @@ def compute_votes(
         of that scorer over all returned pairs. A pair lacking a (non-NaN) score for either image
         gets no row for that scorer; the counts are logged (see also `missing_vote_counts`).
         Rows come grouped by scorer (in the order of `scorers`), pairs in the order of `pairs`.
+        The curate stage computes the same rows chunk by chunk from the lake's files
+        (`score_lookup_sql`, `SpreadAccumulator`, `vote_rows`).
     """
+    import duckdb
+
     if not scorers:
         raise ValueError("scorers is empty: give at least one scorer name -> higher_is_better")
     unknown = sorted(set(prompt_free) - set(scorers))
     if unknown:
         raise ValueError(f"prompt_free names scorer(s) {unknown} that are not in scorers {sorted(scorers)}")
+    accumulator = SpreadAccumulator(scorers, spread)
     pair_frame = as_lazy(pairs, "pairs", ["pair_id", "prompt_id", "image_0_id", "image_1_id"]).select(
-        "pair_id", "prompt_id", "image_0_id", "image_1_id")
+        pl.col("pair_id").cast(pl.String), pl.col("prompt_id").cast(pl.String),
+        pl.col("image_0_id").cast(pl.String), pl.col("image_1_id").cast(pl.String)).collect()
+    score_frame = as_lazy(scores, "scores", ["image_id", "prompt_id", "scorer", "score"]).select(
+        pl.col("image_id").cast(pl.String), pl.col("prompt_id").cast(pl.String), pl.col("scorer").cast(pl.String),
+        pl.col("score").cast(pl.Float64)).collect()
     names = list(scorers)
-    score_frame = (
-        as_lazy(scores, "scores", ["image_id", "prompt_id", "scorer", "score"])
-        .select("image_id", "prompt_id", "scorer", pl.col("score").cast(pl.Float64))
-        .filter(pl.col("scorer").is_in(names) & pl.col("score").is_not_null() & pl.col("score").is_not_nan())
-        .with_columns(pl.col("scorer").replace_strict({s: f"_s{i}" for i, s in enumerate(names)},
-                                                      return_dtype=pl.String))
-        .collect()
-    )
-    # Scores go wide (one column per scorer) so that each side of a pair is one join of n_pairs rows
-    # rather than n_pairs * n_scorers; prompt-free scorers get their own table keyed on image_id.
-    pair_wide = pair_frame
-    for keys, group in ((["image_id", "prompt_id"], [s for s in names if s not in prompt_free]),
-                        (["image_id"], [s for s in names if s in prompt_free])):
-        if not group:
-            continue
-        columns = [f"_s{names.index(s)}" for s in group]
-        part = score_frame.filter(pl.col("scorer").is_in(columns))
-        try:  # (n_keys, len(columns)); pivot without an aggregate refuses duplicate keys
-            wide = part.pivot(on="scorer", on_columns=columns, index=keys, values="score").lazy()
-        except pl.exceptions.ComputeError as exc:
-            raise ValueError(f"scores has duplicate ({', '.join(keys)}, scorer) rows for scorer(s) {group}; "
-                             "keep one scorer_version per scorer first") from exc
-        for side in ("0", "1"):
-            pair_wide = pair_wide.join(
-                wide.rename({c: f"{c}_{side}" for c in columns}),
-                left_on=[f"image_{side}_id"] + keys[1:], right_on=keys, how="left", maintain_order="left")
-    def scorer_votes(i: int, name: str) -> pl.LazyFrame:  # one scorer's rows; its spread is a plain aggregate
-        margin = (1.0 if scorers[name] else -1.0) * (pl.col("score_0") - pl.col("score_1"))
-        return (
-            pair_wide.select("pair_id", scorer=pl.lit(name), score_0=pl.col(f"_s{i}_0"), score_1=pl.col(f"_s{i}_1"))
-            .filter(pl.col("score_0").is_not_null() & pl.col("score_1").is_not_null())
-            .with_columns(margin=margin)
-            .with_columns(
-                vote=pl.when(pl.col("margin") > 0).then(1.0).when(pl.col("margin") < 0).then(0.0).otherwise(0.5),
-                _spread=margin_spread(pl.col("margin"), spread),
-            )
-            .with_columns(normalized_margin=pl.when(pl.col("_spread") > 0)
-                          .then(pl.col("margin") / pl.col("_spread")).otherwise(0.0))
-            .select(VOTE_COLUMNS)
-        )
-
-    # (n_pairs * n_scorers) rows at most, grouped by scorer in the order of `scorers`
-    votes = pl.concat([scorer_votes(i, name) for i, name in enumerate(names)]).cast(VOTES_SCHEMA).collect()
+    con = duckdb.connect()
+    try:
+        con.register("_pairs_in", pair_frame.with_row_index("_r").to_arrow())
+        con.register("_scores_in", score_frame.to_arrow())
+        check_unique_scores(con, "SELECT * FROM _scores_in", names, prompt_free)
+        wide = con.sql(score_lookup_sql("SELECT * FROM _pairs_in", "SELECT * FROM _scores_in", names, prompt_free,
+                                        ["_r", "pair_id"])).pl().sort("_r")
+    finally:
+        con.close()
+    accumulator.add(wide)
+    votes = vote_rows(wide, scorers, accumulator.result())
     if logger.isEnabledFor(logging.INFO):
         counts = missing_vote_counts(pair_frame, votes, list(scorers))
         for scorer, n_missing in counts.iter_rows():
