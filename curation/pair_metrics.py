@@ -9,6 +9,7 @@ optionally the human label as one more annotator):
     c   = (1/K) sum_k sigmoid(s_k)            intra-annotator confidence in the given label
     v   = min(std_k(s_k), cap)                inter-annotator (in)stability; unbiased std (ddof=1)
     u   = (1 - c) * v                         Eq. 13: the minority score, in [0, 1]
+                                              (stability_term "none", the default here: u = 1 - c)
     W   = 1 / (k1 * u + c1)                   Eq. 15 reweighting ("linear"; other weight_types below)
     Gamma = -u^2 / beta + offset              Eq. 15 adaptive margin ("quadratic"), used as
                                               -log sigmoid(beta * l - Gamma) in the DPO loss
@@ -25,11 +26,21 @@ Where the offline form necessarily differs from the official online one:
   or the dataset mean of the annotators' mean l_hat toward the label ("dataset_mean").
 - Annotators. Scorers judge the images, not the model's implicit reward; a high u therefore means
   "the label goes against the scorers, and the scorers disagree among themselves".
+- Stability. The official annotators (a model and its EMA copies) have nearly equal logits, so
+  their std is small and v varies. Independent scorers disagree by about one normalised margin,
+  i.e. |s| differences of ~3.75, so the std hits the cap of 1 on 99.7-99.8 % of the embedded
+  sample's pairs (pixel scorers + human, seeds 0-2): v alone ranks the labels that go against the
+  planted truth at AUROC 0.50. Spreads that do vary (the uncapped std; the std of sigmoid(s); the std
+  of rank-normalised margins) reach AUROC 0.59-0.73 alone, but every u = (1 - c) v built from them
+  ranks worse (0.77-0.84) than 1 - c (0.82-0.85). So v is dropped by default
+  (stability_term "none": u = 1 - c; the `stability` column still reports the capped std), and
+  "capped_std" keeps the official form.
 
 Ties. A pair whose training label is a tie (0.5) or missing has no labelled winner: its
 confidence, stability, minority_score, weight and margin are null (Diffusion-DPO drops such
 pairs). With fewer than 2 annotators the std is undefined: stability, minority_score, weight and
-margin are null. A tied scorer (margin 0) is an annotator with s = 0 (confidence 1/2).
+margin are null under stability_term "capped_std" (under "none" only stability is). A tied scorer
+(margin 0) is an annotator with s = 0 (confidence 1/2).
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ WEIGHT_TYPES = ("linear", "quadratic", "sigmoid", "sqrt")
 MARGIN_TYPES = ("quadratic", "linear")
 MARGIN_OFFSETS = ("zero", "dataset_mean")
 LABEL_SOURCES = ("human", "consensus")
+STABILITY_TERMS = ("none", "capped_std")
 
 PAIR_METRICS_SCHEMA = {
     "pair_id": pl.String, "confidence": pl.Float64, "stability": pl.Float64, "minority_score": pl.Float64,
@@ -64,6 +76,10 @@ class PairMetricsConfig:
     (l_hat = normalized_margin / sqrt(B)); at B = 16 a typical |s| is 15/4 = 3.75."""
     std_cap: float = 1.0
     """Cap on the annotators' std (`min(std, 1)` in `cal_un_wy_wstd`), keeps u in [0, 1]."""
+    stability_term: Literal["none", "capped_std"] = "none"
+    """How v enters u: "capped_std" is the official u = (1 - c) min(std, cap); "none" uses u = 1 - c,
+    because with scorers as annotators the capped std is 1 on ~99.8 % of pairs and adds no ranking
+    power (module docstring: the measurement)."""
     k1: float = 10.0
     """`rewight_temparature`: how fast W falls with u (W = 1/11 at u = 1 for "linear")."""
     c1: float = 1.0
@@ -89,6 +105,7 @@ class PairMetricsConfig:
 
     def __post_init__(self) -> None:
         choices = {"weight_type": (self.weight_type, WEIGHT_TYPES), "margin_type": (self.margin_type, MARGIN_TYPES),
+                   "stability_term": (self.stability_term, STABILITY_TERMS),
                    "margin_offset": (self.margin_offset, MARGIN_OFFSETS),
                    "label_source": (self.label_source, LABEL_SOURCES)}
         for name, (value, allowed) in choices.items():
@@ -189,7 +206,8 @@ def pair_metrics(
         .with_columns(confidence=pl.when(decided).then(pl.col("_sig") / pl.col("n_annotators")),
                       stability=pl.when(decided & (pl.col("n_annotators") >= 2)).then(
                           pl.min_horizontal(std, config.std_cap)))
-        .with_columns(minority_score=(1.0 - pl.col("confidence")) * pl.col("stability"))
+        .with_columns(minority_score=(1.0 - pl.col("confidence"))
+                      * (pl.col("stability") if config.stability_term == "capped_std" else 1.0))
         .with_columns(weight=reweight(pl.col("minority_score"), config),
                       margin=adaptive_margin(pl.col("minority_score"), offset, config))
         .select(list(PAIR_METRICS_SCHEMA))

@@ -144,8 +144,10 @@ CURATION_TABLES: dict[str, pa.Schema] = {
     "pair_metrics": _schema("pair_metrics", [
         _field("pair_id", _S, "lake pair id"),
         _field("confidence", _F, "Adaptive-DPO c: mean sigmoid(rho * margin toward the label) over annotators"),
-        _field("stability", _F, "Adaptive-DPO v: min(std of the annotators' rho * margin, cap)"),
-        _field("minority_score", _F, "Adaptive-DPO u = (1 - c) v in [0, 1]: high = likely a minority/wrong label"),
+        _field("stability", _F, "Adaptive-DPO v: min(std of the annotators' rho * margin, cap); at the cap on ~99.8 % of "
+                                 "pairs with scorers as annotators, so u leaves it out by default"),
+        _field("minority_score", _F, "Adaptive-DPO u in [0, 1]: 1 - c by default, (1 - c) v with stability_term capped_std; high = likely "
+                                     "a minority/wrong label"),
         _field("weight", _F, "Adaptive-DPO W = 1 / (k1 u + c1) (unnormalised; snapshots normalise it)"),
         _field("margin", _F, "Adaptive-DPO margin Gamma"),
         _field("n_annotators", _I, "annotators behind c and v (scorers, plus the human if configured)"),

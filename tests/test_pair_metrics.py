@@ -48,14 +48,15 @@ def test_one_pair_three_annotators_by_hand():
 
 def test_label_image_1_scores_margins_toward_image_1():
     # Label 0 (image_1 wins): a scorer margin of -1 now supports the label.
-    out = pair_metrics(votes_frame({"a": [-1.0, -1.0]}), pairs_frame({"a": 0.0}))
+    official = PairMetricsConfig(stability_term="capped_std")
+    out = pair_metrics(votes_frame({"a": [-1.0, -1.0]}), pairs_frame({"a": 0.0}), official)
     assert row(out, "a")["confidence"] == pytest.approx(sigmoid(3.75))
     assert row(out, "a")["minority_score"] == pytest.approx(0.0)  # all agree: std 0
     assert row(out, "a")["weight"] == pytest.approx(1.0)
 
 
 def test_uncapped_std_scorers_only():
-    config = PairMetricsConfig(use_human_annotator=False)
+    config = PairMetricsConfig(use_human_annotator=False, stability_term="capped_std")
     out = pair_metrics(votes_frame({"a": [0.1, 0.2, 0.3]}), pairs_frame({"a": 1.0}), config)
     s = [0.375, 0.75, 1.125]
     c = sum(map(sigmoid, s)) / 3
@@ -129,8 +130,26 @@ def test_ties_and_single_annotator_pairs_are_excluded():
     tie, lone, none = row(out, "tie"), row(out, "lone"), row(out, "none")
     assert tie["n_annotators"] == 2 and all(tie[k] is None for k in ("confidence", "minority_score", "weight"))
     assert lone["confidence"] == pytest.approx(sigmoid(3.75)) and lone["stability"] is None
-    assert lone["weight"] is None and lone["margin"] is None
+    assert lone["minority_score"] == pytest.approx(1 - sigmoid(3.75))  # default stability_term "none": u = 1 - c
     assert none["n_annotators"] == 0 and none["confidence"] is None
+    official = row(pair_metrics(votes, pairs_frame({"lone": 1.0}),
+                                PairMetricsConfig(use_human_annotator=False, stability_term="capped_std")), "lone")
+    assert official["minority_score"] is None and official["weight"] is None and official["margin"] is None
+
+
+def test_stability_term_none_drops_v_and_capped_std_keeps_it():
+    # margins toward the label (+0.1, -0.1) with rho / sqrt(B) = 15 / 4: s = +-0.375, std 0.53 < cap
+    votes, pairs = votes_frame({"a": [0.1, -0.1]}), pairs_frame({"a": 1.0})
+    c = (sigmoid(0.375) + sigmoid(-0.375)) / 2
+    v = statistics.stdev([0.375, -0.375])
+    dropped = row(pair_metrics(votes, pairs, PairMetricsConfig(use_human_annotator=False)), "a")
+    official = row(pair_metrics(votes, pairs, PairMetricsConfig(use_human_annotator=False,
+                                                                stability_term="capped_std")), "a")
+    assert dropped["stability"] == official["stability"] == pytest.approx(v)
+    assert dropped["minority_score"] == pytest.approx(1 - c)
+    assert official["minority_score"] == pytest.approx((1 - c) * v)
+    with pytest.raises(ValueError, match="stability_term"):
+        PairMetricsConfig(stability_term="rank")
 
 
 def test_config_rejects_bad_values():
