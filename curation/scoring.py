@@ -11,24 +11,30 @@
    batches: a crash loses at most the batches since the last commit.
 
 Concurrency and crash safety. A transaction is begun, written and committed while holding the lake's
-writer lock (`Lake.writing()`), and only then: scoring itself holds no lock and leaves nothing staged. So
-shards scored in parallel (threads of one process, or processes on one machine) serialise only their
-short commits (`_writer_lock` waits for the lock; threads also queue on a process-wide lock, because
-`flock` refuses a second holder even within one process), and the recovery that `Lake.writing()` runs
-never meets another scorer's half-staged transaction. `run_scoring` (and the flow) recover before
-planning, so a transaction committed just before a crash is rolled forward before the plan is computed:
-it is never scored twice. Remote (non-local) lakes have no lock: run one scoring process at a time there.
+writer lock (`Lake.writing(wait_s)`, which waits up to `lock_timeout_s` for another writer), and only
+then: scoring itself holds no lock and leaves nothing staged. So shards scored in parallel (threads of one
+process, or processes) serialise only their short commits, and an ingest is never kept waiting for a
+whole scoring run. Under the lock, each commit first drops the rows that the scores table already holds
+for the same (image, prompt, scorer, version): another `score` run planned at the same moment may have
+committed them since our plan, and two runs at once must never store a key twice (`_CommittedKeys`
+reads only the score files that appeared since its last look). `run_scoring` (and the flow) recover
+before planning (`Lake.recover`, waiting for the lock like a commit), so a transaction committed just
+before a crash is rolled forward before the plan is computed: it is never scored twice.
+
+Failures are never silent. An image that does not decode, or whose header claims more pixels than
+`max_image_pixels` (a decompression bomb, refused before any decode), and a scorer output that is NaN
+are stored as NaN (so the image is not retried by the same scorer version) and counted by reason in
+`ShardResult.failures` and the summary line. Child processes (the decode workers) die with the process
+that started them, even after `kill -9` (curation.child_guard).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import io
 import multiprocessing
-import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +45,22 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from curation.lake import Lake, LakeError
+from curation.child_guard import die_with_parent
+from curation.lake import Lake
 from curation.scorers import SCORERS, NeuralScorer, Scorer, build_scorer
 from curation.votes import PROMPT_FREE_PROMPT_ID
 
 
 WORK_SCHEMA = pa.schema([("image_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
                          ("file", pa.string())])  # file: the images Parquet file holding the bytes
-_PROCESS_LOCK = threading.Lock()
+# Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, ~89.5 Mpx): the same default as ingest.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# Failure reasons (ShardResult.failures keys); each such (image, prompt) is stored with a NaN score.
+FAILURES = {
+    "undecodable_image": "the stored bytes do not decode (damage the ingest's structure check cannot see)",
+    "image_too_large": "the image header claims more than max_image_pixels pixels: refused before decoding",
+    "nan_score": "the scorer returned NaN for a decodable image",
+}
 
 
 @dataclass
@@ -58,6 +72,7 @@ class ScoringConfig:
     mp_context: str = "forkserver"  # workers fork from a clean server process, never from a parent that
                                     # runs threads (Prefect, Ray, CUDA), which plain fork does not survive
     lock_timeout_s: float = 600.0   # how long a commit waits for another writer (an ingest) to finish
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # images claiming more are not decoded (failure image_too_large)
 
 
 @dataclass
@@ -92,8 +107,10 @@ class WorkPlan:
 class ShardResult:
     n_scores: int = 0
     n_images: int = 0
-    n_undecodable: int = 0  # images whose bytes do not decode: stored with NaN scores (votes skip NaN)
+    n_undecodable: int = 0  # images with a failure (any FAILURES reason): stored with NaN scores (votes skip NaN)
     n_commits: int = 0
+    n_dropped: int = 0      # rows another run committed first (same key): not written again
+    failures: dict = field(default_factory=dict)  # FAILURES reason -> images (nan_score: scores)
 
 
 @dataclass
@@ -106,8 +123,9 @@ class ScorerSummary:
     n_done_before: int
     n_scores: int = 0      # rows written by this run
     n_images: int = 0      # distinct images decoded and scored by this run
-    n_undecodable: int = 0  # of those, images whose bytes did not decode (NaN scores, not retried)
+    n_undecodable: int = 0  # of those, images with a failure (NaN scores, not retried)
     seconds: float = 0.0   # wall time of the scoring (planning excluded)
+    failures: dict = field(default_factory=dict)  # FAILURES reason -> count
 
     @property
     def images_per_s(self) -> float:
@@ -116,8 +134,12 @@ class ScorerSummary:
     def line(self) -> str:
         return (f"{self.name}: {self.n_scores} scores of {self.n_images} images in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.n_done_before} of {self.n_needed} already scored; "
-                f"{self.n_pairs_skipped} pairs skipped: images not in the lake yet"
-                + (f"; {self.n_undecodable} images undecodable (NaN scores)" if self.n_undecodable else ""))
+                f"{self.n_pairs_skipped} pairs skipped: images not in the lake yet" + self._failure_text())
+
+    def _failure_text(self) -> str:
+        if self.failures:
+            return "; failures stored as NaN: " + ", ".join(f"{n} {r}" for r, n in sorted(self.failures.items()))
+        return f"; {self.n_undecodable} images undecodable (NaN scores)" if self.n_undecodable else ""
 
 
 @dataclass
@@ -193,6 +215,7 @@ def plan_work(lake: Lake, scorer: Scorer) -> WorkPlan:
 # ---- worker side: decode + preprocess (or score, for weight-free scorers) ----------------------------------
 
 def _worker_init() -> None:
+    die_with_parent()  # a kill -9 of the scoring process must not leave its workers running
     torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
 
 
@@ -200,21 +223,34 @@ def _ready() -> bool:
     return True
 
 
-def _prepare(job: tuple) -> tuple[np.ndarray | None, list[bool]]:
-    """Worker body. job = (fn, is_neural, blobs, prompt_lists) -> (array, undecodable flag per image).
-    Neural: fn is the image transform; array (n_decoded, 3, H, W) float32 of the decodable images.
-    Pixel: fn is the scorer; array holds one float64 per (image, prompt), NaN for an undecodable image.
-    Ingest checks headers and end markers; damage inside the pixel stream only shows here."""
-    fn, is_neural, blobs, prompt_lists = job
+def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """(decoded image, None) or (None, FAILURES reason). The size comes from the header, before any decode."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return None, "image_too_large"
+    except Exception:  # any decoder failure: the image cannot be scored, the rest of the batch can
+        return None, "undecodable_image"
+    if image.width * image.height > max_pixels:
+        return None, "image_too_large"
+    try:
+        image.load()
+    except Exception:
+        return None, "undecodable_image"
+    return image, None
+
+
+def _prepare(job: tuple) -> tuple[np.ndarray | None, list[str | None]]:
+    """Worker body. job = (fn, is_neural, blobs, prompt_lists, max_pixels) -> (array, failure reason or None
+    per image). Neural: fn is the image transform; array (n_decoded, 3, H, W) float32 of the decodable images.
+    Pixel: fn is the scorer; array holds one float64 per (image, prompt), NaN for a failed image.
+    Ingest checks headers and file structure; damage it cannot see only shows here."""
+    fn, is_neural, blobs, prompt_lists, max_pixels = job
     images, bad = [], []
     for data in blobs:
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except Exception:  # any decoder failure: the image cannot be scored, the rest of the batch can
-            image = None
+        image, reason = _decode(data, max_pixels)
         images.append(image)
-        bad.append(image is None)
+        bad.append(reason)
     if is_neural:
         decoded = [fn(im).numpy() for im in images if im is not None]
         return (np.stack(decoded) if decoded else None), bad
@@ -235,6 +271,11 @@ def make_pool(workers: int, mp_context: str = "forkserver") -> ProcessPoolExecut
     if mp_context == "forkserver":
         context.set_forkserver_preload(["curation.scoring"])
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+
+
+def worker_pids(pool: ProcessPoolExecutor | None) -> list[int]:
+    """Process ids of the pool's started workers (for tests and diagnostics)."""
+    return sorted((getattr(pool, "_processes", None) or {}).keys()) if pool is not None else []
 
 
 # ---- main side ---------------------------------------------------------------------------------------------
@@ -286,32 +327,19 @@ def _ordered(pool: ProcessPoolExecutor | None, jobs, depth: int):
         yield head_meta, future.result()
 
 
-@contextlib.contextmanager
-def _writer_lock(lake: Lake, timeout_s: float):
-    """Lake.writing(), waiting up to timeout_s for another writer instead of failing at once."""
-    deadline = time.monotonic() + timeout_s
-    with _PROCESS_LOCK, contextlib.ExitStack() as stack:
-        while True:
-            try:
-                stack.enter_context(lake.writing())
-                break
-            except LakeError:
-                if time.monotonic() >= deadline:
-                    raise LakeError(f"waited {timeout_s:.0f} s for another writer of {lake.root} to finish") from None
-                time.sleep(0.05)
-        yield
-
-
-def commit_scores(lake: Lake, scorer_name: str, rows: pa.Table, timeout_s: float = 600.0) -> None:
-    """One lake transaction appending `rows` (SCORES columns) to scores/<scorer_name>/."""
-    with _writer_lock(lake, timeout_s):
+def commit_scores(lake: Lake, scorer_name: str, rows: pa.Table, timeout_s: float = 600.0) -> int:
+    """One lake transaction appending `rows` (SCORES columns) to scores/<scorer_name>/, under the writer lock
+    (waiting up to `timeout_s` for another writer). Rows whose (image, prompt, scorer, version) the table
+    already holds (another run committed them since our plan) are dropped; returns how many."""
+    with lake.writing(timeout_s):
         tx = lake.begin(f"score-{uuid.uuid4().hex}")
         try:
-            tx.write("scores", rows, partition=scorer_name)
+            dropped = tx.write("scores", rows, partition=scorer_name, skip_existing=True)
             tx.commit({})
         except BaseException:
             tx.abort()
             raise
+    return dropped
 
 
 def score_shard(lake: Lake, scorer: Scorer, shard: pa.Table, config: ScoringConfig | None = None,
@@ -329,42 +357,48 @@ def score_shard(lake: Lake, scorer: Scorer, shard: pa.Table, config: ScoringConf
     def jobs():
         for ids, blobs in _image_batches(lake, shard, config.batch_size):
             lists = [[p for _, p in prompts_of[i]] for i in ids]
-            yield ids, (fn, neural, blobs, lists)
+            yield ids, (fn, neural, blobs, lists, config.max_image_pixels)
 
     result, pending = ShardResult(), []
     for ids, prepared in _ordered(pool, jobs(), depth=2 * max(1, config.workers) + 1):
         prepared, bad = prepared
         counts = [len(prompts_of[i]) for i in ids]
         keys = [k for i in ids for k in prompts_of[i]]
+        failed = np.array([b is not None for b in bad])
         if neural:  # score the decodable images, each once per prompt it needs; NaN for the others
             scores = np.full(len(keys), np.nan)
-            good_rows = np.repeat(~np.array(bad), counts)
+            good_rows = np.repeat(~failed, counts)
             if prepared is not None:
-                good_counts = [c for c, b in zip(counts, bad) if not b]
+                good_counts = [c for c, b in zip(counts, bad) if b is None]
                 index = torch.from_numpy(np.repeat(np.arange(len(prepared)), good_counts))
                 prompts = [p for (_, p), ok in zip(keys, good_rows) if ok] if scorer.uses_prompt else None
                 scores[good_rows] = scorer.score_tensors(torch.from_numpy(prepared)[index], prompts)
         else:
             scores = prepared
+        scores = np.asarray(scores, dtype=np.float64)
+        n_nan = int(np.isnan(scores[np.repeat(~failed, counts)]).sum())  # NaN from the scorer itself
+        for reason in [b for b in bad if b is not None] + ["nan_score"] * n_nan:
+            result.failures[reason] = result.failures.get(reason, 0) + 1
         pending.append(pa.table({
             "image_id": pa.array(np.repeat(np.array(ids, dtype=object), counts).tolist(), pa.string()),
             "prompt_id": pa.array([k for k, _ in keys], pa.string()),
             "scorer": pa.array([scorer.name] * len(keys), pa.string()),
             "scorer_version": pa.array([scorer.version] * len(keys), pa.string()),
-            "score": pa.array(np.asarray(scores, dtype=np.float64)),
+            "score": pa.array(scores),
         }))
-        result.n_undecodable += sum(bad)
+        result.n_undecodable += int(failed.sum())
         result.n_images += len(ids)
         result.n_scores += len(keys)
         if progress is not None:
             progress.update(len(keys))
         if len(pending) >= config.commit_every:
-            commit_scores(lake, scorer.name, pa.concat_tables(pending), config.lock_timeout_s)
+            result.n_dropped += commit_scores(lake, scorer.name, pa.concat_tables(pending), config.lock_timeout_s)
             result.n_commits += 1
             pending = []
     if pending:
-        commit_scores(lake, scorer.name, pa.concat_tables(pending), config.lock_timeout_s)
+        result.n_dropped += commit_scores(lake, scorer.name, pa.concat_tables(pending), config.lock_timeout_s)
         result.n_commits += 1
+    result.n_scores -= result.n_dropped
     return result
 
 
@@ -399,8 +433,7 @@ def run_scoring(lake: Lake, scorer_names: list[str], weights_dir: str | Path | N
     try:
         warm = [pool.submit(_ready) for _ in range(config.workers)] if pool is not None else []  # workers start
         scorers = load_scorers(scorer_names, weights_dir, device, config.batch_size, scorer_options)  # meanwhile
-        with lake.writing():  # recover first: a commit a crash left half-applied is rolled forward, not rescored
-            pass
+        lake.recover(config.lock_timeout_s)  # a commit a crash left half-applied is rolled forward, not rescored
         for future in warm:  # throughput figures exclude the one-time worker start
             future.result()
         for scorer in scorers:
@@ -414,6 +447,8 @@ def run_scoring(lake: Lake, scorer_names: list[str], weights_dir: str | Path | N
                 summary.n_scores += done.n_scores
                 summary.n_images += done.n_images
                 summary.n_undecodable += done.n_undecodable
+                for reason, n in done.failures.items():
+                    summary.failures[reason] = summary.failures.get(reason, 0) + n
             summary.seconds = time.perf_counter() - started
             if bar is not None:
                 bar.close()

@@ -50,8 +50,7 @@ def _scorer(name: str, weights_dir: str | None, device: str, batch_size: int, op
 def plan_scorer(lake_root: str, scorer_name: str, weights_dir: str | None, device: str, batch_size: int,
                 options: dict | None, shard_size: int) -> dict:
     lake = Lake(lake_root)
-    with lake.writing():  # recover first, so a commit left half-applied by a crash is not scored again
-        pass
+    lake.recover()  # first, so a commit left half-applied by a crash is not scored again (waits for the lock)
     scorer = _scorer(scorer_name, weights_dir, device, batch_size, options)
     plan = plan_work(lake, scorer)
     get_run_logger().info("%s: %d to score (%d already scored); %s", scorer_name, plan.items.num_rows,

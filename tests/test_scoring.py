@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import zlib
 
 import numpy as np
 import open_clip
@@ -23,14 +25,14 @@ from PIL import Image
 
 from curation.ids import content_id
 from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import Lake
+from curation.lake import Lake, LakeError
 from curation.sample import SampleConfig, generate_sample
 from curation.scorers import build_scorer
 from curation.scoring import ScoringConfig, plan_work, run_scoring
 from curation.sql import query
 from curation.votes import PROMPT_FREE_PROMPT_ID
 from flows.cli import main
-from tests.test_ingest_pickapic import BLUE, GREEN, RED, jpeg, row, write_shard
+from tests.test_ingest_pickapic import BLUE, BOMB_PNG, GREEN, RED, jpeg, row, write_shard
 from tests.test_scorers import TINY_ARCH, TINY_CFG
 
 
@@ -147,11 +149,15 @@ def test_metadata_only_pairs_are_skipped_and_counted_then_scored_via_image_refs(
 
 
 def _png_with_broken_pixel_data() -> bytes:
+    """A PNG whose zlib stream is broken but whose chunk CRCs were recomputed to match: the ingest's
+    structure check passes it (only a full decode would not), so the damage first shows at scoring."""
     buffer = io.BytesIO()
     Image.new("RGB", (24, 24), (200, 10, 10)).save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
-    start = data.index(b"IDAT") + 4
-    data[start:start + 8] = b"\x00" * 8  # header and IEND intact, so ingest accepts it; zlib data broken
+    start = data.index(b"IDAT")
+    length = int.from_bytes(data[start - 4:start], "big")
+    data[start + 4:start + 12] = b"\x00" * 8
+    data[start + 4 + length:start + 8 + length] = zlib.crc32(data[start:start + 4 + length]).to_bytes(4, "big")
     return bytes(data)
 
 
@@ -161,15 +167,28 @@ def test_image_that_does_not_decode_gets_nan_and_is_not_retried(tmp_path, tiny_h
     _ingest(lake, write_shard(tmp_path / "train-0.parquet", [row(0, jpg_0=broken), row(1, jpg_1=GREEN)]))
     for name, options in (("sharpness", None), ("hpsv2", {"hpsv2": {"arch": TINY_ARCH}})):
         summary = run_scoring(lake, [name], tiny_hps, workers=0, batch_size=2, scorer_options=options).scorers[0]
-        assert (summary.n_images, summary.n_undecodable) == (4, 1) and "1 images undecodable" in summary.line()
+        assert (summary.n_images, summary.n_undecodable, summary.failures) == (4, 1, {"undecodable_image": 1})
+        assert "failures stored as NaN: 1 undecodable_image" in summary.line()
         scores = {r["image_id"]: r["score"] for r in lake.read("scores").to_pylist() if r["scorer"] == name}
         assert np.isnan(scores[content_id(broken)]) and np.isfinite(scores[content_id(BLUE)])
         assert run_scoring(lake, [name], tiny_hps, workers=0, scorer_options=options).scorers[0].n_scores == 0
 
 
+def test_a_decompression_bomb_already_in_a_lake_is_refused_before_decoding(tmp_path):
+    """A lake ingested with the pixel limit lifted still holds a 12000 x 12000 PNG header: scoring refuses
+    it from the header (a decode would allocate 432 MB) and counts it."""
+    lake = Lake(str(tmp_path / "lake"), create=True)
+    shard = write_shard(tmp_path / "train-0.parquet", [row(0, jpg_0=BOMB_PNG), row(1, jpg_1=GREEN)])
+    ingest_file(lake, shard, IngestConfig("pickapic", "pickapic", max_image_pixels=10**12), make_reader("pickapic"))
+    summary = run_scoring(lake, ["sharpness"], workers=0).scorers[0]
+    assert (summary.n_images, summary.failures) == (4, {"image_too_large": 1})
+    scores = {r["image_id"]: r["score"] for r in lake.read("scores").to_pylist()}
+    assert np.isnan(scores[content_id(BOMB_PNG)]) and sum(np.isnan(v) for v in scores.values()) == 1
+
+
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from curation.lake import Lake
+    from curation.lake import Lake, LakeError
     from curation.scoring import ScoringConfig, run_scoring
     lake = Lake(sys.argv[1])
     moved = []
@@ -199,6 +218,102 @@ def test_killed_mid_run_then_rerun_gives_complete_scores_without_duplicates(samp
     assert rerun.n_done_before == 12  # recovery rolled the third transaction forward before planning
     assert rerun.n_scores == expected - 12
     assert lake.read("scores").num_rows == expected and _n(lake, DUPLICATE_SCORE_KEYS) == 0
+
+
+TWIN_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from curation.lake import Lake, LakeError
+    from curation.scorers import build_scorer
+    from curation.scoring import ScoringConfig, plan_work, score_shard
+    root, me, other = sys.argv[1], sys.argv[2], sys.argv[3]
+    lake, scorer = Lake(root), build_scorer("prompt_colour")
+    plan = plan_work(lake, scorer)
+    open(me, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(other) and time.monotonic() < deadline:  # both have planned: same work
+        time.sleep(0.02)
+    result = score_shard(lake, scorer, plan.items, ScoringConfig(batch_size=4, workers=0, commit_every=1))
+    print(plan.items.num_rows, result.n_scores, result.n_dropped)
+""")
+
+
+def test_two_score_runs_planned_at_once_store_each_key_once(sample_lake, tmp_path):
+    """Both runs plan before either commits, so both score everything; the commits, re-checked under the
+    lock, still store every (image, prompt, scorer, version) once, and the two runs' rows add up."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    flags = [str(tmp_path / "a.planned"), str(tmp_path / "b.planned")]
+    runs = [subprocess.Popen([sys.executable, "-c", TWIN_SCRIPT, sample_lake.root, flags[i], flags[1 - i]], env=env,
+                             stdout=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [run.communicate(timeout=240)[0].splitlines()[-1].split() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    expected = _n(sample_lake, DISTINCT_IMAGE_PROMPTS)
+    planned, written, dropped = zip(*[map(int, out) for out in outs])
+    assert planned == (expected, expected) and sum(written) == expected and sum(dropped) == expected
+    assert sample_lake.read("scores").num_rows == expected and _n(sample_lake, DUPLICATE_SCORE_KEYS) == 0
+
+
+HOLDER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from curation.lake import Lake, LakeError
+    with Lake(sys.argv[1]).writing():
+        print("held", flush=True)
+        time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_score_waits_for_another_writer_then_fails_after_its_timeout(sample_lake):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, sample_lake.root, "30"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LakeError, match="waited 1 s for the writer lock .* held by pid"):
+            run_scoring(sample_lake, ["sharpness"], config=ScoringConfig(workers=0, lock_timeout_s=1.0))
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, sample_lake.root, "2"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    summary = run_scoring(sample_lake, ["sharpness"], workers=0).scorers[0]  # waits (600 s default), then runs
+    assert holder.wait(timeout=30) == 0 and time.monotonic() - started > 1.0
+    assert summary.n_scores == _n(sample_lake, "SELECT count(*) AS n FROM images") > 0
+
+
+POOL_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from curation.scoring import make_pool, worker_pids, _ready
+    if __name__ == "__main__":
+        pool = make_pool(2)
+        [f.result() for f in [pool.submit(_ready) for _ in range(2)]]
+        from multiprocessing import forkserver
+        print(" ".join(map(str, worker_pids(pool) + [forkserver._forkserver._forkserver_pid])), flush=True)
+        time.sleep(120)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended (only unreaped)
+    except FileNotFoundError:
+        return False
+
+
+def test_decode_workers_die_with_a_killed_scoring_process():
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    parent = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)  # two workers and their forkserver
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], "decode workers (or their forkserver) outlived their parent"
 
 
 @pytest.fixture(scope="module")
