@@ -158,7 +158,8 @@ def _png_problem(data: bytes) -> str | None:
         kind = bytes(view[pos + 4:pos + 8])
         if pos + 12 + length > end:
             return f"PNG chunk {kind.decode('latin-1')!r} at byte {pos} runs past the end of the file (truncated)"
-        if zlib.crc32(view[pos + 4:pos + 8 + length]) != int.from_bytes(data[pos + 8 + length:pos + 12 + length], "big"):
+        stored_crc = int.from_bytes(data[pos + 8 + length:pos + 12 + length], "big")
+        if zlib.crc32(view[pos + 4:pos + 8 + length]) != stored_crc:
             return f"PNG chunk {kind.decode('latin-1')!r} at byte {pos} fails its CRC (damaged data)"
         has_data = has_data or kind == b"IDAT"
         if kind == b"IEND":

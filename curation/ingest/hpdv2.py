@@ -16,8 +16,9 @@ Images are read as bytes from ``image_root/<path>`` (option ``image_root``, defa
 file's folder); image_*_uid is the relative path as written in the JSON, so the same picture
 keeps one uid across files. Paths must stay inside the image root (see rows.ImageFolder). Per
 row problems become reader reasons: ``missing_image_file`` (detail: the full path),
-``unreadable_image_file``, ``image_outside_root``, ``not_a_regular_file``, ``image_too_large``, ``malformed_entry`` (an entry that is not
-an object, lacks a key, or whose lists differ in length: one row per entry or annotation),
+``unreadable_image_file``, ``image_outside_root``, ``not_a_regular_file``, ``image_too_large``,
+``malformed_entry`` (an entry that is not an object, lacks a key, or whose lists differ in length:
+one row per entry or annotation),
 ``unlabelled`` (a train entry with no preferred or no non-preferred image), ``wrong_type``
 (a rank or preference that is not a number).
 
