@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, help="reader: pickapic, hpdv2, jsonl, csv, wmt (see README: formats)")
     p.add_argument("--source", help="source label stored with each pair (default: the format name)")
     p.add_argument("--image-root", help="folder that image paths are relative to (hpdv2, jsonl, csv)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read image paths that are absolute or leave the image root (default: quarantined as "
+                        "image_outside_root)")
     p.add_argument("paths", nargs="+", metavar="SOURCE", help="files to ingest")
     _add_track(p)
 
@@ -252,6 +255,8 @@ def cmd_ingest(args) -> int:
     if len(errors) == len(args.paths):
         raise UserError("; ".join(errors.values()))
     options = {"image_root": args.image_root} if args.image_root else {}
+    if args.allow_outside_root:
+        options["allow_outside_root"] = True
     if _tracked(args):
         _quiet_prefect_defaults()
         from flows.ingest import ingest_flow
