@@ -1,27 +1,35 @@
-"""Minority / flipped labels in a small world whose true reward is known (issue 7, items 2-4).
+"""Small world v2: does curation pay off against crowds with structured noise? (issue 11, items 1 and 6)
 
-Claims tested (methods.md §2.1, §2.7, §3): flipped labels hurt Diffusion-DPO; Adaptive-DPO keeps most of the
-clean-data gain at 20-30 % flipped labels; BalancedDPO's scorer-consensus labels improve over DPO.
+Claims tested: noisy crowd labels hurt Diffusion-DPO; curated snapshots (Adaptive-DPO weights, BalancedDPO's
+scorer consensus, annotator reliability) keep most of the clean-data gain where plain DPO does not.
 
-    python benchmarks/minority.py                   # full run: 23 min on 2 shared cores (+8.5 min pretraining if
-                                                    # out/smallworld/base is absent) -> out/minority
-    python benchmarks/minority.py --quick           # a few steps at tiny sizes (~1 min): the pipeline, no claims
+    python benchmarks/minority.py                   # full run -> out/minority (runtime in results.md)
+    python benchmarks/minority.py --quick           # toy sizes, a few steps (~1 min): the pipeline, no claims
+    python benchmarks/minority.py --resummarise --out DIR   # rebuild table, markdown and plot from results.json
 
 1. The base model is ``out/smallworld/base`` (built first by ``benchmarks/smallworld/pretrain.py`` if absent).
-2. Pairs: training captions x ``pairs_per_caption``, two seeds each, sampled from the base model; true reward
-   U of every image from pixels (``smallworld.world.true_reward``).
-3. Per flip rate: planted Bradley-Terry labels, a share flipped (``smallworld.pairs.plant_labels``); JSONL with
-   base64 PNGs -> ingest -> pixel scorers -> curate -> snapshots plain / adaptive / balanced.
-4. LoRA training with ``training.trainer`` per method x flip rate x training seed (``METHODS``).
-5. Gain = mean over held-out (caption, seed) of U(fine-tuned) - U(base), same initial noise for both.
-   95 % CI: two-level bootstrap, training seeds then held-out captions; per-seed gains listed; differences
-   to DPO paired by seed and caption. ``--resummarise`` rebuilds the report of a finished run from results.json.
-Writes ``results.json``, ``results.md`` and ``gain_vs_flip.png`` (matplotlib) under ``--out``.
+2. Pairs: training captions x ``pairs_per_caption``, two seeds each, sampled once from the base model; the true
+   reward and pixel properties of every image (``smallworld.world``).
+3. A crowd (``smallworld.crowd``): Zipf-distributed annotator volume, several labels on some pairs, random
+   left/right order; drawn once. Conditions: clean (every annotator reliable), then each scenario (``crowd``:
+   spammers, position clickers and a minority-taste group; ``minority``: the minority-taste group only;
+   ``flips``: per-label random flips) at each noise level (share of labels not from reliable annotators).
+4. Per condition: JSONL with base64 PNGs -> ingest -> pixel scorers -> curate -> one snapshot per policy.
+   From the same lake: annotator-type detection AUROC (Dawid-Skene reliability of the annotators table,
+   non-reliable vs reliable annotators with >= ``min_annotator_labels`` labels) and every policy's weighted
+   share of truly better winners.
+5. LoRA training with ``training.trainer`` per method x condition x training seed (``METHODS``). Paired design
+   (common random numbers): every method of a condition trains from the same seeds and is evaluated on the same
+   held-out (caption, initial noise); the crowd's draws are shared by every condition.
+6. Gain = mean over held-out (caption, seed) of U(fine-tuned) - U(base). 95 % CI: two-level bootstrap,
+   training seeds then held-out captions; differences to DPO paired by seed and caption.
+Writes ``results.json`` (config, truth, every run's per-image gains), ``results.md`` and ``gain_vs_noise.png``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.smallworld import crowd as C  # noqa: E402
 from benchmarks.smallworld import pairs as P  # noqa: E402
 from benchmarks.smallworld import world  # noqa: E402
 from benchmarks.smallworld.pretrain import DEFAULT_OUT as DEFAULT_MODEL  # noqa: E402
@@ -42,36 +51,63 @@ from training.config import TrainConfig  # noqa: E402
 from training.trainer import train  # noqa: E402
 
 
-# method -> (snapshot policy, TrainConfig fields). One β for every method, so only the data and the loss differ.
+# snapshot -> SnapshotPolicy fields (beyond pairs_per_shard); every snapshot is written for every condition, so the
+# weighted share of truly better winners is reported for each. filter's min_reliability comes from the config.
+SNAPSHOTS: dict[str, dict] = {
+    "plain": {"kind": "plain"},
+    "filter": {"kind": "filter"},  # plain minus suspect pairs (u > 1/2) and unreliable annotators
+    "adaptive": {"kind": "adaptive"},  # offline Adaptive-DPO weight W, margin Γ and minority score u
+    "balanced": {"kind": "balanced"},  # BalancedDPO: equal-vote scorer majority (the paper baseline)
+    "calibrated": {"kind": "balanced", "consensus": "calibrated"},  # scorer votes weighted by their reliability
+    "reliability": {"kind": "reliability"},  # the posterior that the label is right as the weight, p < 1/2 dropped
+}
+
+# method -> (snapshot, TrainConfig fields). One β for every method, so only the data and the loss differ.
 METHODS: dict[str, tuple[str, dict]] = {
     "dpo": ("plain", {"loss": "dpo"}),
+    "filter": ("filter", {"loss": "dpo"}),
     "adaptive-offline": ("adaptive", {"loss": "adaptive-dpo", "u_source": "offline"}),
     "adaptive-online": ("adaptive", {"loss": "adaptive-dpo", "u_source": "online"}),
     "adaptive-combined": ("adaptive", {"loss": "adaptive-dpo", "u_source": "max"}),
-    "balanced": ("balanced", {"loss": "balanced-dpo"}),  # dynamic reference: hard copy every 100 steps
-    "balanced-static": ("balanced", {"loss": "balanced-dpo", "ref_update_every": 0}),  # ablation: fixed reference
+    # BalancedDPO in the paper's form: the scorers' consensus label, a static reference model
+    "balanced": ("balanced", {"loss": "balanced-dpo", "ref_update_every": 0}),
+    "balanced-dynamic": ("balanced", {"loss": "balanced-dpo"}),  # ablation: hard copy of the policy every 100 steps
+    "calibrated": ("calibrated", {"loss": "balanced-dpo", "ref_update_every": 0}),
+    "reliability": ("reliability", {"loss": "dpo"}),  # DPO reads the snapshot's weights
+    # the combination: pairs the posterior trusts, and the online Adaptive-DPO weight on what remains
+    "reliability+online": ("reliability", {"loss": "adaptive-dpo", "u_source": "online"}),
 }
-MAIN_METHODS = ("dpo", "adaptive-offline", "adaptive-online", "adaptive-combined", "balanced")
+MAIN_METHODS = tuple(m for m in METHODS if m != "balanced-dynamic")
+CLEAN = ("clean", 0.0)
 
 
 @dataclass
 class ExperimentConfig:
     model: str = str(DEFAULT_MODEL)  # small-world pipeline folder; pretrained here if absent
     out: str = str(Path(__file__).resolve().parents[1] / "out" / "minority")
-    flip_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)  # Adaptive-DPO Tables 1-2 (methods.md §2.7)
+    scenarios: tuple[str, ...] = ("crowd", "minority", "flips")  # keys of smallworld.crowd.SCENARIOS
+    noise_levels: tuple[float, ...] = (0.2, 0.4)  # share of labels not from reliable annotators; 0 = "clean"
     methods: tuple[str, ...] = MAIN_METHODS
-    train_seeds: tuple[int, ...] = (0, 1)
-    pair_captions: int = 120  # training captions that get pairs
+    train_seeds: tuple[int, ...] = (0, 1, 2)
+    pair_captions: int = 200  # training captions that get pairs
     pairs_per_caption: int = 3
+    n_annotators: int = 40  # with Zipf 0.8 and ~2 labels a pair: ~18 annotators with >= 20 labels
+    zipf_exponent: float = 0.8
+    multi_label_share: float = 0.5  # pairs with 2-4 labels from distinct annotators
+    max_labels_per_pair: int = 4
+    min_annotator_labels: int = 20  # annotators counted in the detection AUROC
+    # filter policy: drop annotators below this Dawid-Skene reliability (balanced accuracy: 1/2 for a spammer or a
+    # pure position clicker, about 0.85 for a Bradley-Terry annotator of the small world); 0 = keep all
+    filter_min_reliability: float = 0.65
     eval_captions: int = 60  # held-out captions: never in a pair
     eval_seeds: int = 2  # initial noises per held-out caption
     steps: int = 200  # optimiser steps per run
-    batch_size: int = 8  # pairs per step
-    learning_rate: float = 3e-3  # LoRA at this scale needs far more than SD's 1e-5 (pilot: 1e-3 gained half as much)
-    beta: float = 2000.0  # canonical β for every method = Adaptive-DPO's beta_dpo 1000 (pilot: above 5000)
+    batch_size: int = 8  # label rows per step
+    learning_rate: float = 3e-3  # LoRA at this scale needs far more than SD's 1e-5 (v1 pilot: 1e-3 gained half)
+    beta: float = 2000.0  # canonical β for every method = Adaptive-DPO's beta_dpo 1000 (v1 pilot: above 5000)
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-    bt_scale: float = 20.0  # P(a wins) = sigmoid(20 ΔU): ΔU = 0.1 -> 0.88
+    bt_scale: float = 20.0  # reliable annotators: P(a wins) = sigmoid(20 ΔU): ΔU = 0.1 -> 0.88
     sample_steps: int = 15  # DDIM steps
     guidance: float = 3.0
     bootstrap: int = 2000
@@ -82,9 +118,29 @@ class ExperimentConfig:
     @classmethod
     def quick(cls, out: str, model: str) -> ExperimentConfig:
         """Every stage at toy size (~1 min): checks the pipeline runs, says nothing about the claims."""
-        return cls(model=model, out=out, flip_rates=(0.0, 0.3), train_seeds=(0,), pair_captions=8,
-                   pairs_per_caption=1, eval_captions=4, eval_seeds=1, steps=3, batch_size=2, sample_steps=4,
-                   bootstrap=100, pretrain={"images": 256, "vae_steps": 10, "unet_steps": 10, "eval_captions": 4})
+        return cls(model=model, out=out, scenarios=("crowd",), noise_levels=(0.4,), train_seeds=(0,),
+                   pair_captions=12, pairs_per_caption=2, n_annotators=6, zipf_exponent=0.5, min_annotator_labels=3,
+                   filter_min_reliability=0.0,
+                   eval_captions=4, eval_seeds=1, steps=2, batch_size=2, sample_steps=3, bootstrap=100,
+                   pretrain={"images": 256, "vae_steps": 10, "unet_steps": 10, "eval_captions": 4})
+
+    def conditions(self) -> list[tuple[str, float]]:
+        return [CLEAN] + [(s, t) for s in self.scenarios for t in self.noise_levels]
+
+    def crowd_config(self) -> C.CrowdConfig:
+        return C.CrowdConfig(n_annotators=self.n_annotators, zipf_exponent=self.zipf_exponent,
+                             multi_label_share=self.multi_label_share, max_labels_per_pair=self.max_labels_per_pair,
+                             reliable=C.Reliable(self.bt_scale), seed=self.seed + 17)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.scenarios) - set(C.SCENARIOS))
+        if unknown:
+            raise ValueError(f"unknown method(s)/scenario(s) {unknown}; methods: {', '.join(METHODS)}; "
+                             f"scenarios: {', '.join(C.SCENARIOS)}")
+
+
+def tag(condition: tuple[str, float]) -> str:
+    return f"{condition[0]}{round(100 * condition[1]):02d}"
 
 
 def ensure_model(c: ExperimentConfig) -> dict:
@@ -113,13 +169,11 @@ def bootstrap_ci(per_seed_caption: np.ndarray, n: int, seed: int) -> tuple[float
 
 @dataclass
 class Pairs:
-    ids: list[str]
     captions: list[world.Caption]
     images_a: np.ndarray  # (N, H, W, 3) uint8
     images_b: np.ndarray
-    reward_a: np.ndarray  # (N,) true reward
-    reward_b: np.ndarray
-    annotators: list[str]
+    props_a: dict[str, np.ndarray]  # reward and pixel properties, each (N,)
+    props_b: dict[str, np.ndarray]
 
 
 def sample_pairs(c: ExperimentConfig, pipe, train_caps: list[world.Caption]) -> Pairs:
@@ -127,26 +181,43 @@ def sample_pairs(c: ExperimentConfig, pipe, train_caps: list[world.Caption]) -> 
     rng = np.random.default_rng(c.seed)
     chosen = [train_caps[i] for i in rng.choice(len(train_caps), c.pair_captions, replace=False)]
     caps = [cap for cap in chosen for _ in range(c.pairs_per_caption)]
-    n = len(caps)
-    images = sample(pipe, [cap.text for cap in caps for _ in range(2)], list(range(2 * n)), steps=c.sample_steps,
-                    guidance=c.guidance)
+    images = sample(pipe, [cap.text for cap in caps for _ in range(2)], list(range(2 * len(caps))),
+                    steps=c.sample_steps, guidance=c.guidance)
     colours = [cap.colour for cap in caps]
-    return Pairs([f"pair-{m:05d}" for m in range(n)], caps, images[0::2], images[1::2],
-                 rewards(images[0::2], colours)["reward"], rewards(images[1::2], colours)["reward"],
-                 [f"annotator-{a:02d}" for a in rng.integers(20, size=n)])
+    return Pairs(caps, images[0::2], images[1::2], rewards(images[0::2], colours), rewards(images[1::2], colours))
 
 
-def curate_flip_rate(c: ExperimentConfig, pairs: Pairs, rate: float, work: Path) -> tuple[dict[str, str], dict]:
-    """Planted labels at one flip rate -> JSONL -> lake -> curation -> snapshots; (policy -> folder, diagnostics)."""
-    label_0, flipped = P.plant_labels(pairs.reward_a, pairs.reward_b, rate, c.bt_scale, seed=c.seed + 17)
-    tag = f"flip{round(100 * rate):02d}"
-    jsonl = P.write_jsonl(work / tag / "pairs.jsonl", pairs.ids, [cap.text for cap in pairs.captions],
-                          pairs.images_a, pairs.images_b, label_0, pairs.annotators)
-    policies = tuple(sorted({METHODS[m][0] for m in c.methods}))
-    snapshots = P.curate_snapshots(work / tag / "lake", jsonl, policies)
-    truth_a = pairs.reward_a > pairs.reward_b
-    data = {"label_agrees_with_truth": float(((label_0 == 1.0) == truth_a).mean()), "flipped": int(flipped.sum()),
-            **{kind: P.snapshot_truth(path, pairs.ids, truth_a, flipped) for kind, path in snapshots.items()}}
+def label_ids(n: int) -> list[str]:
+    return [f"label-{r:05d}" for r in range(n)]
+
+
+def curate_condition(c: ExperimentConfig, pairs: Pairs, crowd: C.Crowd, labels: C.Labels, condition, work: Path,
+                     snapshot_names: tuple[str, ...]) -> tuple[dict[str, str], dict]:
+    """One condition's labels -> JSONL -> lake -> curation -> snapshots; (policy -> folder, diagnostics)."""
+    left_a = labels.left_is_a
+    idx = crowd.pair
+    left = np.where(left_a[:, None, None, None], pairs.images_a[idx], pairs.images_b[idx])
+    right = np.where(left_a[:, None, None, None], pairs.images_b[idx], pairs.images_a[idx])
+    ids = label_ids(crowd.n_labels)
+    folder = work / tag(condition)
+    jsonl = P.write_jsonl(folder / "pairs.jsonl", ids, [pairs.captions[m].text for m in idx], left, right,
+                          labels.label_left, [C.user_id(j) for j in crowd.annotator])
+    policies = {name: {**SNAPSHOTS[name], **({"min_reliability": c.filter_min_reliability or None}
+                                             if name == "filter" else {})} for name in snapshot_names}
+    snapshots = P.curate_snapshots(folder / "lake", jsonl, policies)
+    a_better = pairs.props_a["reward"] > pairs.props_b["reward"]
+    left_better = np.where(left_a, a_better[idx], ~a_better[idx])  # (L,) the left image has the higher true U
+    kinds = np.array(labels.annotator_kind)[crowd.annotator]
+    data = {
+        "labels": crowd.n_labels, "noisy_label_share": float(labels.noisy.mean()),
+        "label_agrees_with_truth": float(((labels.label_left == 1.0) == left_better).mean()),
+        "label_agrees_with_truth_by_kind": {k: float(((labels.label_left == 1.0) == left_better)[kinds == k].mean())
+                                            for k in sorted(set(kinds))},
+        "snapshots": {kind: P.snapshot_truth(path, ids, left_better, labels.noisy)
+                      for kind, path in snapshots.items()},
+        "annotator_detection": P.annotator_detection(folder / "lake", labels.annotator_kind, c.min_annotator_labels),
+        "truth": labels.truth(crowd),
+    }
     return snapshots, data
 
 
@@ -171,18 +242,26 @@ def run(c: ExperimentConfig) -> dict:
 
     t0 = time.perf_counter()
     pairs = sample_pairs(c, pipe, train_caps)
+    crowd = C.draw_crowd(len(pairs.captions), c.crowd_config())
     timings["pair_sampling_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    policies = tuple(SNAPSHOTS)
+    clean = C.plant_crowd_labels(crowd, pairs.props_a, pairs.props_b, C.SCENARIOS["flips"], 0.0)
     snapshots, data = {}, {}
-    for rate in c.flip_rates:
-        snapshots[rate], data[rate] = curate_flip_rate(c, pairs, rate, work)
+    snapshots[CLEAN], data[CLEAN] = curate_condition(c, pairs, crowd, clean, CLEAN, work, policies)
+    for name in c.scenarios:
+        scenario = C.SCENARIOS[name]
+        noisy = C.non_reliable_annotators(crowd, scenario, c.noise_levels) if not scenario.flips else {}
+        for level in c.noise_levels:
+            labels = C.plant_crowd_labels(crowd, pairs.props_a, pairs.props_b, scenario, level, noisy.get(level))
+            snapshots[(name, level)], data[(name, level)] = curate_condition(
+                c, pairs, crowd, labels, (name, level), work, policies)
     timings["curation_s"] = time.perf_counter() - t0
 
     # held-out evaluation set: captions never in a pair, seeds disjoint from the pair seeds
     eval_caps = [cap for cap in heldout for _ in range(c.eval_seeds)]
     eval_prompts, eval_colours = [cap.text for cap in eval_caps], [cap.colour for cap in eval_caps]
     eval_seeds = [1_000_000 + i for i in range(len(eval_caps))]
-    caption_of = np.repeat(np.arange(len(heldout)), c.eval_seeds)
 
     def evaluate() -> dict[str, np.ndarray]:
         return rewards(sample(pipe, eval_prompts, eval_seeds, steps=c.sample_steps, guidance=c.guidance),
@@ -190,98 +269,123 @@ def run(c: ExperimentConfig) -> dict:
 
     base = evaluate()
     runs, t_train, t_eval = [], 0.0, 0.0
-    for rate in c.flip_rates:
-        for method in c.methods:
-            for seed in c.train_seeds:
-                name = f"{method}-flip{round(100 * rate):02d}-seed{seed}"
+    for seed in c.train_seeds:  # seed-major: a run stopped early still has every condition for its first seeds
+        for condition in c.conditions():
+            for method in c.methods:
+                name = f"{method}-{tag(condition)}-seed{seed}"
                 t0 = time.perf_counter()
-                checkpoint = train_run(c, method, snapshots[rate][METHODS[method][0]], seed, work / "runs" / name,
-                                       work / "latent_cache")
+                checkpoint = train_run(c, method, snapshots[condition][METHODS[method][0]], seed,
+                                       work / "runs" / name, work / "latent_cache")
                 t1 = time.perf_counter()
                 pipe.unet = unet_with_lora(base_unet, checkpoint, c.lora_rank, float(c.lora_rank), c.lora_targets)
                 tuned = evaluate()
                 pipe.unet = base_unet
                 t_eval, t_train = t_eval + time.perf_counter() - t1, t_train + t1 - t0
                 losses = [json.loads(line)["loss"] for line in (work / "runs" / name / "metrics.jsonl").open()]
-                runs.append({"method": method, "flip_rate": rate, "seed": seed, "train_s": round(t1 - t0, 2),
-                             "loss_last_10_steps": float(np.mean(losses[-10:])),
-                             "gain": {k: (tuned[k] - base[k]).tolist() for k in base}})
-    timings.update(train_s=t_train, eval_s=t_eval, total_s=time.perf_counter() - started)
-
-    table = summarise(c, runs, caption_of, data)
-    result = {"config": asdict(c), "timings_s": {k: round(v, 1) for k, v in timings.items()},
-              "base_model": base_summary, "base_eval": {k: float(v.mean()) for k, v in base.items()},
-              "pairs": {"n": len(pairs.ids), "true_reward_mean": float(np.r_[pairs.reward_a, pairs.reward_b].mean()),
-                        "mean_abs_reward_gap": float(np.abs(pairs.reward_a - pairs.reward_b).mean())},
-              "data": {str(k): v for k, v in data.items()}, "table": table, "runs": runs}
-    write_report(out, result, c)
+                runs.append({"method": method, "scenario": condition[0], "noise": condition[1], "seed": seed,
+                             "train_s": round(t1 - t0, 2), "loss_last_10_steps": float(np.mean(losses[-10:])),
+                             "gain": {k: np.round(tuned[k] - base[k], 6).tolist() for k in base}})
+        partial = {"seeds_done": c.train_seeds[:c.train_seeds.index(seed) + 1]}
+        timings.update(train_s=t_train, eval_s=t_eval, total_s=time.perf_counter() - started)
+        result = assemble(c, runs, data, base, base_summary, pairs, crowd, timings, partial)
+        write_report(out, result)  # after every seed: a stopped run leaves its finished seeds summarised
     return result
 
 
-def summarise(c: ExperimentConfig, runs: list[dict], caption_of: np.ndarray, data: dict) -> list[dict]:
-    """One row per method x flip rate: seed-averaged gain with a 95 % CI over training seeds and held-out captions
-    (``bootstrap_ci``), and the same for the paired difference to DPO at that flip rate (same seeds, captions)."""
-    def per_seed_caption(method: str, rate: float) -> np.ndarray:  # (S, C) mean gain of each seed per caption
-        mine = sorted((r for r in runs if r["method"] == method and r["flip_rate"] == rate), key=lambda r: r["seed"])
-        return np.stack([np.bincount(caption_of, r["gain"]["reward"]) / np.bincount(caption_of) for r in mine])
+def assemble(c, runs, data, base, base_summary, pairs, crowd, timings, partial) -> dict:
+    result = {"config": asdict(c), "timings_s": {k: round(v, 1) for k, v in timings.items()},
+              "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(), "progress": partial,
+              "base_model": base_summary, "base_eval": {k: float(v.mean()) for k, v in base.items()},
+              "pairs": {"n": len(pairs.captions), "labels": crowd.n_labels,
+                        "true_reward_mean": float(np.r_[pairs.props_a["reward"], pairs.props_b["reward"]].mean()),
+                        "mean_abs_reward_gap": float(np.abs(pairs.props_a["reward"] - pairs.props_b["reward"]).mean())},
+              "data": {tag(k): {"scenario": k[0], "noise": k[1], **v} for k, v in data.items()}, "runs": runs}
+    result["table"] = summarise(c, runs)
+    return result
+
+
+def summarise(c: ExperimentConfig, runs: list[dict]) -> list[dict]:
+    """One row per method x condition (with at least one finished seed): seed-averaged gain with a 95 % CI over
+    training seeds and held-out captions (``bootstrap_ci``), and the same for the paired difference to DPO in that
+    condition (same seeds, captions); share of the clean-DPO gain."""
+    caption_of = np.repeat(np.arange(c.eval_captions), c.eval_seeds)
+
+    def mine(method: str, condition) -> list[dict]:
+        return sorted((r for r in runs if r["method"] == method and (r["scenario"], r["noise"]) == tuple(condition)),
+                      key=lambda r: r["seed"])
+
+    def per_seed_caption(rs: list[dict]) -> np.ndarray:  # (S, C) mean gain of each seed per caption
+        return np.stack([np.bincount(caption_of, r["gain"]["reward"]) / np.bincount(caption_of) for r in rs])
 
     rows = []
-    for rate in c.flip_rates:
+    for condition in c.conditions():
+        dpo = {r["seed"]: r for r in mine("dpo", condition)}
         for method in c.methods:
-            mine = [r for r in runs if r["method"] == method and r["flip_rate"] == rate]
-            gains = per_seed_caption(method, rate)
+            rs = mine(method, condition)
+            if not rs:
+                continue
+            gains = per_seed_caption(rs)
             low, high = bootstrap_ci(gains, c.bootstrap, c.seed)
-            policy = METHODS[method][0]
-            row = {
-                "method": method, "flip_rate": rate, "gain": float(gains.mean()), "ci_low": low, "ci_high": high,
-                "seed_gains": [float(np.mean(r["gain"]["reward"])) for r in mine],
-                **{f"gain_{k}": float(np.mean([np.mean(r["gain"][k]) for r in mine]))
-                   for k in ("colour_match", "sharpness", "exposure_quality")},
-                "train_labels_truly_better": data[rate][policy]["winner_is_truly_better"],
-                "train_pairs": data[rate][policy]["rows"],
-            }
-            if "dpo" in c.methods:
-                diff = gains - per_seed_caption("dpo", rate)
+            row = {"method": method, "scenario": condition[0], "noise": condition[1], "snapshot": METHODS[method][0],
+                   "seeds": [r["seed"] for r in rs], "gain": float(gains.mean()), "ci_low": low, "ci_high": high,
+                   "seed_gains": [float(np.mean(r["gain"]["reward"])) for r in rs],
+                   **{f"gain_{k}": float(np.mean([np.mean(r["gain"][k]) for r in rs]))
+                      for k in ("colour_match", "sharpness", "exposure_quality")}}
+            paired = [r for r in rs if r["seed"] in dpo]
+            if paired:
+                diff = per_seed_caption(paired) - per_seed_caption([dpo[r["seed"]] for r in paired])
                 row["vs_dpo"] = float(diff.mean())
                 row["vs_dpo_ci_low"], row["vs_dpo_ci_high"] = bootstrap_ci(diff, c.bootstrap, c.seed)
             rows.append(row)
-    clean = {r["method"]: r["gain"] for r in rows if r["flip_rate"] == 0.0}
+    clean_dpo = next((r["gain"] for r in rows if r["method"] == "dpo" and (r["scenario"], r["noise"]) == CLEAN), None)
     for r in rows:
-        ref = clean.get("dpo")
-        r["share_of_clean_dpo_gain"] = r["gain"] / ref if ref else None
+        r["share_of_clean_dpo_gain"] = r["gain"] / clean_dpo if clean_dpo else None
     return rows
 
 
-def write_report(out: Path, result: dict, c: ExperimentConfig) -> None:
+def write_report(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(markdown(result))
-    plot(result["table"], c, out / "gain_vs_flip.png")
+    for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", markdown(result))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)  # atomic: a reader never sees half a report
+    plot(result, out / "gain_vs_noise.png")
+
+
+def config_from_dict(d: dict) -> ExperimentConfig:
+    return ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def resummarise(out: Path) -> dict:
-    """Recompute the table, markdown and plot of a finished run from its results.json (no training)."""
-    result = json.loads((out / "results.json").read_text())
-    c = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
-    caption_of = np.repeat(np.arange(c.eval_captions), c.eval_seeds)
-    data = {float(k): v for k, v in result["data"].items()}
-    result["table"] = summarise(c, result["runs"], caption_of, data)
-    write_report(out, result, c)
+    """Recompute the table, markdown and plot of a run from its results.json (no training)."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the experiment first")
+    result = json.loads(path.read_text())
+    if "runs" not in result:
+        raise ValueError(f"{path} keeps no per-run data (written before small world v2): rerun the experiment")
+    result["table"] = summarise(config_from_dict(result["config"]), result["runs"])
+    write_report(out, result)
     return result
 
 
 def markdown(result: dict) -> str:
     c, t = result["config"], result["timings_s"]
+    done = result["progress"]["seeds_done"]
+    partial = "" if list(done) == list(c["train_seeds"]) else (
+        f"**PARTIAL: training seeds {list(done)} of {c['train_seeds']} finished.** ")
     lines = [
-        "# Minority-label experiment in the small world", "",
-        f"True-reward gain over the base model on {c['eval_captions']} held-out captions x {c['eval_seeds']} seeds "
-        f"(paired: same initial noise); mean over training seeds {c['train_seeds']}; 95 % CI = two-level bootstrap "
-        f"(training seeds, then held-out captions); 'vs DPO' = paired difference to DPO at the same flip rate. "
-        f"Base true reward {result['base_eval']['reward']:.4f}. "
-        f"{result['pairs']['n']} pairs, {c['steps']} steps x {c['batch_size']} pairs, lr {c['learning_rate']}, "
-        f"β {c['beta']}, LoRA rank {c['lora_rank']}. Runtime {t['total_s']:.0f} s.", "",
-        "| flip | method | gain | 95 % CI | per seed | share of clean DPO gain | vs DPO (95 % CI) | Δcolour "
-        "| Δsharp | Δexposure | train labels truly better |",
+        "# Small world v2: structured crowd noise", "",
+        partial + f"True-reward gain over the base model on {c['eval_captions']} held-out captions x "
+        f"{c['eval_seeds']} seeds (paired: same initial noise); mean over training seeds {list(done)}; 95 % CI = "
+        f"two-level bootstrap (training seeds, then held-out captions); 'vs DPO' = paired difference to DPO in the "
+        f"same condition (same seeds and captions). Base true reward {result['base_eval']['reward']:.4f}. "
+        f"{result['pairs']['n']} pairs, {result['pairs']['labels']} labels from {c['n_annotators']} annotators; "
+        f"{c['steps']} steps x {c['batch_size']} labels, lr {c['learning_rate']}, β {c['beta']}, LoRA rank "
+        f"{c['lora_rank']}. Runtime {t['total_s']:.0f} s on {result['cpu_count']} cores, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in result['load_average'])}.", "",
+        "| scenario | noise | method | gain | 95 % CI | per seed | share of clean DPO gain | vs DPO (95 % CI) "
+        "| Δcolour | Δsharp | Δexposure |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["table"]:
@@ -289,42 +393,53 @@ def markdown(result: dict) -> str:
         vs_dpo = ("" if "vs_dpo" not in r or r["method"] == "dpo" else
                   f"{r['vs_dpo']:+.4f} [{r['vs_dpo_ci_low']:+.4f}, {r['vs_dpo_ci_high']:+.4f}]")
         lines.append(
-            f"| {r['flip_rate']:.0%} | {r['method']} | {r['gain']:+.4f} "
-            f"| [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
-            f"| {', '.join(f'{g:+.4f}' for g in r['seed_gains'])} | {share} | {vs_dpo} "
-            f"| {r['gain_colour_match']:+.4f} | {r['gain_sharpness']:+.4f} | {r['gain_exposure_quality']:+.4f} "
-            f"| {r['train_labels_truly_better']:.3f} |")
-    lines += ["", "Label quality per flip rate (share of training winners with the higher true reward; AUROC of the "
-              "offline minority score u for flipped labels):", "",
-              "| flip | human labels | adaptive u AUROC (flipped) | balanced consensus labels |", "|---|---|---|---|"]
-    for rate, d in result["data"].items():
-        auc = d.get("adaptive", {}).get("auroc_u_flipped")
-        lines.append(f"| {float(rate):.0%} | {d['label_agrees_with_truth']:.3f} | "
-                     f"{'' if auc is None else f'{auc:.3f}'} | "
-                     f"{d['balanced']['winner_is_truly_better'] if 'balanced' in d else float('nan'):.3f} |")
+            f"| {r['scenario']} | {r['noise']:.0%} | {r['method']} | {r['gain']:+.4f} "
+            f"| [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {', '.join(f'{g:+.4f}' for g in r['seed_gains'])} "
+            f"| {share} | {vs_dpo} | {r['gain_colour_match']:+.4f} | {r['gain_sharpness']:+.4f} "
+            f"| {r['gain_exposure_quality']:+.4f} |")
+    policies = sorted({p for d in result["data"].values() for p in d["snapshots"]})
+    lines += ["", "Label quality per condition: share of labels whose winner has the higher true (majority) reward; "
+              "per snapshot policy the weighted share of truly better winners (Σ weight · correct / Σ weight; "
+              "rows kept in brackets); annotator-type detection AUROC (Dawid-Skene reliability, non-reliable vs "
+              "reliable annotators with enough labels; n non-reliable / n reliable).", "",
+              "| condition | noisy labels | human labels | " + " | ".join(policies) + " | detection AUROC |",
+              "|---|---|---|" + "---|" * len(policies) + "---|"]
+    for key, d in result["data"].items():
+        det = d["annotator_detection"]
+        auc = "" if det.get("auroc") is None else f"{det['auroc']:.3f} ({det['n_noisy']}/{det['n_reliable']})"
+        cells = [f"{d['snapshots'][p]['weighted_truly_better']:.3f} ({d['snapshots'][p]['rows']})"
+                 if p in d["snapshots"] else "" for p in policies]
+        lines.append(f"| {key} | {d['noisy_label_share']:.3f} | {d['label_agrees_with_truth']:.3f} | "
+                     + " | ".join(cells) + f" | {auc} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[dict], c: ExperimentConfig, path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k, method in enumerate(c.methods):
-        rows = [r for r in table if r["method"] == method]
-        x = np.array([100 * r["flip_rate"] for r in rows]) + (k - len(c.methods) / 2) * 0.6
-        y = np.array([r["gain"] for r in rows])
-        err = np.array([[r["gain"] - r["ci_low"] for r in rows], [r["ci_high"] - r["gain"] for r in rows]])
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("flipped labels (%)")
-    ax.set_ylabel("true-reward gain over base")
-    ax.set_title("Small world: gain vs label flips (95 % CI: training seeds x held-out captions)", fontsize=10)
-    ax.legend(fontsize=8)
+    c = config_from_dict(result["config"])
+    table = result["table"]
+    fig, axes = plt.subplots(1, len(c.scenarios), figsize=(4.2 * len(c.scenarios), 4), sharey=True, squeeze=False)
+    for ax, scenario in zip(axes[0], c.scenarios, strict=True):
+        for k, method in enumerate(c.methods):
+            rows = [r for r in table if r["method"] == method and (r["scenario"] == scenario
+                                                                   or (r["scenario"], r["noise"]) == CLEAN)]
+            if not rows:
+                continue
+            x = np.array([100 * r["noise"] for r in rows]) + (k - len(c.methods) / 2) * 0.8
+            y = np.array([r["gain"] for r in rows])
+            err = np.array([[r["gain"] - r["ci_low"] for r in rows], [r["ci_high"] - r["gain"] for r in rows]])
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=method)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("labels not from reliable annotators (%)")
+        ax.set_title(f"scenario: {scenario}", fontsize=10)
+    axes[0][0].set_ylabel("true-reward gain over base (95 % CI)")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -365,5 +480,9 @@ def quiet_libraries() -> None:
 
 if __name__ == "__main__":
     quiet_libraries()
-    config, report_only = parse_args(sys.argv[1:])
-    print(markdown(resummarise(report_only) if report_only else run(config)))
+    try:
+        config, report_only = parse_args(sys.argv[1:])
+        print(markdown(resummarise(report_only) if report_only else run(config)))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
