@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test faults bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/python -m pytest
+
+# The fault suite alone (tests marked `faults`): kill -9 at every commit step of every writer, bad inputs.
+faults: setup
+	PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/python -m pytest -m faults -q tests/test_faults.py
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_ingest.py

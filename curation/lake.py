@@ -47,7 +47,8 @@ expiry, renewed by a heartbeat while held, and broken by a waiter once expired (
 Fault injection (tests, `make faults`): set PREFCURATE_FAULT=<point>[:<n>] to act at the n-th (default 1st)
 time the process passes `fault_point(<point>)`; PREFCURATE_FAULT_ACTION is `kill` (SIGKILL itself, the
 default), `raise` (InjectedFault) or `interrupt` (KeyboardInterrupt). Points: before_flush, after_flush,
-before_commit_record, after_commit_record, after_move, before_log, after_log, after_cleanup.
+before_commit_record, after_commit_record, after_move, before_log, after_log, after_cleanup, and
+after_derived_file (each `write_frame_atomic`: the curation tables).
 """
 from __future__ import annotations
 
@@ -273,6 +274,13 @@ class Lake:
                 if digest != info["sha256"]:
                     yield f"lake file {info['path']} does not match the sha256 its commit recorded"
 
+    def verify_tables(self, tables: tuple[str, ...]) -> None:
+        """sha256 of every committed file of `tables` against the log (LakeCorruptError naming the first
+        that differs): what a snapshot build checks before it copies rows out of the lake."""
+        if self._uses_log():
+            for table in tables:
+                self.files(table, verify="sha256")
+
     def verify(self) -> dict:
         """Hash every committed file and compare with the log. Returns {"files", "bytes", "problems"}."""
         if not self._uses_log():
@@ -280,7 +288,18 @@ class Lake:
                             f"any write (e.g. `prefcurate repair`) migrates it")
         infos = list(self.committed_files().values())
         problems = list(self._file_problems(infos, "sha256"))
-        return {"files": len(infos), "bytes": sum(i["bytes"] for i in infos), "problems": problems}
+        from curation.snapshot import SnapshotError, verify_snapshot  # snapshot imports this module
+
+        snapshots = [p for p in (self.fs.ls(self.join("snapshots"), detail=False)
+                                 if self.fs.isdir(self.join("snapshots")) else [])
+                     if self.fs.exists(f"{p.rstrip('/')}/manifest.json")]
+        for path in sorted(snapshots):
+            try:
+                verify_snapshot(path.rstrip("/"), self.fs)
+            except SnapshotError as exc:
+                problems.append(str(exc))
+        return {"files": len(infos), "bytes": sum(i["bytes"] for i in infos), "snapshots": len(snapshots),
+                "problems": problems}
 
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """The whole table (or some columns of it) as Arrow; empty, with the right schema, if absent.
@@ -355,6 +374,7 @@ class Lake:
             sink = pa.BufferOutputStream()
             pq.write_table(frame.to_arrow(), sink, compression="snappy")
             self.atomic_write_bytes(dest, sink.getvalue().to_pybytes())
+        fault_point("after_derived_file")
 
     # -- the writer lock -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -512,6 +532,9 @@ class Lake:
                 if self.fs.exists(f"{txdir}/COMMIT.json"):
                     self._roll_forward(txid, json.loads(self.fs.cat_file(f"{txdir}/COMMIT.json")))
         actions.extend(self._remove_temporaries())
+        for folder in self.fs.glob(self.join("snapshots", "_staging-*")):  # a snapshot write that crashed
+            self.fs.rm(folder, recursive=True)
+            actions.append(f"removed unfinished snapshot folder {self.relative(folder)}")
         self._last_recovery = actions
 
     def _remove_temporaries(self) -> list[str]:

@@ -265,7 +265,15 @@ def _snapshot_id(rows: pl.DataFrame, policy: SnapshotPolicy) -> str:
 
 def write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy = SnapshotPolicy(),
                    out_root: str | None = None) -> SnapshotInfo:
-    """Select, then write (or find) the snapshot of `policy` over the lake's current curation run."""
+    """Select, then write (or find) the snapshot of `policy` over the lake's current curation run, holding the
+    lake's writer lock (whose recovery removes staging folders a crash left), from lake files whose sha256
+    still matches their commit."""
+    with lake.writing():
+        lake.verify_tables(("pairs", "image_refs", "images"))
+        return _write_snapshot(lake, name, policy, out_root)
+
+
+def _write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy, out_root: str | None) -> SnapshotInfo:
     check_partition_name("snapshot name", name)
     rows, counts = select_pairs(lake, policy)
     if rows.height == 0:
