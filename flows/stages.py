@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -133,15 +134,20 @@ def trainer_argv(snapshot: str, model: str, output: str, loss: str, options: lis
     return ["--snapshot", snapshot, "--model", model, "--output", output, "--loss", loss, *options]
 
 
-def launch_argv(num_processes: int, argv: list[str], cuda: bool) -> list[str]:
-    """`accelerate launch` of the trainer with `num_processes` ranks (gloo on the CPU when there is no CUDA)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if not cuda:
-        cmd.append("--cpu")
-    elif num_processes > 1:
-        cmd.append("--multi_gpu")
-    return [*cmd, "-m", "training.trainer", *argv]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_argv(num_processes: int, argv: list[str]) -> list[str]:
+    """`accelerate launch` of the trainer with `num_processes` ranks on this machine. Always accelerate's
+    multi-process launcher (torchrun): with `--cpu` accelerate's simple launcher starts ONE process whatever
+    `--num_processes` says. Without CUDA the trainer's Accelerator(cpu=True) then joins the ranks over gloo.
+    A free rendezvous port, so that two trainings on one machine do not meet on the default 29500."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "training.trainer", *argv]
 
 
 def run_train(snapshot: str, model: str, output: str, loss: str = "dpo", options: list[str] | None = None,
@@ -158,10 +164,7 @@ def run_train(snapshot: str, model: str, output: str, loss: str = "dpo", options
         return {"snapshot": snapshot, "output": str(result.output), "lora_dir": str(result.lora_dir),
                 "global_step": result.global_step, "losses": result.losses, "final_loss": final,
                 "num_processes": 1}
-    import torch
-
-    done = subprocess.run(launch_argv(num_processes, argv, torch.cuda.is_available()), stdout=subprocess.PIPE,
-                          text=True)
+    done = subprocess.run(launch_argv(num_processes, argv), stdout=subprocess.PIPE, text=True)
     last = None
     for line in done.stdout.splitlines():  # every rank prints the trainer's final JSON line; the rest passes on
         if line.startswith("{"):
