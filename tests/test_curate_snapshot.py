@@ -356,3 +356,14 @@ def test_curation_tables_are_described(curated):
         assert describe(name).count("\n") == len(got)
     got = set(query_polars(lake, "SELECT * FROM annotators LIMIT 1").columns)
     assert set(CURATION_TABLES["annotators"].names) <= got
+
+
+def test_dense_codes_match_the_keys_exactly():
+    from curation.reliability import _dense_codes
+
+    keys = pl.DataFrame({"lo": ["x", "y", "x", "z", "y", "x"], "hi": ["1", "1", "1", "2", "2", "2"]})
+    codes = _dense_codes(keys)
+    assert sorted(set(codes.tolist())) == list(range(5))  # 5 distinct (lo, hi) keys, codes 0..4
+    pairs = list(zip(keys["lo"], keys["hi"], strict=True))
+    assert all((codes[i] == codes[j]) == (pairs[i] == pairs[j]) for i in range(6) for j in range(6))
+    assert _dense_codes(keys.head(0)).size == 0
