@@ -17,20 +17,26 @@ def add_parser(sub, formatter) -> None:
                                    "(same initial noise for both), score both with each scorer, and report the win "
                                    "rate of tuned over base (ties count 0.5) with a bootstrap-over-prompts "
                                    "confidence interval, the tie count, both mean scores and a sign-test p-value. "
-                                   "Writes eval.json, eval.md, scores.csv and the images to --out. Without --lora "
-                                   "the model is compared with itself (every comparison ties).",
+                                   "Writes eval.json, eval.md, scores.csv and the images to --out. With --against, two "
+                                   "LoRAs are compared (A = --lora over B = --against, same prompts and noise; the "
+                                   "'base' columns are then B). Without --lora the model is compared with itself "
+                                   "(every comparison ties).",
                        epilog=textwrap.dedent("""\
                            examples:
                              prefcurate eval --model tiny-sd --lora runs/dpo --prompts imagereward \\
                                  --scorers sharpness,exposure --steps 10 --limit 20
                              prefcurate eval --model sd15 --lora runs/dpo --prompts parti --seeds 2 \\
                                  --scorers pickscore,hpsv2.1,clip,aesthetic --weights ckpts --device cuda
+                             prefcurate eval --model sd15 --lora runs/reliability --against runs/dpo \\
+                                 --prompts parti --scorers pickscore --weights ckpts --device cuda
                              prefcurate eval --model sd15 --lora runs/dpo --prompts drawbench.csv --limit 100 \\
                                  --scorers pickscore --weights ckpts --device cuda --out eval/drawbench
                            prompt sets: parti (1632, --categories e.g. Animals,Vehicles), imagereward (100),
                            geneval (553, --categories = tags), or a .txt/.tsv/.csv/.json/.jsonl file"""))
     p.add_argument("--model", required=True, help="local diffusers pipeline folder (nothing is downloaded)")
     p.add_argument("--lora", help="LoRA folder written by training (pytorch_lora_weights.safetensors)")
+    p.add_argument("--against", help="a second LoRA folder (B): report --lora (A) over B on the same prompts and "
+                                     "seeds, instead of over the base model")
     p.add_argument("--prompts", default="parti", help="parti, imagereward, geneval or a prompt file (default parti)")
     p.add_argument("--limit", type=int, help="evenly spaced subset of N prompts")
     p.add_argument("--categories", help="comma-separated categories to keep (Parti Category, GenEval tag)")
@@ -74,7 +80,8 @@ def cmd_eval(args) -> int:
                         f"scorers: {', '.join(sorted(SCORERS))}")
     try:
         config = EvalConfig(
-            model=args.model, out=args.out, lora=args.lora, prompts=args.prompts, limit=args.limit,
+            model=args.model, out=args.out, lora=args.lora, against=args.against, prompts=args.prompts,
+            limit=args.limit,
             categories=tuple(c.strip() for c in args.categories.split(",")) if args.categories else None,
             scorers=names, weights=args.weights, n_seeds=args.seeds,
             sampling=SamplingConfig(steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
@@ -87,8 +94,9 @@ def cmd_eval(args) -> int:
         report = run_eval(config)
     except (PromptFileError, CheckpointFormatError) as exc:
         raise UserError(str(exc)) from None
+    side = f"{args.lora} over {args.against}" if args.against else "tuned over base"
     print(f"{report['prompts']['n']} prompts ({report['prompts']['set']}) x {len(report['sampling']['seeds'])} "
-          f"seed(s), tuned over base:")
+          f"seed(s), {side}:")
     print(format_table(*table_rows(report)))
     print(f"average win rate {report['average_win_rate']:.3f}; written: {report['files']['eval.json']}, "
           f"{report['files']['eval.md']}")

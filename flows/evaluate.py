@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from curation.scorers import Scorer, build_scorer
 from curation.winrate import CI_METHODS, summarize
-from training.generate import LORA_FILE, SamplingConfig, generate, load_pipeline, lora_disabled
+from training.generate import LORA_FILE, SamplingConfig, generate, load_pipeline, lora_disabled, use_adapter
 from training.prompts import load_prompts
 
 
@@ -38,6 +38,7 @@ class EvalConfig:
     model: str  # local diffusers pipeline folder
     out: str  # folder for eval.json, eval.md, scores.csv and images/
     lora: str | None = None  # trainer output folder; None compares the model with itself
+    against: str | None = None  # a second LoRA folder: compare lora (A) over this one (B) instead of over the base
     prompts: str = "parti"  # parti, imagereward, geneval, or a prompt file (training.prompts)
     limit: int | None = None  # evenly spaced subset of this many prompts
     categories: tuple[str, ...] | None = None  # Parti Category / GenEval tag filter
@@ -63,6 +64,8 @@ class EvalConfig:
             raise ValueError("give at least one scorer")
         if self.ci_method not in CI_METHODS:
             raise ValueError(f"unknown ci_method {self.ci_method!r}; valid: {', '.join(CI_METHODS)}")
+        if self.against is not None and self.lora is None:
+            raise ValueError("--against needs --lora: the LoRA compared with the one given to --against")
 
 
 @dataclass
@@ -71,7 +74,7 @@ class EvalScores:
     categories: list[str | None]
     seeds: list[int]
     scorers: list[dict]  # name, version, higher_is_better
-    base: dict[str, np.ndarray]  # scorer name -> (P, S)
+    base: dict[str, np.ndarray]  # scorer name -> (P, S); the against LoRA's images when one is given
     tuned: dict[str, np.ndarray]
     meta: dict  # prompt set, sampling, model provenance, timings
 
@@ -85,7 +88,13 @@ def sample_and_score(config: EvalConfig) -> EvalScores:
     prompt_set = load_prompts(config.prompts, limit=config.limit,
                               categories=list(config.categories) if config.categories else None)
     scorers: list[Scorer] = [build_scorer(name, config.weights, config.device) for name in config.scorers]
-    pipe = load_pipeline(config.model, config.lora, config.device, config.dtype)
+    pipe = load_pipeline(config.model, config.lora, config.device, config.dtype, against_dir=config.against)
+    if config.against:  # A vs B: both adapters in one pipeline, the same (prompt, seed) noise for each
+        base_side = lambda: use_adapter(pipe, "against")  # noqa: E731
+        tuned_side = lambda: use_adapter(pipe, "tuned")  # noqa: E731
+    else:  # tuned vs base: the LoRA bypassed, then active
+        base_side = lambda: lora_disabled(pipe) if config.lora else contextlib.nullcontext()  # noqa: E731
+        tuned_side = contextlib.nullcontext
     seeds = list(range(config.n_seeds))
     jobs = [(p, s) for p in range(len(prompt_set)) for s in seeds]  # prompt-major: a chunk covers whole prompts
     shape = (len(prompt_set), len(seeds))
@@ -96,9 +105,10 @@ def sample_and_score(config: EvalConfig) -> EvalScores:
     for start in range(0, len(jobs), JOBS_PER_CHUNK):
         chunk = jobs[start:start + JOBS_PER_CHUNK]
         texts, chunk_seeds = [prompt_set.prompts[p] for p, _ in chunk], [s for _, s in chunk]
-        with lora_disabled(pipe) if config.lora else contextlib.nullcontext():
+        with base_side():
             base_images = generate(pipe, texts, chunk_seeds, config.sampling)
-        tuned_images = generate(pipe, texts, chunk_seeds, config.sampling)
+        with tuned_side():
+            tuned_images = generate(pipe, texts, chunk_seeds, config.sampling)
         size = base_images[0].size
         rows, cols = [p for p, _ in chunk], [s for _, s in chunk]
         for sc in scorers:
@@ -110,10 +120,13 @@ def sample_and_score(config: EvalConfig) -> EvalScores:
                 for (p, s), image in zip(chunk, images, strict=True):
                     image.save(image_dir / side / f"{p:05d}_seed{s}.png")
     lora_file = Path(config.lora) / LORA_FILE if config.lora else None
+    against_file = Path(config.against) / LORA_FILE if config.against else None
     meta = {
         "model": {"path": str(config.model), "pipeline": type(pipe).__name__,
                   "lora": str(config.lora) if config.lora else None,
-                  "lora_blake2b": _file_digest(lora_file) if lora_file else None},
+                  "lora_blake2b": _file_digest(lora_file) if lora_file else None,
+                  "against": str(config.against) if config.against else None,
+                  "against_blake2b": _file_digest(against_file) if against_file else None},
         "prompts": {"set": prompt_set.name, "file": prompt_set.source, "n": len(prompt_set),
                     "n_in_file": prompt_set.n_in_file, "n_duplicates_dropped": prompt_set.n_duplicates,
                     "limit": config.limit, "categories": list(config.categories) if config.categories else None},
@@ -139,7 +152,10 @@ def summarise(scores: EvalScores, config: EvalConfig) -> dict:
         results.append({"scorer": info["name"], "version": info["version"],
                         "higher_is_better": info["higher_is_better"], **stats.to_dict()})
     return {
-        "format": REPORT_FORMAT, "version": REPORT_VERSION, "comparison": "tuned over base",
+        "format": REPORT_FORMAT, "version": REPORT_VERSION,
+        # "base" in scorers, scores.csv and the tables is the side compared against: the base model, or the
+        # --against LoRA
+        "comparison": "lora over against" if config.against else "tuned over base",
         **scores.meta,
         "statistics": {"ci_method": config.ci_method, "confidence": config.confidence,
                        "n_bootstrap": config.n_bootstrap, "bootstrap_seed": config.bootstrap_seed,
@@ -164,12 +180,16 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 def markdown(report: dict) -> str:
     header, rows = table_rows(report)
+    against = report["model"].get("against")
     lines = [f"# Evaluation: {report['model']['lora'] or 'no LoRA (model against itself)'} over "
-             f"{report['model']['path']}", "",
+             f"{against + ' (both LoRAs on ' + report['model']['path'] + ')' if against else report['model']['path']}",
+             "",
              f"{report['prompts']['n']} prompts ({report['prompts']['set']}) × {len(report['sampling']['seeds'])} "
              f"seed(s); {report['sampling']['steps']} steps, guidance {report['sampling']['guidance_scale']}, "
              f"{report['sampling']['image_size'][0]}×{report['sampling']['image_size'][1]} px, "
-             f"{report['sampling']['scheduler']}. Win rate of tuned over base; ties count 0.5.", "",
+             f"{report['sampling']['scheduler']}. Win rate of "
+             f"{'the LoRA over the --against LoRA (columns: base = against, tuned = lora)' if against else 'tuned over base'}"
+             f"; ties count 0.5.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", f"Average win rate over scorers: {report['average_win_rate']:.3f}", "",

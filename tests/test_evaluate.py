@@ -241,6 +241,30 @@ def test_cli_eval_end_to_end(assets, capsys):
     assert self_report["scorers"][0]["win_rate"] == 0.5 and self_report["scorers"][0]["ties"] == 4
 
 
+def test_eval_compares_two_loras_on_the_same_noise(assets):
+    common = dict(model=str(assets["model"]), prompts="geneval", limit=4, n_seeds=2, scorers=("sharpness", "exposure"),
+                  sampling=SamplingConfig(steps=2, resolution=32), n_bootstrap=200, save_images=False)
+    # the zero LoRA changes nothing, so "lora over zero_lora" must be exactly "lora over the base model"
+    over_base = run_eval(EvalConfig(lora=str(assets["lora"]), out=str(assets["root"] / "ab-base"), **common))
+    over_zero = run_eval(EvalConfig(lora=str(assets["lora"]), against=str(assets["zero_lora"]),
+                                    out=str(assets["root"] / "ab-zero"), **common))
+    assert over_zero["comparison"] == "lora over against" and over_base["comparison"] == "tuned over base"
+    assert over_zero["model"]["against"] == str(assets["zero_lora"]) and len(over_zero["model"]["against_blake2b"]) == 32
+    keys = ("win_rate", "ci", "wins", "losses", "ties", "mean_base", "mean_tuned", "sign_test_p")
+    for a, b in zip(over_base["scorers"], over_zero["scorers"], strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert any(r["ties"] < r["n_comparisons"] for r in over_zero["scorers"])  # the LoRA does change the images
+    # B over A is the mirror image: wins and losses swap, the win rate is 1 - w
+    reverse = run_eval(EvalConfig(lora=str(assets["zero_lora"]), against=str(assets["lora"]),
+                                  out=str(assets["root"] / "ab-reverse"), **common))
+    for a, b in zip(over_zero["scorers"], reverse["scorers"], strict=True):
+        assert (a["wins"], a["losses"], a["ties"]) == (b["losses"], b["wins"], b["ties"])
+        assert a["win_rate"] == pytest.approx(1 - b["win_rate"]) and a["mean_base"] == b["mean_tuned"]
+    assert "over " + str(assets["lora"]) in (assets["root"] / "ab-reverse" / "eval.md").read_text()
+    with pytest.raises(ValueError, match="--against needs --lora"):
+        EvalConfig(against=str(assets["lora"]), out="x", **common)
+
+
 def test_cli_eval_input_errors_are_one_line_exit_3(assets, tmp_path, capsys):
     cases = [
         (["--model", str(tmp_path / "nope")], "model folder", "does not exist"),
@@ -250,6 +274,9 @@ def test_cli_eval_input_errors_are_one_line_exit_3(assets, tmp_path, capsys):
         (["--model", str(assets["model"]), "--scorers", "pickscore", "--weights", str(tmp_path)],
          "pickscore", "never downloads"),
         (["--model", str(assets["model"]), "--seeds", "0"], "n_seeds", "at least 1"),
+        (["--model", str(assets["model"]), "--against", str(assets["lora"])], "--against needs --lora"),
+        (["--model", str(assets["model"]), "--lora", str(assets["lora"]), "--against", str(tmp_path)],
+         "LoRA folder", LORA_FILE),
     ]
     for extra, *needles in cases:
         argv = ["eval", "--scorers", "sharpness", "--out", str(tmp_path / "o"), *extra]

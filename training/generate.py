@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,16 @@ def generator_seed(prompt: str, seed: int) -> int:
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
+ADAPTERS = ("tuned", "against")  # adapter names when two LoRAs share one pipeline (``use_adapter``)
+
+
 def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None, device: str = "cpu",
-                  dtype: str | None = None) -> DiffusionPipeline:
+                  dtype: str | None = None, against_dir: str | Path | None = None) -> DiffusionPipeline:
     """A text-to-image pipeline from a local folder (SD1.5/2.1/SDXL layout, as ``save_pretrained`` or a download
     of runwayml/stable-diffusion-v1-5 writes it), with a LoRA from ``lora_dir`` when given (the output folder of
     ``python -m training.trainer``). ``dtype``: fp32, fp16 or bf16; default fp16 on CUDA and fp32 on the CPU.
+    With ``against_dir`` too, both LoRAs are loaded as the adapters "tuned" (lora_dir) and "against"
+    (against_dir) over one copy of the base weights; ``use_adapter`` picks the active one.
 
     The safety checker is not loaded: it replaces flagged images by black ones, which would score as losses
     for whichever model happened to trigger it.
@@ -63,9 +69,12 @@ def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None, dev
         raise FileNotFoundError(f"model folder {model_dir} {problem}: expected a local diffusers pipeline folder "
                                 f"(e.g. a download of "
                                 f"runwayml/stable-diffusion-v1-5 or stabilityai/stable-diffusion-xl-base-1.0)")
-    if lora_dir is not None and not (Path(lora_dir) / LORA_FILE).is_file():
-        raise FileNotFoundError(f"LoRA folder {lora_dir} has no {LORA_FILE}: expected the output folder of "
-                                f"python -m training.trainer (prefcurate's fine-tuning)")
+    if against_dir is not None and lora_dir is None:
+        raise ValueError("a LoRA to compare against needs the LoRA it is compared with (lora_dir)")
+    for folder in (lora_dir, against_dir):
+        if folder is not None and not (Path(folder) / LORA_FILE).is_file():
+            raise FileNotFoundError(f"LoRA folder {folder} has no {LORA_FILE}: expected the output folder of "
+                                    f"python -m training.trainer (prefcurate's fine-tuning)")
     dtype = dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -73,7 +82,12 @@ def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None, dev
         index.read_text()) else {}
     pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[dtype],
                                              **no_checker)
-    if lora_dir is not None:
+    if against_dir is not None:
+        pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTERS[0])
+        with warnings.catch_warnings():  # peft warns on a second adapter, which is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.load_lora_weights(str(against_dir), adapter_name=ADAPTERS[1])
+    elif lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -88,6 +102,16 @@ def lora_disabled(pipe: DiffusionPipeline) -> Iterator[DiffusionPipeline]:
         yield pipe
     finally:
         pipe.enable_lora()
+
+
+@contextlib.contextmanager
+def use_adapter(pipe: DiffusionPipeline, name: str) -> Iterator[DiffusionPipeline]:
+    """The pipeline with only the adapter ``name`` (one of ADAPTERS, see ``load_pipeline``) active at weight 1;
+    the other one is bypassed exactly (peft computes the base layer plus the active adapters only)."""
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown adapter {name!r}; adapters: {', '.join(ADAPTERS)}")
+    pipe.set_adapters([name], adapter_weights=[1.0])
+    yield pipe
 
 
 def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int],
