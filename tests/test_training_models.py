@@ -139,7 +139,8 @@ def test_every_recipe_names_real_fields_with_a_source_and_validates():
     recipe_help = next(a.help for a in build_parser()._actions if a.dest == "recipe")
     for recipe in RECIPES.values():
         assert set(recipe.settings) <= names, recipe.name
-        assert all(len(s.source) > 10 for s in recipe.settings.values())
+        assert len(recipe.source) > 10 and all(s.where for s in recipe.settings.values())
+        assert f"{recipe.name}: {recipe.summary} [{recipe.source}]" in recipe_help
         for name, setting in recipe.settings.items():
             assert f"{name}={setting.value} (" in recipe_help  # every number with its source in --help
         with warnings.catch_warnings():
