@@ -304,6 +304,9 @@ def test_killed_mid_write_leaves_nothing_visible_and_a_rerun_completes(tmp_path)
         if os.path.isdir(staging) and any(f.endswith(".parquet") for _, _, fs in os.walk(staging) for f in fs):
             break
         time.sleep(0.02)
+    else:  # never fall through silently: without staged files the kill below would test nothing
+        process.kill()
+        pytest.fail(f"no staged Parquet file appeared under {staging} within 60 s")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
