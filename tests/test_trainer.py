@@ -1,15 +1,20 @@
 """Trainer tests on the CPU: real tiny diffusers components, 2-4 optimiser steps at 32 px, 2 pairs per step."""
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.snapshot_fixture import write_test_snapshot
@@ -18,7 +23,9 @@ from training.components import build_tiny_pipeline, load_components
 from training.config import TrainConfig, parse_args
 from training.losses import LOSS_TYPES
 from training.lora import POLICY, add_policy_lora, ema_decay, encoder_features, lora_tensors
+from training.preflight import PreflightError, check_train_inputs
 from training.snapshot import PairStream, SnapshotError, open_snapshot
+from training.tracking import latest_validation
 from training.trainer import Trainer, main, train
 
 
@@ -328,3 +335,160 @@ def test_loaded_lora_reproduces_the_trained_unet_exactly(assets, targets):
         loaded = pipe.unet(x, t, text).sample
     assert (trained - base).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- gradient checkpointing, mixed precision
+
+def perturbed_lora(trainer: Trainer) -> None:
+    """Seeded non-zero LoRA B (the zero init makes policy = reference, a degenerate point for the DPO losses)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for k, p in lora_tensors(trainer.unet, POLICY).items():
+            if "lora_B" in k:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("loss,perceptual", [(name, False) for name in LOSS_TYPES] + [("cpo", True), ("sft", True)])
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(assets, loss, perceptual):
+    """One micro-step with the UNet's gradient checkpointing off, then on, from the same generator state:
+    same loss and LoRA gradients (NCP-DPO and NCP-SFT once raised CheckpointError), and the blocks really
+    recompute their forward in backward when it is on."""
+    cfg = config(assets, f"gc-{loss}-{perceptual}", loss=loss, perceptual=perceptual, ema_warmup_steps=0,
+                 ref_update_every=1)
+    trainer = Trainer(cfg)
+    perturbed_lora(trainer)
+    batch = next(trainer._batches())
+    start = trainer.generator.get_state()
+    calls = []
+    hook = trainer.unet.up_blocks[0].resnets[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    results = []
+    for checkpointing in (False, True):
+        trainer.config = replace(cfg, gradient_checkpointing=checkpointing)
+        if checkpointing:
+            trainer.unet.enable_gradient_checkpointing()
+        else:
+            trainer.unet.disable_gradient_checkpointing()
+        trainer.generator.set_state(start)
+        calls.clear()
+        value, _ = trainer.loss(batch)
+        forward_calls = len(calls)
+        value.backward()
+        results.append((value.detach(), {k: p.grad.clone() for k, p in lora_tensors(trainer.unet, POLICY).items()},
+                        len(calls) - forward_calls))
+        trainer.optimizer.zero_grad(set_to_none=True)
+    hook.remove()
+    (loss_off, grads_off, recomputed_off), (loss_on, grads_on, recomputed_on) = results
+    assert recomputed_off == 0 and recomputed_on > 0  # checkpointing really ran
+    assert any(float(g.abs().max()) > 0 for g in grads_off.values())
+    torch.testing.assert_close(loss_on, loss_off, atol=1e-5, rtol=0)
+    for k in grads_off:
+        torch.testing.assert_close(grads_on[k], grads_off[k], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_on_the_cpu_runs_under_autocast_and_is_recorded(assets):
+    cfg = config(assets, "bf16", loss="dpo", mixed_precision="bf16", max_steps=1, report_to="none")
+    trainer = Trainer(cfg)
+    seen = []
+    to_q = trainer.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    hook = to_q.register_forward_hook(lambda m, i, o: seen.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+    result = trainer.fit()
+    hook.remove()
+    assert math.isfinite(result.losses[0]) and seen and set(seen) == {(torch.bfloat16, True)}
+    assert all(p.dtype == torch.float32 for p in lora_tensors(trainer.unet, POLICY).values())  # LoRA stays fp32
+    ran = json.loads((Path(cfg.output) / "train_config.json").read_text())
+    assert ran["mixed_precision"] == "bf16" and ran["frozen_weight_dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on CUDA")
+def test_fp16_on_the_cpu_is_refused_in_one_line(assets):
+    with pytest.raises(PreflightError, match=r"^mixed_precision='fp16' needs CUDA .*'bf16'"):
+        Trainer(config(assets, "fp16", mixed_precision="fp16"))
+
+
+# ---------------------------------------------------------------- input checks, defaults, CLI
+
+def test_preflight_names_each_problem_in_one_line(assets, tmp_path):
+    good = dict(model=assets["model"], snapshot=assets["snapshot"], output=tmp_path / "out")
+    info = check_train_inputs(**good)
+    assert info.model.resolution == 32 and info.model.prediction_type == "epsilon" and info.snapshot_pairs == 8
+    broken = Path(shutil.copytree(assets["model"], tmp_path / "broken"))
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.rmtree(broken / "tokenizer")
+    bad_snapshot = Path(shutil.copytree(assets["snapshot"], tmp_path / "snap"))
+    (bad_snapshot / "shards" / "shard-00001.parquet").unlink()
+    done = tmp_path / "done"
+    (done / "checkpoints").mkdir(parents=True)
+    (done / "metrics.jsonl").write_text("{}\n")
+    cases = [
+        (dict(good, model=tmp_path / "nowhere"), "model folder .*nowhere does not exist"),
+        (dict(good, model=broken), r"missing: tokenizer/tokenizer_config.json .*unet/diffusion_pytorch_model"),
+        (dict(good, snapshot=tmp_path), r"manifest.json not found"),
+        (dict(good, snapshot=bad_snapshot), r"shard 'shards/shard-00001.parquet' missing"),
+        (dict(good, output=done), r"already holds a run \(metrics.jsonl, checkpoints\); resume it"),
+        (dict(good, output=done, resume_from="latest"), r"holds no complete checkpoint"),
+        (dict(good, resume_from=str(tmp_path)), r"lacks state.pt, lora.safetensors"),
+        (dict(good, report_to="nope"), r"--report-to 'nope' is not one of"),
+    ]
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((dict(good, report_to="wandb"), r"--report-to wandb needs wandb: pip install wandb"))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        cases.append((dict(good, use_8bit_adam=True), r"--use-8bit-adam needs bitsandbytes"))
+    for kwargs, message in cases:
+        with pytest.raises(PreflightError, match=message) as err:
+            check_train_inputs(**kwargs)
+        assert "\n" not in str(err.value)
+
+
+def test_preflight_imports_no_torch_and_the_cli_refuses_bad_input_in_one_line(assets, tmp_path):
+    probe = ("import sys, time; t = time.perf_counter(); from training.preflight import check_train_inputs; "
+             f"check_train_inputs(model={str(assets['model'])!r}, snapshot={str(assets['snapshot'])!r}, "
+             f"output={str(tmp_path / 'o')!r}); print('torch' in sys.modules, time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False" and float(out[1]) < 1.0
+    cli = [sys.executable, "-m", "training.trainer", "--snapshot", str(assets["snapshot"]), "--output",
+           str(tmp_path / "o")]
+    done = subprocess.run([*cli, "--model", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert done.returncode == 3 and done.stderr.strip().count("\n") == 0
+    assert done.stderr.startswith("error: model folder") and "Traceback" not in done.stderr
+    helped = subprocess.run([*cli, "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    checkpointing = helped.stdout[helped.stdout.index("  --gradient-checkpointing"):].split("\n  --")[0]
+    assert "30% slower" in " ".join(checkpointing.split()) and "{" not in checkpointing
+
+
+def test_resolution_defaults_to_the_models_own(assets):
+    cfg = replace(config(assets, "native", max_steps=1, report_to="none"), resolution=None)
+    result = train(cfg)
+    assert json.loads((result.output / "train_config.json").read_text())["resolution"] == 32
+    with pytest.raises(PreflightError, match="already holds a run"):
+        main(["--snapshot", cfg.snapshot, "--model", cfg.model, "--output", cfg.output, "--max-steps", "1"])
+
+
+# ---------------------------------------------------------------- tracking
+
+def test_tensorboard_scalars_and_validation_images(assets):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(assets, "tracked", loss="dpo", max_steps=2, validation_prompts=("a red cube", "a cat"),
+                 validation_every=1, validation_inference_steps=2)
+    train(cfg)
+    out = Path(cfg.output)
+    for step in (1, 2):
+        folder = out / "validation" / f"step-{step:06d}"
+        assert json.loads((folder / "prompts.json").read_text()) == ["a red cube", "a cat"]
+        assert [Image.open(folder / f"{i:02d}.png").size for i in range(2)] == [(32, 32), (32, 32)]
+    acc = EventAccumulator(str(out / "logs" / "train"), size_guidance={"images": 0})  # the run's own events file
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"loss", "implicit_acc", "reward_margin", "lr", "step_time_s"} <= scalars
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    np.testing.assert_allclose([e.value for e in acc.Scalars("loss")], [r["loss"] for r in metrics(cfg.output)],
+                               rtol=1e-6)
+    assert acc.Tags()["images"] == ["validation"] and [e.step for e in acc.Images("validation")] == [1, 2]
+    latest = latest_validation(out)
+    assert latest is not None and latest[0] == 2 and [p for p, _ in latest[1]] == ["a red cube", "a cat"]
+    from curation.report import validation_figure  # the HTML report's section for `prefcurate report --run`
+
+    figure = validation_figure(out)
+    assert figure.values == {"step": 2, "prompts": ["a red cube", "a cat"]}
+    assert Image.open(io.BytesIO(figure.png)).size == (320, 160)

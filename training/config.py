@@ -93,7 +93,8 @@ class TrainConfig:
     lora_alpha: float | None = _f(None, "LoRA alpha; default = rank (scale 1), as the diffusers DPO script")
     lora_target_modules: tuple[str, ...] = _f(("to_q", "to_k", "to_v", "to_out.0"),
                                               "attention projections that get LoRA (diffusers DPO script)")
-    resolution: int = _f(512, "training resolution in pixels: 512 for SD1.5, 1024 for SDXL")
+    resolution: int | None = _f(None, "training resolution in pixels; default the model's own: UNet sample_size x "
+                                      "VAE scale factor (SD1.5 512, SD2.1 768, SDXL 1024)")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "frozen weights in fp16/bf16 under autocast; bf16 "
                                                               "also on the CPU, fp16 (with loss scaling) on CUDA "
                                                               "only; LoRA weights stay fp32")
@@ -159,7 +160,7 @@ class TrainConfig:
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "lora_rank": self.lora_rank >= 1, "lora_alpha": self.lora_alpha > 0,
             "lora_target_modules": len(self.lora_target_modules) > 0,
-            "resolution": self.resolution >= 8 and self.resolution % 8 == 0,
+            "resolution": self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
             "mixed_precision": self.mixed_precision in ("no", "fp16", "bf16"),
             "proportion_empty_prompts": 0.0 <= self.proportion_empty_prompts <= 1.0,
             "buffer_rows": self.buffer_rows >= 1, "checkpoint_every": self.checkpoint_every >= 1,

@@ -17,7 +17,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,9 +211,10 @@ def check_output(output: str | Path, resume_from: str | None = None) -> Path | N
     return ckpt
 
 
-def check_packages(*, use_8bit_adam: bool = False, report_to: str | list[str] | tuple[str, ...] | None = None) -> None:
+def check_packages(*, use_8bit_adam: bool = False, report_to: str | tuple[str, ...] | None = None) -> None:
     """Optional packages the options ask for must be importable (found without importing them)."""
-    wanted = [] if report_to in (None, "", "none") else ([report_to] if isinstance(report_to, str) else list(report_to))
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or ())
+    wanted = [name for name in wanted if name not in ("", "none")]
     problems = []
     if use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes (CUDA only)")
@@ -227,10 +231,90 @@ def check_packages(*, use_8bit_adam: bool = False, report_to: str | list[str] | 
 
 def check_train_inputs(*, model: str | Path, snapshot: str | Path, output: str | Path,
                        resume_from: str | None = None, use_8bit_adam: bool = False,
-                       report_to: str | list[str] | tuple[str, ...] | None = None) -> Preflight:
+                       report_to: str | tuple[str, ...] | None = None) -> Preflight:
     """All checks, cheapest first; raises ``PreflightError`` (one line) at the first failing group."""
     check_packages(use_8bit_adam=use_8bit_adam, report_to=report_to)
     info = check_model(model)
     pairs = check_snapshot(snapshot)
     ckpt = check_output(output, resume_from)
     return Preflight(info, pairs, ckpt)
+
+
+# ---------------------------------------------------------------- launching ranks (still without torch)
+
+def cpu_launch_num_processes(environ: dict | None = None, parent_cmdline: list[str] | None = None) -> int:
+    """N when this process is the single one that ``accelerate launch --cpu --num_processes N`` started, else 1.
+
+    accelerate 1.15's launcher starts N CPU ranks only through mpirun (``--mpirun_hostfile``); without it, its
+    simple launcher runs ONE process, giving it ``ACCELERATE_USE_CPU`` and (when N > 1) ``MASTER_ADDR`` but no
+    ``RANK``/``WORLD_SIZE``, so training silently ran at world size 1. N is read from the launcher's command
+    line: this process's parent (Linux ``/proc``)."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
+        return 1
+    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        return 1
+    if parent_cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return 1
+        parent_cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    for i, arg in enumerate(parent_cmdline):
+        if arg == "training.trainer" or arg.endswith("trainer.py"):  # the script's own arguments follow
+            break
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (parent_cmdline[i + 1] if i + 1 < len(parent_cmdline) else "")
+            return int(value) if value.isdigit() and int(value) > 0 else 1
+    return 1
+
+
+def spawn_cpu_ranks(n: int, argv: list[str]) -> int:
+    """Run ``python -m training.trainer argv`` as ``n`` ranks (RANK/WORLD_SIZE/LOCAL_RANK set, gloo through
+    accelerate's MULTI_CPU state); returns the first non-zero exit status, or 0. When one rank fails the others
+    get 60 s to fail with it (they do: errors are agreed on by a collective) before they are terminated."""
+    base = {**os.environ, "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_PORT":
+            os.environ.get("MASTER_PORT", "29500"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    procs = [subprocess.Popen([sys.executable, "-m", "training.trainer", *argv],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
+    status, deadline = 0, None
+    while any(p.poll() is None for p in procs):
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        if failed and deadline is None:
+            status, deadline = failed[0], time.monotonic() + 60
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        time.sleep(0.2)
+    return status or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def check_config(config) -> Preflight:
+    """``check_train_inputs`` for a ``TrainConfig`` (duck-typed: this module never imports torch)."""
+    return check_train_inputs(model=config.model, snapshot=config.snapshot, output=config.output,
+                              resume_from=config.resume_from, use_8bit_adam=config.use_8bit_adam,
+                              report_to=getattr(config, "report_to", None))
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cli_prelude(argv: list[str]) -> None:
+    """The trainer CLI's first steps, before diffusers and peft are imported (~15 s on a loaded machine): parse
+    (``--help`` exits 0, a usage error 2), check the inputs (one line on stderr, exit 3), and when this is the
+    one process of ``accelerate launch --cpu --num_processes N``, run N ranks and exit with their status."""
+    from training.config import parse_args  # imports torch through training.losses, nothing heavier
+
+    try:
+        config = parse_args(argv)
+        check_config(config)
+    except (PreflightError, ValueError) as err:
+        if is_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
+    n = cpu_launch_num_processes()
+    if n > 1:
+        sys.exit(spawn_cpu_ranks(n, argv))

@@ -6,28 +6,41 @@ and caption embedding; policy ε-prediction with grad; reference ε-prediction u
 -> a loss of ``training.losses``. Every random draw comes from one seeded ``torch.Generator`` in a fixed order,
 so runs are reproducible, resumable, and identical with and without the latent cache.
 
-Several GPUs: ``accelerate launch -m training.trainer --snapshot ... --model ... --output ...``; one process
-(CPU tests) runs the same code through the same ``Accelerator``.
+Several processes: ``accelerate launch --num_processes N -m training.trainer --snapshot ... --model ... --output
+...`` (``--multi_gpu`` on GPUs; ``--cpu`` gives N gloo ranks on the CPU, see ``cpu_launch_num_processes``), or
+``torchrun --nproc_per_node N -m training.trainer ...``. Each rank takes its own pairs of every global batch,
+draws from its own generator (seed + rank) and saves its own RNG states in each checkpoint, so a resumed run
+continues exactly; step metrics are means over the ranks, written by rank 0 (metrics.jsonl and TensorBoard).
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
+from training.preflight import PreflightError, check_config, check_model, cli_prelude, is_rank_zero
+
+if __name__ == "__main__":  # `--help`, bad inputs and the CPU rank launch are answered before the slow imports
+    cli_prelude(sys.argv[1:])
+
+import torch  # noqa: E402
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from training import losses as L
-from training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from training.checkpoint import (
+    begin_checkpoint, commit_checkpoint, find_checkpoint, load_checkpoint, load_rank_state, rng_states,
+    save_rank_state, set_rng_states,
+)
 from training.components import encode_prompts, load_components, sdxl_micro_conditioning
 from training.config import TrainConfig, parse_args
 from training.latent_cache import LatentCache, build_cache, cache_key, vae_posterior
@@ -35,10 +48,27 @@ from training.lora import (
     POLICY, REFERENCE, LoraEMA, add_policy_lora, add_reference_lora, copy_adapter, encoder_features, lora_tensors,
     reference_view,
 )
-from training.snapshot import DataPosition, PairBatch, PairStream, open_snapshot
+from training.snapshot import DataPosition, PairBatch, PairStream, SnapshotError, open_snapshot
+from training.tracking import log_validation, render_validation, save_validation, tracker_hparams, write_json_atomic
 
 
 NO_REFERENCE = ("cpo", "sft")  # reference-free losses skip the reference pass
+
+
+@contextmanager
+def base_encoder(unet: torch.nn.Module) -> Iterator[None]:
+    """The frozen base UNet for NCP features: adapters disabled and the blocks' own gradient checkpointing off
+    inside (the caller checkpoints the whole feature pass instead, see ``Trainer._errors``)."""
+    flagged = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+        for m in flagged:
+            m.gradient_checkpointing = True
 
 
 @dataclass
@@ -52,10 +82,23 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, config: TrainConfig):
+        if config.resolution is None:  # the model's own: UNet sample_size x VAE scale factor
+            config = replace(config, resolution=check_model(config.model).resolution)
         self.config = c = config
         cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(mixed_precision=c.mixed_precision if cuda else "no", cpu=not cuda,
-                                       gradient_accumulation_steps=c.gradient_accumulation_steps)
+        if c.mixed_precision == "fp16" and not cuda:
+            raise PreflightError("mixed_precision='fp16' needs CUDA (fp16 autocast with loss scaling); on the CPU use "
+                             "'bf16' (bf16 autocast) or 'no'")
+        trackers = {"none": [], "all": ["tensorboard", "wandb"]}.get(c.report_to, [c.report_to])
+        # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed
+        # precision; runs in one process (tests, a serve worker) may differ. The process group (PartialState)
+        # is kept.
+        AcceleratorState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=c.mixed_precision, cpu=not cuda,
+                                       gradient_accumulation_steps=c.gradient_accumulation_steps,
+                                       log_with=trackers or None,
+                                       project_config=ProjectConfiguration(project_dir=str(c.output),
+                                                                           logging_dir=str(Path(c.output) / "logs")))
         self.device = self.accelerator.device
         self.snapshot = open_snapshot(c.snapshot)
         torch.manual_seed(c.seed)  # LoRA A init; the step randomness has its own generator below
@@ -103,7 +146,8 @@ class Trainer:
         self.empty_text = (self.cache.empty if self.cache else
                            dict(zip(("text", "pooled"), encode_prompts(comp, [""], self.device, self.weight_dtype))))
         self.scaling_factor, self.is_sdxl = comp.vae.config.scaling_factor, comp.is_sdxl
-        if self.cache is not None:  # steps never run the VAE or the text encoders again: free their memory
+        if self.cache is not None and not c.validation_prompts:  # steps never run the VAE or the text encoders
+            # again (validation images would): free their memory
             comp.vae, comp.text_encoders = None, []
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -177,21 +221,24 @@ class Trainer:
             return L.ddpm_reverse_step(x_t, e, inp["t"], self.alphas_cumprod, inp["z"])
 
         def features(x: Tensor) -> list[Tensor]:
-            added = inp["added"]
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), base_encoder(self.unet):
                 return encoder_features(self.unet, x.to(self.weight_dtype), t_prev, inp["text"],
-                                        self.config.ncp_encoder_tap, added)
+                                        self.config.ncp_encoder_tap, inp["added"])
 
+        def checkpointed_features(x: Tensor) -> list[Tensor]:
+            """With gradient checkpointing the frozen-encoder pass is one non-reentrant checkpoint whose
+            recomputation disables the adapters again (the UNet's own block checkpoints recomputed later, in
+            backward, ran with the adapters back on: a CheckpointError)."""
+            if not (self.config.gradient_checkpointing and torch.is_grad_enabled()):
+                return features(x)
+            return list(torch.utils.checkpoint.checkpoint(lambda v: tuple(features(v)), x, use_reentrant=False))
+
+        with torch.no_grad():
+            target = features(step(inp["noise"], is_prediction=False))  # the true ε
         out = {}
-        self.unet.disable_adapters()
-        try:
-            with torch.no_grad():
-                target = features(step(inp["noise"], is_prediction=False))  # the true ε
-            for k, e in eps.items():
-                with torch.set_grad_enabled(k in need_grad):
-                    out[k] = L.perceptual_distance(features(step(e)), target)
-        finally:
-            self.unet.enable_adapters()
+        for k, e in eps.items():
+            with torch.set_grad_enabled(k in need_grad):
+                out[k] = L.perceptual_distance(checkpointed_features(step(e)), target)
         return out
 
     def _ema_errors(self, inp: dict) -> list[Tensor]:
@@ -266,10 +313,10 @@ class Trainer:
                 copy_adapter(self.unet, source=POLICY, target=REFERENCE)
 
     def state_dict(self) -> dict:
+        """What every rank holds alike (the optimiser state and the adapters are synchronised by DDP)."""
         return {
             "global_step": self.global_step, "position": self.position.to_dict(),
-            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-            "rng": rng_states(), "emas": [e.state_dict() for e in self.emas],
+            "optimizer": self.optimizer.state_dict(), "emas": [e.state_dict() for e in self.emas],
             "ref_adapter": ({k: v.detach().cpu() for k, v in lora_tensors(self.unet, REFERENCE).items()}
                             if self.dynamic_ref else {}),
             "identity": self._identity(),
@@ -281,15 +328,32 @@ class Trainer:
                 "train_batch_size": c.train_batch_size, "lora_rank": c.lora_rank,
                 "world_size": self.accelerator.num_processes}
 
-    def save(self) -> Path:
-        lora = {k: v.detach() for k, v in lora_tensors(self.unet, POLICY).items()}
-        return save_checkpoint(self.config.output, self.global_step, lora, self.state_dict())
+    def rank_state(self) -> dict:
+        """What differs between ranks: each draws its noise from its own generator (seed + rank)."""
+        return {"rank": self.accelerator.process_index, "generator": self.generator.get_state(),
+                "rng": rng_states(), "position": self.position.to_dict(), "global_step": self.global_step}
+
+    def save(self) -> Path | None:
+        """Collective: every rank writes its rank state, rank 0 the shared files; returns the folder on rank 0."""
+        acc, out, step = self.accelerator, self.config.output, self.global_step
+        if acc.is_main_process:
+            begin_checkpoint(out, step)
+        acc.wait_for_everyone()
+        save_rank_state(out, step, acc.process_index, self.rank_state())
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            lora = {k: v.detach() for k, v in lora_tensors(self.unet, POLICY).items()}
+            path = commit_checkpoint(out, step, lora, self.state_dict(), acc.num_processes)
+        acc.wait_for_everyone()
+        return path
 
     def resume(self, path: Path) -> None:
         lora, state = load_checkpoint(path)
         if state["identity"] != self._identity():
             raise ValueError(f"checkpoint {path} was written by a different run: {state['identity']} vs "
                              f"{self._identity()}")
+        mine = load_rank_state(path, self.accelerator.process_index)
         with torch.no_grad():
             for k, p in lora_tensors(self.unet, POLICY).items():
                 p.copy_(lora[k])
@@ -298,8 +362,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for ema, s in zip(self.emas, state["emas"], strict=True):
             ema.load_state_dict(s)
-        self.generator.set_state(state["generator"])
-        set_rng_states(state["rng"])
+        if mine["position"] != state["position"] or int(mine["global_step"]) != int(state["global_step"]):
+            raise ValueError(f"checkpoint {path}: rank {mine['rank']} stopped at {mine['position']}, step "
+                             f"{mine['global_step']}, but rank 0 at {state['position']}, step {state['global_step']}")
+        self.generator.set_state(mine["generator"])
+        set_rng_states(mine["rng"])
         self.global_step, self.position = int(state["global_step"]), DataPosition(**state["position"])
 
     def save_final_lora(self) -> Path:
@@ -321,11 +388,47 @@ class Trainer:
                             rank=acc.process_index, world_size=acc.num_processes)
         return stream.batches(self.position)
 
+    def run_record(self) -> dict:
+        """train_config.json: the config as it ran (resolution resolved from the model, mixed precision as
+        applied) and the launch it ran under."""
+        acc = self.accelerator
+        return asdict(self.config) | {
+            "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type).split(".")[-1],
+            "device": str(self.device), "frozen_weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+            "trackers": [t.name for t in acc.trackers], "torch_version": torch.__version__}
+
+    def _check_finite(self, loss: Tensor) -> None:
+        """Collective, before backward: every rank learns which ranks' losses are non-finite and all raise the
+        same error (one rank raising alone left the others waiting in DDP's gradient all-reduce: a hang)."""
+        flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=self.device)
+        flags = self.accelerator.gather(flag)  # (world_size,)
+        if bool(flags.any()):
+            ranks = [int(r) for r in torch.nonzero(flags).flatten().tolist()]
+            raise FloatingPointError(f"non-finite loss at step {self.global_step + 1} on rank(s) {ranks} of "
+                                     f"{self.accelerator.num_processes}; every rank stopped (try a lower "
+                                     f"--learning-rate or --beta, and check the snapshot's weights and margins)")
+
+    def validate(self) -> Path | None:
+        """Collective: rank 0 renders and saves the validation images and logs them; the others wait."""
+        c, acc, path = self.config, self.accelerator, None
+        if acc.is_main_process:
+            images = render_validation(self.components, self.unet, c.validation_prompts, resolution=c.resolution,
+                                       seed=c.seed, steps=c.validation_inference_steps, device=self.device,
+                                       autocast=acc.autocast)
+            path = save_validation(c.output, self.global_step, c.validation_prompts, images)
+            log_validation(acc, self.global_step, c.validation_prompts, images)
+        acc.wait_for_everyone()
+        return path
+
     def fit(self) -> TrainResult:
         c, acc = self.config, self.accelerator
         out = Path(c.output)
-        out.mkdir(parents=True, exist_ok=True)
+        acc.init_trackers("train", config=tracker_hparams(asdict(c)))
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / "train_config.json", self.run_record())
         losses, sums, micro, last_ckpt, t0 = [], {}, 0, None, time.perf_counter()
+        t_step = t0
         batches = self._batches()
         bar = tqdm(total=c.max_steps, initial=self.global_step, desc=f"train {c.loss}", unit="step",
                    disable=None if acc.is_main_process else True)  # None: shown on a terminal only
@@ -333,6 +436,9 @@ class Trainer:
             batch = next(batches)
             with acc.accumulate(self.model):
                 loss, metrics = self.loss(batch)
+                if (c.debug_nonfinite_step == self.global_step + 1 and c.debug_nonfinite_rank == acc.process_index):
+                    loss = loss * float("nan")  # the documented test hook of TrainConfig
+                self._check_finite(loss)
                 acc.backward(loss)
                 if acc.sync_gradients and c.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
@@ -343,32 +449,38 @@ class Trainer:
             self.position, micro = batch.position, micro + 1
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 if v.dim() == 0:
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
             if not acc.sync_gradients:
                 continue
             self.global_step += 1
             self._after_optimizer_step()
-            record = {k: v / micro for k, v in sums.items()}
+            keys = sorted(sums)  # the same keys on every rank: one all-reduce of the micro-step means
+            means = acc.reduce(torch.stack([sums[k] for k in keys]).to(self.device) / micro, reduction="mean")
+            record = dict(zip(keys, means.tolist(), strict=True))
+            now = time.perf_counter()
             record.update(step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
-                          elapsed_s=round(time.perf_counter() - t0, 4), pairs=micro * c.train_batch_size)
+                          elapsed_s=round(now - t0, 4), step_time_s=round(now - t_step, 4),
+                          pairs=micro * c.train_batch_size * acc.num_processes)
+            t_step = now
             losses.append(record["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {self.global_step}: {record}")
             if acc.is_main_process:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)  # rank 0 only
             sums, micro = {}, 0
             if self.global_step % c.checkpoint_every == 0 or self.global_step == c.max_steps:
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    last_ckpt = self.save()
+                last_ckpt = self.save()
+            if c.validation_prompts and (self.global_step % c.validation_every == 0
+                                         or self.global_step == c.max_steps):
+                self.validate()
         bar.close()
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.save_final_lora()
-            (out / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
+            write_json_atomic(out / "train_config.json", self.run_record())
+        acc.end_training()
         return TrainResult(out, self.global_step, losses, out, last_ckpt)
 
 
@@ -380,11 +492,24 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    """``python -m training.trainer --snapshot DIR --model DIR --output DIR --loss dpo --max-steps N ...``"""
-    return train(parse_args(argv))
+    """``python -m training.trainer --snapshot DIR --model DIR --output DIR --loss dpo --max-steps N ...``;
+    inputs are checked first (``training.preflight``: one-line ``PreflightError``)."""
+    config = parse_args(argv)
+    check_config(config)
+    return train(config)
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1:])
-    print(json.dumps({"global_step": result.global_step, "output": str(result.output),
-                      "final_loss": result.losses[-1] if result.losses else None}))
+    try:
+        result = main(sys.argv[1:])
+    except (PreflightError, SnapshotError, FileNotFoundError) as err:  # bad input: one line, exit 3
+        if is_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
+    except FloatingPointError as err:  # every rank raised the same agreed error: one line from rank 0
+        if is_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    if is_rank_zero():
+        print(json.dumps({"global_step": result.global_step, "output": str(result.output),
+                          "final_loss": result.losses[-1] if result.losses else None}))
