@@ -1,15 +1,25 @@
-"""Curate-stage benchmark: `curate()` on a generated lake of 1M pairs, against the I/O floor.
+"""Curate-stage benchmark: `curate()` on a generated lake against its I/O floor, in the same run.
 
-The lake is written directly in the lake schemas (pairs, images with tiny placeholder bytes, scores of
-5 scorers, one ingests row): 1M pairs over 200k images and 50k prompts, 20k annotators with
-heavy-tailed volume. Measured in separate subprocesses (peak RSS is each one's own):
-  reference: the I/O floor, reading the same input columns with DuckDB and writing tables of the
-             same shapes as the outputs (what any implementation must at least do);
-  ours:      curation.curate.curate (votes, consensus, pair metrics, annotator statistics, written
-             as one atomic run).
-Target (issue 4): ours under 10 s on two cores.
+The lake is committed through the lake's own transaction (pairs, images with tiny placeholder bytes,
+scores of 5 scorers, one ingests row): N pairs over N/5 images and N/20 prompts (both images of a pair
+generated for its prompt, as in Pick-a-Pic, so every scorer votes on every pair), N/50 annotators with
+heavy-tailed (Zipf) volume, 5 % ties. Measured in separate subprocesses (peak RSS is each one's own
+VmHWM), alternating floor and ours `--repeats` times so that load from other processes hits both alike:
+
+  floor: what any implementation of the stage must at least do: DuckDB reads every input column the
+         stage reads (pairs: pair_id, source, prompt_id, image ids, label_0, user_id; images and
+         image_refs ids; scores: image_id, prompt_id, scorer, score), streamed in the same chunks,
+         and pyarrow writes the run's output files with the schemas and row counts of ours (read
+         from ours' files; values are random, so they compress like real ones), snappy like ours;
+  ours:  curation.curate.curate (votes, consensus, pair metrics, annotator statistics, the joint
+         label model, written as one atomic run), from a clean curation folder.
+
+Reported: wall and CPU seconds (user + system of the process, all threads) of each, their ratios
+(min and median over the repeats), and peak RSS. Target (issue 13): ours at most 3x the floor at 1M
+pairs; at 10M pairs peak RSS under 4 GB and the same ratio within 1.5x.
 
     .venv/bin/python benchmarks/bench_curate.py --pairs 1000000
+    .venv/bin/python benchmarks/bench_curate.py --pairs 10000000 --repeats 1 --keep /tmp/lake10m
 """
 from __future__ import annotations
 
@@ -19,6 +29,8 @@ import json
 import os
 import platform
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,115 +42,185 @@ import pyarrow.parquet as pq
 
 
 SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness", "hpsv2"]
+PROMPT_FREE = {"sharpness", "exposure", "colourfulness"}
+IMAGES_PER_PROMPT = 4
+GENERATE_CHUNK = 1_000_000
 
 
 def make_lake(root: str, n_pairs: int, seed: int = 0) -> None:
+    """Commit a generated lake of `n_pairs` pairs at `root` (memory: one chunk of 1M pairs at a time)."""
     from curation.lake import Lake
-    from data_schemas import IMAGES, INGESTS, PAIRS, SCORES
+    from data_schemas import INGESTS, PAIRS
 
     rng = np.random.default_rng(seed)
-    Lake(root, create=True)
-    n_images, n_prompts, n_users = n_pairs // 5, n_pairs // 20, n_pairs // 50
-    image_prompt = rng.integers(0, n_prompts, n_images)  # each image was generated for one prompt
+    lake = Lake(root, create=True)
+    n_prompts = max(n_pairs // 20, 1)
+    n_images = n_prompts * IMAGES_PER_PROMPT  # image i was generated for prompt i % n_prompts
+    n_users = max(n_pairs // 50, 1)
     quality = rng.normal(size=n_images)
-    a = rng.integers(0, n_images, n_pairs)
-    b = (a + 1 + rng.integers(0, n_images - 1, n_pairs)) % n_images
-    users = np.minimum(rng.zipf(1.6, n_pairs), n_users) - 1
-    p_first = 1 / (1 + np.exp(-(quality[a] - quality[b])))
-    label = np.where(rng.random(n_pairs) < 0.05, 0.5, (rng.random(n_pairs) < p_first).astype(float))
     image_id = np.array([f"{i:032x}" for i in range(n_images)], dtype=object)
     prompt_id = np.array([f"p{i:031x}" for i in range(n_prompts)], dtype=object)
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    pairs = pa.table({
-        "pair_id": [f"{i:032x}" for i in range(n_pairs)], "source": ["bench"] * n_pairs, "split": ["train"] * n_pairs,
-        "prompt": ["a prompt"] * n_pairs, "prompt_id": prompt_id[image_prompt[a]],
-        "image_0_id": image_id[a], "image_1_id": image_id[b], "image_0_uid": pa.nulls(n_pairs, pa.string()), "image_1_uid": pa.nulls(n_pairs, pa.string()),
-        "label_0": label, "user_id": users.astype(str), "created_at": pa.array([now] * n_pairs, PAIRS.field(
-            "created_at").type), "model_0": pa.nulls(n_pairs, pa.string()), "model_1": pa.nulls(n_pairs, pa.string()),
-        "ranking_id": pa.nulls(n_pairs, pa.string()), "ingest_id": ["bench"] * n_pairs,
-    }, schema=PAIRS)
-    os.makedirs(f"{root}/pairs/bench", exist_ok=True)
-    pq.write_table(pairs, f"{root}/pairs/bench/part-bench-00001.parquet", row_group_size=131072)
-    images = pa.table({"image_id": image_id, "bytes": [b"x"] * n_images, "format": ["PNG"] * n_images,
-                       "width": np.full(n_images, 64, np.int32), "height": np.full(n_images, 64, np.int32),
-                       "ingest_id": ["bench"] * n_images}, schema=IMAGES)
-    os.makedirs(f"{root}/images", exist_ok=True)
-    pq.write_table(images, f"{root}/images/part-bench-00001.parquet")
-    for k, scorer in enumerate(SCORERS):
-        prompt_free = scorer in ("sharpness", "exposure", "colourfulness")
-        score = quality + rng.normal(scale=1.0 + k * 0.3, size=n_images)
-        table = pa.table({"image_id": image_id,
-                          "prompt_id": [""] * n_images if prompt_free else prompt_id[image_prompt],
-                          "scorer": [scorer] * n_images, "scorer_version": [f"{scorer}-bench"] * n_images,
-                          "score": score}, schema=SCORES)
-        os.makedirs(f"{root}/scores/{scorer}", exist_ok=True)
-        pq.write_table(table, f"{root}/scores/{scorer}/part-bench-00001.parquet")
-    ingest = {f.name: None for f in INGESTS}
-    ingest.update(ingest_id="bench", source="bench", format="pickapic", source_file="generated", fingerprint="0",
-                  n_read=n_pairs, n_accepted=n_pairs, n_duplicates=0, n_quarantined=0, n_images_new=n_images,
-                  started_at=now, finished_at=now, prefcurate_version="bench")
-    os.makedirs(f"{root}/ingests", exist_ok=True)
-    pq.write_table(pa.Table.from_pylist([ingest], schema=INGESTS), f"{root}/ingests/part-bench.parquet")
+    with lake.writing():
+        tx = lake.begin("bench")
+        for start in range(0, n_pairs, GENERATE_CHUNK):
+            n = min(GENERATE_CHUNK, n_pairs - start)
+            a = rng.integers(0, n_images, n)
+            b = (a + n_prompts * rng.integers(1, IMAGES_PER_PROMPT, n)) % n_images  # same prompt, other image
+            users = np.minimum(rng.zipf(1.6, n), n_users) - 1
+            p_first = 1 / (1 + np.exp(-(quality[a] - quality[b])))
+            label = np.where(rng.random(n) < 0.05, 0.5, (rng.random(n) < p_first).astype(float))
+            nulls = pa.nulls(n, pa.string())
+            tx.write("pairs", pa.table({
+                "pair_id": [f"{i:032x}" for i in range(start, start + n)], "source": ["bench"] * n,
+                "split": ["train"] * n, "prompt": ["a prompt"] * n, "prompt_id": prompt_id[a % n_prompts],
+                "image_0_id": image_id[a], "image_1_id": image_id[b], "image_0_uid": nulls, "image_1_uid": nulls,
+                "label_0": label, "user_id": users.astype(str),
+                "created_at": pa.array([now] * n, PAIRS.field("created_at").type), "model_0": nulls,
+                "model_1": nulls, "ranking_id": nulls, "ingest_id": ["bench"] * n,
+            }), partition="bench")
+        tx.write("images", pa.table({"image_id": image_id, "bytes": [b"x"] * n_images, "format": ["PNG"] * n_images,
+                                     "width": np.full(n_images, 64, np.int32),
+                                     "height": np.full(n_images, 64, np.int32), "ingest_id": ["bench"] * n_images}))
+        image_prompt = prompt_id[np.arange(n_images) % n_prompts]
+        for k, scorer in enumerate(SCORERS):
+            score = quality + rng.normal(scale=1.0 + k * 0.3, size=n_images)
+            tx.write("scores", pa.table({
+                "image_id": image_id, "prompt_id": [""] * n_images if scorer in PROMPT_FREE else image_prompt,
+                "scorer": [scorer] * n_images, "scorer_version": [f"{scorer}-bench"] * n_images, "score": score,
+            }), partition=scorer)
+        ingest = {f.name: None for f in INGESTS}
+        ingest.update(ingest_id="bench", source="bench", format="pickapic", source_file="generated", fingerprint="0",
+                      n_read=n_pairs, n_accepted=n_pairs, n_duplicates=0, n_quarantined=0, n_images_new=n_images,
+                      started_at=now, finished_at=now, prefcurate_version="bench")
+        tx.commit({"ingests": [ingest]})
 
 
-def run_reference(root: str) -> dict:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def random_column(field: pa.Field, n: int, rng: np.random.Generator, strings: pa.Array) -> pa.Array:
+    """n values of `field`'s type: strings from `strings` (real ids), numbers random."""
+    t = field.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.concat_arrays([strings.cast(t)] * (n // len(strings) + 1)).slice(0, n) if len(strings) else \
+            pa.nulls(n, t)
+    if pa.types.is_floating(t):
+        return pa.array(rng.normal(size=n), t)
+    if pa.types.is_integer(t):
+        return pa.array(rng.integers(0, 5, n), t)
+    if pa.types.is_boolean(t):
+        return pa.array(rng.random(n) < 0.5, t)
+    return pa.nulls(n, t)
+
+
+def run_floor(root: str) -> dict:
     import duckdb
-    import polars as pl
 
-    started = time.perf_counter()
-    con = duckdb.connect()
-    pairs = con.sql(f"SELECT pair_id, prompt_id, image_0_id, image_1_id, label_0, user_id "
-                    f"FROM read_parquet('{root}/pairs/**/*.parquet')").pl()
-    scores = con.sql(f"SELECT image_id, prompt_id, scorer, score FROM read_parquet('{root}/scores/**/*.parquet')").pl()
+    from curation.curate import CHUNK_PAIRS, CURRENT, DUCKDB_MEMORY_LIMIT
+    from curation.lake import Lake
+
+    started, cpu = time.perf_counter(), cpu_seconds()
+    lake = Lake(root)
+    run_dir = lake.join("curation", json.loads(open(lake.join(CURRENT)).read())["run_id"])
+    shapes = {name: (pq.read_schema(f"{run_dir}/{name}.parquet"), pq.ParquetFile(f"{run_dir}/{name}.parquet")
+                     .metadata.num_rows) for name in ("votes", "consensus", "pair_metrics", "annotators")}
     out = tempfile.mkdtemp(dir=root)
-    pl.DataFrame({"pair_id": pl.concat([pairs["pair_id"]] * len(SCORERS)),
-                  "margin": np.zeros(pairs.height * len(SCORERS))}).write_parquet(f"{out}/votes.parquet")
-    pairs.select("pair_id", "label_0").write_parquet(f"{out}/pair_metrics.parquet")
-    pairs.select("user_id").unique().write_parquet(f"{out}/annotators.parquet")
-    return {"seconds": time.perf_counter() - started, "pairs": pairs.height, "scores": scores.height}
+    con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": f"{out}/spill"})
+    rng = np.random.default_rng(0)
+    files = {t: lake.sql_file_list(lake.files(t)) for t in ("pairs", "images", "scores")}
+    for column_sql in (f"SELECT image_id FROM read_parquet({files['images']})",
+                       f"SELECT image_id, prompt_id, scorer, score FROM read_parquet({files['scores']})"):
+        for _ in con.sql(column_sql).to_arrow_reader(CHUNK_PAIRS):
+            pass
+    writers = {name: pq.ParquetWriter(f"{out}/{name}.parquet", schema, compression="snappy")
+               for name, (schema, _) in shapes.items()}
+    total = shapes["consensus"][1]
+    n_pairs = 0
+    reader = con.sql(f"SELECT pair_id, source, prompt_id, image_0_id, image_1_id, label_0, user_id "
+                     f"FROM read_parquet({files['pairs']})").to_arrow_reader(CHUNK_PAIRS)
+    for batch in reader:
+        ids = batch.column("pair_id")
+        for name in ("votes", "consensus", "pair_metrics"):  # rows in proportion to this chunk's pairs
+            schema, rows = shapes[name]
+            n = round(rows * (n_pairs + batch.num_rows) / total) - round(rows * n_pairs / total)
+            writers[name].write_table(pa.table([random_column(f, n, rng, ids) for f in schema], schema=schema))
+        n_pairs += batch.num_rows
+    schema, rows = shapes["annotators"]
+    writers["annotators"].write_table(pa.table([random_column(f, rows, rng, pa.array([str(i) for i in range(rows)]))
+                                                for f in schema], schema=schema))
+    for writer in writers.values():
+        writer.close()
+    con.close()
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    shutil.rmtree(out)
+    return {"seconds": seconds, "cpu_seconds": cpu, "pairs": n_pairs}
 
 
 def run_ours(root: str) -> dict:
     from curation.curate import curate
     from curation.lake import Lake
 
-    started = time.perf_counter()
+    shutil.rmtree(os.path.join(root, "curation"), ignore_errors=True)  # a full recompute, not a reused run
+    started, cpu = time.perf_counter(), cpu_seconds()
     result = curate(Lake(root))
-    return {"seconds": time.perf_counter() - started, "pairs": result.counts["pairs"],
-            "annotators": result.counts["annotators"]}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu,
+            "pairs": result.counts["pairs"], "annotators": result.counts["annotators"]}
+
+
+def child_run(which: str, root: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", which, root], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    if proc.returncode:
+        raise SystemExit(f"{which} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=2, help="floor/ours alternations (default 2)")
+    parser.add_argument("--keep", metavar="DIR", help="generate the lake here (or reuse it if it is there)")
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "LAKE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         which, root = args.child
-        result = run_reference(root) if which == "reference" else run_ours(root)
+        result = run_floor(root) if which == "floor" else run_ours(root)
         from bench_ingest import peak_rss_mb
 
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        root = os.path.join(tmp, "lake")
-        started = time.perf_counter()
-        make_lake(root, args.pairs)
-        print(f"lake: {args.pairs:,} pairs, {args.pairs // 5:,} images, {len(SCORERS)} scorers, "
-              f"made in {time.perf_counter() - started:.1f} s")
-        results = {}
-        for which in ("reference", "ours"):
-            proc = subprocess.run([sys.executable, __file__, "--child", which, root], capture_output=True, text=True,
-                                  check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
-            results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
-        ref, ours = results["reference"], results["ours"]
-        print(f"{'I/O floor (read inputs, write outputs)':<42} {ref['seconds']:6.2f} s  peak RSS {ref['peak_rss_mb']:6.0f} MB")
-        print(f"{'prefcurate curate':<42} {ours['seconds']:6.2f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
-              f"({ours['annotators']:,} annotators)")
-        print(f"ratio ours / I/O floor: {ours['seconds'] / ref['seconds']:.2f}x; target < 10 s: "
-              f"{'met' if ours['seconds'] < 10 else 'MISSED'}")
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    tmp = None if args.keep else tempfile.mkdtemp()
+    root = args.keep or os.path.join(tmp, "lake")
+    try:
+        if not os.path.exists(os.path.join(root, "_lake.json")):
+            started = time.perf_counter()
+            make_lake(root, args.pairs)
+            print(f"lake: {args.pairs:,} pairs, {args.pairs // 20 * IMAGES_PER_PROMPT:,} images, "
+                  f"{len(SCORERS)} scorers, made in {time.perf_counter() - started:.1f} s")
+        runs: dict[str, list[dict]] = {"ours": [], "floor": []}
+        for _ in range(args.repeats):
+            for which in ("ours", "floor"):  # the floor reads ours' output shapes
+                runs[which].append(child_run(which, root))
+                r = runs[which][-1]
+                print(f"  {which:<5} {r['seconds']:7.2f} s wall  {r['cpu_seconds']:7.2f} s CPU  "
+                      f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+        wall = [o["seconds"] / f["seconds"] for o, f in zip(runs["ours"], runs["floor"])]
+        cpu = [o["cpu_seconds"] / f["cpu_seconds"] for o, f in zip(runs["ours"], runs["floor"])]
+        ours = runs["ours"][-1]
+        print(f"{ours['pairs']:,} pairs, {ours['annotators']:,} annotators")
+        print(f"ratio ours / I/O floor: wall min {min(wall):.2f}x median {statistics.median(wall):.2f}x; "
+              f"CPU min {min(cpu):.2f}x median {statistics.median(cpu):.2f}x (target <= 3x)")
+        print(f"peak RSS ours {max(o['peak_rss_mb'] for o in runs['ours']):.0f} MB, "
+              f"floor {max(f['peak_rss_mb'] for f in runs['floor']):.0f} MB")
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+              f"load average {os.getloadavg()[0]:.1f}")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

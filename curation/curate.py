@@ -1,6 +1,6 @@
 """The curate stage: lake pairs + scores -> votes, consensus, pair metrics and annotator statistics.
 
-A run is a full recompute (1M pairs take seconds: see BENCHMARKS.md), written as one folder per run:
+A run is a full recompute, written as one folder per run:
 
     LAKE/curation/<run_id>/votes.parquet         (pair_id, scorer, score_0, score_1, margin, vote, normalized_margin)
     LAKE/curation/<run_id>/consensus.parquet     (pair_id, n_scorers, votes_for_0, vote_fraction, consensus_label, ...)
@@ -9,6 +9,13 @@ A run is a full recompute (1M pairs take seconds: see BENCHMARKS.md), written as
     LAKE/curation/<run_id>/annotators.parquet    (user_id, n_labels, tie_rate, left_rate, consensus_agreement,
                                                   minority_rate, reliability, ...)
     LAKE/curation/CURRENT.json                   {"run_id", "inputs", "config", "counts"}
+
+The stage runs out of core: DuckDB (memory-limited, spilling under the lake's `_staging/`) resolves
+the pairs' images and looks up their scores, and streams the pairs in chunks of `CHUNK_PAIRS`. A
+first pass takes each scorer's margin spread (`curation.votes.SpreadAccumulator`); the second computes
+each chunk's votes, consensus and pair metrics and appends them to the run's files, keeping ~60 bytes
+per labelled pair for the annotator statistics and the joint label model, which run at the end over
+all pairs. Memory is therefore one chunk's frames plus the compact per-pair rows (BENCHMARKS.md).
 
 The run folder is complete before CURRENT.json is (atomically) replaced, so readers see the old run
 or the new one, never a mix. run_id hashes the inputs (committed ingests, score files) and the
@@ -20,17 +27,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import polars as pl
+import pyarrow.parquet as pq
 
-from curation.annotators import AnnotatorStatsConfig, annotator_stats
+from curation.annotators import AnnotatorStatsConfig, annotator_rows, annotator_stats, annotator_table
 from curation.consensus import TiePolicy, consensus
-from curation.lake import Lake
+from curation.lake import STAGING, Lake
 from curation.pair_metrics import PairMetricsConfig, pair_metrics
 from curation.reliability import LabelModelConfig, label_reliability
-from curation.votes import compute_votes
+from curation.votes import VOTES_SCHEMA, compute_votes, create_score_tables, rms_spreads, score_lookup_sql, vote_rows
 
 
 # name -> (higher_is_better, prompt_free) of every registered scorer, kept here so the curate stage
@@ -42,6 +54,14 @@ SCORER_TRAITS: dict[str, tuple[bool, bool]] = {
 }
 CURRENT = "curation/CURRENT.json"
 RUNS_KEPT = 3  # older run folders are deleted; a snapshot copies what it needs, so nothing depends on them
+CHUNK_PAIRS = 500_000
+"""Pairs per chunk of the curate pass. A chunk's frames (pairs with their scores, up to 5 votes a pair,
+consensus, pair metrics) take roughly 1 KB a pair at 5 scorers, so ~0.5 GB; larger chunks only save
+per-chunk overhead (measured in benchmarks/bench_curate.py)."""
+DUCKDB_MEMORY_LIMIT = "1GB"
+"""DuckDB's memory cap during curate (score lookup hash tables, image resolution); beyond it DuckDB
+spills to the run's staging folder instead of growing."""
+PAIR_COLUMNS = ["pair_id", "source", "prompt_id", "image_0_id", "image_1_id", "label_0", "user_id", "images_available"]
 
 
 @dataclass(frozen=True)
@@ -82,38 +102,45 @@ class CurateResult:
                 f"minority pairs (u > {c['minority_threshold']})")
 
 
+def resolved_pairs_sql(lake: Lake, files: dict[str, list[str]], extra_columns: tuple[str, ...] = ()) -> str:
+    """DuckDB SQL of every pair (PAIR_COLUMNS + extra_columns) with its image ids resolved: metadata-only
+    ids ('<source>:<uid>') become content hashes when the images have arrived (image_refs);
+    `images_available` says whether both have bytes. `files`: lake.files() of pairs (non-empty),
+    image_refs and images."""
+    refs = (f"SELECT ref_id, min(image_id) AS image_id FROM read_parquet({lake.sql_file_list(files['image_refs'])}) "
+            f"GROUP BY ref_id" if files["image_refs"] else
+            "SELECT NULL::VARCHAR AS ref_id, NULL::VARCHAR AS image_id WHERE false")
+    stored = (f"SELECT DISTINCT image_id FROM read_parquet({lake.sql_file_list(files['images'])})" if files["images"] else
+              "SELECT NULL::VARCHAR AS image_id WHERE false")
+    return f"""
+        WITH p AS (SELECT * FROM read_parquet({lake.sql_file_list(files['pairs'])})),
+             r AS ({refs}), s AS ({stored})
+        SELECT p.pair_id, p.source, p.prompt_id,
+               coalesce(r0.image_id, p.image_0_id) AS image_0_id,
+               coalesce(r1.image_id, p.image_1_id) AS image_1_id,
+               p.label_0, p.user_id,{"".join(f" p.{c}," for c in extra_columns)}
+               (s0.image_id IS NOT NULL AND s1.image_id IS NOT NULL) AS images_available
+        FROM p
+        LEFT JOIN r r0 ON r0.ref_id = p.image_0_id
+        LEFT JOIN r r1 ON r1.ref_id = p.image_1_id
+        LEFT JOIN s s0 ON s0.image_id = coalesce(r0.image_id, p.image_0_id)
+        LEFT JOIN s s1 ON s1.image_id = coalesce(r1.image_id, p.image_1_id)"""
+
+
 def load_pairs(lake: Lake, extra_columns: tuple[str, ...] = ()) -> pl.DataFrame:
-    """Every pair with its image ids resolved: metadata-only ids ('<source>:<uid>') become content
-    hashes when the images have arrived (image_refs); `images_available` says whether both have bytes.
+    """Every pair with its image ids resolved (`resolved_pairs_sql`), in memory.
     `extra_columns` (of the pairs table, e.g. prompt and split) come along from the same scan."""
     import duckdb
 
+    files = {t: lake.files(t) for t in ("pairs", "image_refs", "images")}
+    if not files["pairs"]:
+        return pl.DataFrame(schema={"pair_id": pl.String, "source": pl.String, "prompt_id": pl.String,
+                                    "image_0_id": pl.String, "image_1_id": pl.String, "label_0": pl.Float64,
+                                    "user_id": pl.String, "images_available": pl.Boolean,
+                                    **{c: pl.String for c in extra_columns}})
     con = duckdb.connect()
     try:
-        files = {t: lake.files(t) for t in ("pairs", "image_refs", "images")}
-        if not files["pairs"]:
-            return pl.DataFrame(schema={"pair_id": pl.String, "source": pl.String, "prompt_id": pl.String,
-                                        "image_0_id": pl.String, "image_1_id": pl.String, "label_0": pl.Float64,
-                                        "user_id": pl.String, "images_available": pl.Boolean,
-                                        **{c: pl.String for c in extra_columns}})
-        refs = (f"SELECT ref_id, min(image_id) AS image_id FROM read_parquet({lake.sql_file_list(files['image_refs'])}) "
-                f"GROUP BY ref_id" if files["image_refs"] else
-                "SELECT NULL::VARCHAR AS ref_id, NULL::VARCHAR AS image_id WHERE false")
-        stored = (f"SELECT DISTINCT image_id FROM read_parquet({lake.sql_file_list(files['images'])})" if files["images"] else
-                  "SELECT NULL::VARCHAR AS image_id WHERE false")
-        return con.sql(f"""
-            WITH p AS (SELECT * FROM read_parquet({lake.sql_file_list(files['pairs'])})),
-                 r AS ({refs}), s AS ({stored})
-            SELECT p.pair_id, p.source, p.prompt_id,
-                   coalesce(r0.image_id, p.image_0_id) AS image_0_id,
-                   coalesce(r1.image_id, p.image_1_id) AS image_1_id,
-                   p.label_0, p.user_id,{"".join(f" p.{c}," for c in extra_columns)}
-                   (s0.image_id IS NOT NULL AND s1.image_id IS NOT NULL) AS images_available
-            FROM p
-            LEFT JOIN r r0 ON r0.ref_id = p.image_0_id
-            LEFT JOIN r r1 ON r1.ref_id = p.image_1_id
-            LEFT JOIN s s0 ON s0.image_id = coalesce(r0.image_id, p.image_0_id)
-            LEFT JOIN s s1 ON s1.image_id = coalesce(r1.image_id, p.image_1_id)""").pl()
+        return con.sql(resolved_pairs_sql(lake, files, extra_columns)).pl()
     finally:
         con.close()
 
@@ -141,9 +168,15 @@ def current_run(lake: Lake) -> dict | None:
     return json.loads(lake.fs.cat_file(path)) if lake.fs.exists(path) else None
 
 
-def curate(lake: Lake, config: CurateConfig = CurateConfig()) -> CurateResult:
+def curate(lake: Lake, config: CurateConfig = CurateConfig(), *, chunk_pairs: int = CHUNK_PAIRS) -> CurateResult:
     """Recompute votes, consensus, pair metrics and annotator statistics, unless nothing changed."""
+    import duckdb
+
     started = time.perf_counter()
+    if chunk_pairs < 1:
+        raise ValueError(f"chunk_pairs must be >= 1, got {chunk_pairs}")
+    if config.pair_metrics.margin_offset == "dataset_mean":
+        chunk_pairs = 2**62  # a dataset-wide mean inside pair_metrics: one chunk (in memory)
     inputs = input_versions(lake)
     run_id = hashlib.blake2b(json.dumps({"inputs": inputs, "config": config.as_dict()}, sort_keys=True,
                                         default=str).encode(), digest_size=10).hexdigest()
@@ -151,49 +184,201 @@ def curate(lake: Lake, config: CurateConfig = CurateConfig()) -> CurateResult:
     if previous is not None and previous["run_id"] == run_id:
         return CurateResult(run_id, True, previous["counts"], time.perf_counter() - started)
 
-    pairs = load_pairs(lake)
-    scores = load_scores(lake, config.scorers)
-    present = sorted(set(scores["scorer"].unique().to_list()))
-    unknown = sorted(set(present) - set(SCORER_TRAITS))
-    if unknown:
-        raise ValueError(f"the scores table has scorer(s) {unknown} this prefcurate does not know")
-    scorers = [s for s in (config.scorers or present) if s in present]
-    tables = compute_tables(pairs, scores, scorers, config)
-
+    files = {t: lake.files(t) for t in ("pairs", "image_refs", "images", "scores")}
+    if config.scorers is not None:
+        files["scores"] = [f for f in files["scores"] if f.split("/")[-2] in config.scorers]
     with lake.writing():
-        for name, frame in tables.items():
-            lake.write_frame_atomic(f"curation/{run_id}/{name}.parquet", frame)
-        counts = {
-            "pairs": pairs.height, "pairs_with_votes": int(tables["consensus"]["n_scorers"].gt(0).sum()),
-            "scorers": len(scorers), "annotators": tables["annotators"].height,
-            "human_agreement": tables["consensus"].filter(pl.col("human_agrees").is_not_null()
-                                                          & (pl.col("n_scorers") > 0))["human_agrees"].mean(),
-            "minority_pairs": int((tables["pair_metrics"]["minority_score"] >
-                                   config.annotators.minority_threshold).sum()),
-            "minority_threshold": config.annotators.minority_threshold,
-            "pairs_without_images": int((~pairs["images_available"]).sum()),
-        }
+        scratch = (lake.join(STAGING, f"curate-{run_id}-{uuid.uuid4().hex[:8]}") if lake.is_local
+                   else tempfile.mkdtemp(prefix="prefcurate-curate-"))
+        os.makedirs(scratch, exist_ok=True)
+        con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": f"{scratch}/spill"})
+        try:
+            scores_sql = (f"SELECT image_id, prompt_id, scorer, score FROM read_parquet({lake.sql_file_list(files['scores'])})"
+                          if files["scores"] else None)
+            present = sorted(r[0] for r in con.sql(f"SELECT DISTINCT scorer FROM ({scores_sql})").fetchall()) \
+                if scores_sql else []
+            unknown = sorted(set(present) - set(SCORER_TRAITS))
+            if unknown:
+                raise ValueError(f"the scores table has scorer(s) {unknown} this prefcurate does not know")
+            scorers = [s for s in (config.scorers or present) if s in present]
+            counts = _curate_pass(lake, con, files, scores_sql, scorers, config, f"curation/{run_id}", scratch,
+                                  chunk_pairs) if files["pairs"] else None
+            if counts is None:  # no pairs: empty tables of the right schemas
+                counts = _write_tables(lake, f"curation/{run_id}", compute_tables(
+                    load_pairs(lake), pl.DataFrame(schema=SCORES_SCHEMA), [], config), config)
+        finally:
+            con.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+        counts["scorers"] = len(scorers)
         record = {"run_id": run_id, "inputs": inputs, "config": config.as_dict(), "counts": counts,
                   "scorers": scorers}
-        lake._atomic_write_bytes(lake._join(CURRENT), json.dumps(record, default=str).encode())
+        lake.atomic_write_bytes(lake.join(CURRENT), json.dumps(record, default=str).encode())
         _prune_runs(lake, keep=run_id)
     return CurateResult(run_id, False, counts, time.perf_counter() - started)
 
 
+SCORES_SCHEMA = {"image_id": pl.String, "prompt_id": pl.String, "scorer": pl.String, "score": pl.Float64}
+
+
+def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: list[str], config: CurateConfig,
+                 run_dir: str, scratch: str, chunk_pairs: int) -> dict | None:
+    """The streaming computation of `curate` (module docstring); returns the run's counts (None, with
+    nothing written, when the pairs files hold no row)."""
+    traits = {s: SCORER_TRAITS[s][0] for s in scorers}
+    prompt_free = [s for s in scorers if SCORER_TRAITS[s][1]]
+    pairs_sql = resolved_pairs_sql(lake, files)
+    spreads: dict[str, float] = {}
+    if scorers:
+        create_score_tables(con, scores_sql, scorers, prompt_free)
+        # The pairs with their scores, materialised once (DuckDB spills beyond its memory limit): the
+        # spreads are an aggregate over it, then it is streamed in chunks.
+        con.execute(f"CREATE TEMP TABLE _wide AS {score_lookup_sql(pairs_sql, scorers, prompt_free, PAIR_COLUMNS)}")
+        spreads = rms_spreads(con, "SELECT * FROM _wide", traits)
+        query = "SELECT * FROM _wide"
+    else:
+        query = f"SELECT {', '.join(PAIR_COLUMNS)} FROM ({pairs_sql})"
+
+    sinks = {name: _ParquetSink(lake, f"{run_dir}/{name}.parquet") for name in ("votes", "consensus")}
+    staged_metrics: list[str] = []  # pair_metrics chunks, completed by the label model at the end
+    label_rows, model_pairs, model_votes = [], [], []
+    counts = {"pairs": 0, "pairs_with_votes": 0, "minority_pairs": 0, "pairs_without_images": 0}
+    agree, decided = 0, 0
+    threshold = config.annotators.minority_threshold
+    try:
+        for batch in con.sql(query).to_arrow_reader(chunk_pairs):
+            wide = pl.from_arrow(batch).with_row_index("_r")
+            if wide.height == 0:
+                continue
+            votes = (vote_rows(wide, traits, spreads, keep=("_r",)) if scorers else
+                     pl.DataFrame(schema=VOTES_SCHEMA).with_columns(_r=pl.lit(0, pl.UInt32)).clear())
+            # consensus and pair metrics (per pair, in the order of the pairs) on short ids, the row
+            # number in the chunk: hashing and joining 32-character pair ids cost more than their maths
+            short = wide.select("label_0", pair_id=pl.col("_r").cast(pl.String))
+            agreed, metrics = pair_tables(votes.with_columns(pair_id=pl.col("_r").cast(pl.String)), short, scorers,
+                                          config)
+            if not (agreed["pair_id"].equals(short["pair_id"]) and metrics["pair_id"].equals(short["pair_id"])):
+                raise RuntimeError("consensus / pair_metrics did not keep the order of the pairs")
+            agreed, metrics = agreed.with_columns(pair_id=wide["pair_id"]), metrics.with_columns(pair_id=wide["pair_id"])
+            sinks["votes"].write(votes.drop("_r"))
+            sinks["consensus"].write(agreed)
+            staged_metrics.append(f"{scratch}/pair_metrics-{len(staged_metrics):05d}.arrow")
+            metrics.write_ipc(staged_metrics[-1])
+            label_rows.append(annotator_rows(wide, agreed, metrics))
+            # The joint label model gets short surrogate pair ids (the global row number) and hashed image
+            # ids: the same model, a fraction of the memory of 32-character strings.
+            offset = counts["pairs"]
+            model_pairs.append(wide.select(pair_id=(pl.col("_r") + offset).cast(pl.String), user_id="user_id",
+                                           label_0="label_0", image_0_id=pl.col("image_0_id").hash(),
+                                           image_1_id=pl.col("image_1_id").hash()))
+            model_votes.append(votes.filter(pl.col("vote") != 0.5).select(
+                pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String), scorer="scorer", vote="vote"))
+            counts["pairs"] += wide.height
+            counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())
+            counts["minority_pairs"] += int((metrics["minority_score"] > threshold).sum())
+            counts["pairs_without_images"] += int((~wide["images_available"]).sum())
+            judged = agreed.filter(pl.col("human_agrees").is_not_null() & (pl.col("n_scorers") > 0))["human_agrees"]
+            agree, decided = agree + int(judged.sum()), decided + judged.len()
+            del wide, votes, agreed, metrics
+        if not counts["pairs"]:
+            for sink in sinks.values():
+                sink.abort()
+            return None
+        annotators = annotator_table(pl.concat(label_rows), config.annotators)
+        del label_rows
+        posterior, scorer_reliability = label_reliability(pl.concat(model_pairs), pl.concat(model_votes),
+                                                          config.label_model)
+        del model_pairs, model_votes
+        metrics_sink, offset = _ParquetSink(lake, f"{run_dir}/pair_metrics.parquet"), 0
+        for path in staged_metrics:
+            chunk = pl.read_ipc(path)
+            metrics_sink.write(pl.concat([chunk, posterior.slice(offset, chunk.height).drop("pair_id")],
+                                         how="horizontal"))
+            offset += chunk.height
+            os.remove(path)
+        sinks["pair_metrics"] = metrics_sink
+        for sink in sinks.values():
+            sink.close()
+        lake.write_frame_atomic(f"{run_dir}/annotators.parquet", annotators)
+        lake.write_frame_atomic(f"{run_dir}/scorer_reliability.parquet", scorer_reliability)
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    counts.update(annotators=annotators.height, human_agreement=agree / decided if decided else None,
+                  minority_threshold=threshold)
+    return counts
+
+
+class _ParquetSink:
+    """One Parquet file of a curation run written a chunk at a time (row group per chunk), under a temporary
+    name renamed into place by `close` (local lakes: synced first), so a reader never sees a part."""
+
+    def __init__(self, lake: Lake, dest_rel: str):
+        self.lake, self.dest = lake, lake.join(dest_rel)
+        self.tmp = f"{self.dest}.tmp-{uuid.uuid4().hex}"
+        self.writer: pq.ParquetWriter | None = None
+        self.handle = None
+
+    def write(self, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())  # large_string, as the readers expect
+        if self.writer is None:
+            self.lake.fs.makedirs(self.dest.rsplit("/", 1)[0], exist_ok=True)
+            self.handle = self.lake.fs.open(self.tmp, "wb")
+            self.writer = pq.ParquetWriter(self.handle, table.schema, compression="snappy")
+        self.writer.write_table(table, row_group_size=max(table.num_rows, 1))  # every chunk, also empty ones
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.lake.is_local:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.lake.fs.mv(self.tmp, self.dest)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.handle.close()
+            if self.lake.fs.exists(self.tmp):
+                self.lake.fs.rm(self.tmp)
+
+
+def _write_tables(lake: Lake, run_dir: str, tables: dict[str, pl.DataFrame], config: CurateConfig) -> dict:
+    """Write in-memory curation tables (an empty lake) and return the run's counts."""
+    for name, frame in tables.items():
+        lake.write_frame_atomic(f"{run_dir}/{name}.parquet", frame)
+    judged = tables["consensus"].filter(pl.col("human_agrees").is_not_null() & (pl.col("n_scorers") > 0))
+    return {
+        "pairs": tables["consensus"].height, "pairs_with_votes": int(tables["consensus"]["n_scorers"].gt(0).sum()),
+        "annotators": tables["annotators"].height, "human_agreement": judged["human_agrees"].mean(),
+        "minority_pairs": int((tables["pair_metrics"]["minority_score"] > config.annotators.minority_threshold).sum()),
+        "minority_threshold": config.annotators.minority_threshold, "pairs_without_images": 0,
+    }
+
+
+def pair_tables(votes: pl.DataFrame, pairs: pl.DataFrame, scorers: list[str],
+                config: CurateConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(consensus, pair_metrics with consensus_label, vote_fraction, human_agrees) of some pairs and
+    their votes; per pair only, so the curate stage computes them a chunk at a time."""
+    agreed = consensus(votes, pairs, scorers, config.tie_policy)
+    metrics = pair_metrics(votes, pairs, config.pair_metrics, consensus=agreed)
+    joined = ["consensus_label", "vote_fraction", "human_agrees"]
+    if metrics["pair_id"].equals(agreed["pair_id"]):  # both in the order of pairs: side by side
+        metrics = pl.concat([metrics, agreed.select(joined)], how="horizontal")
+    else:
+        metrics = metrics.join(agreed.select("pair_id", *joined), on="pair_id", how="left", maintain_order="left")
+    return agreed, metrics
+
+
 def compute_tables(pairs: pl.DataFrame, scores: pl.DataFrame, scorers: list[str],
                    config: CurateConfig) -> dict[str, pl.DataFrame]:
-    """The curation tables from in-memory pairs and scores (no lake I/O: used by benchmarks)."""
+    """The curation tables from in-memory pairs and scores (no lake I/O; the same functions as `curate`)."""
     if scorers:
         votes = compute_votes(pairs, scores, {s: SCORER_TRAITS[s][0] for s in scorers},
                               prompt_free=[s for s in scorers if SCORER_TRAITS[s][1]])
     else:
-        votes = pl.DataFrame(schema={"pair_id": pl.String, "scorer": pl.String, "score_0": pl.Float64,
-                                     "score_1": pl.Float64, "margin": pl.Float64, "vote": pl.Float64,
-                                     "normalized_margin": pl.Float64})
-    agreed = consensus(votes, pairs, scorers, config.tie_policy)
-    metrics = pair_metrics(votes, pairs, config.pair_metrics, consensus=agreed)
-    metrics = metrics.join(agreed.select("pair_id", "consensus_label", "vote_fraction", "human_agrees"),
-                           on="pair_id", how="left", maintain_order="left")
+        votes = pl.DataFrame(schema=VOTES_SCHEMA)
+    agreed, metrics = pair_tables(votes, pairs, scorers, config)
     annotators = annotator_stats(pairs, agreed, metrics, config.annotators)
     posterior, scorer_reliability = label_reliability(pairs, votes, config.label_model)
     metrics = metrics.join(posterior, on="pair_id", how="left", maintain_order="left")

@@ -73,52 +73,52 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def score_lookup_sql(pairs_sql: str, scores_sql: str, names: list[str], prompt_free: Collection[str],
-                     pair_columns: list[str]) -> str:
-    """DuckDB SQL: each row of `pairs_sql` (its `pair_columns`) with the scores of its two images, as
-    columns _s{i}_0 and _s{i}_1 for scorer names[i] (NULL when missing, null or NaN).
-
-    `pairs_sql` must have prompt_id, image_0_id, image_1_id; `scores_sql` image_id, prompt_id, scorer,
-    score. Prompt-free scorers are looked up by image_id alone, the others by (image_id, prompt_id).
-    Scores go wide first (one row per image, or per image and prompt), so each side of a pair is one
-    hash join of the pairs against the much smaller score table, which DuckDB streams and spills.
-    Call `check_unique_scores` first: with duplicate keys this takes the largest score."""
-    groups = [("pf", ["image_id"], [n for n in names if n in prompt_free]),
-              ("pd", ["image_id", "prompt_id"], [n for n in names if n not in prompt_free])]
-    ctes = [f"_scores AS (SELECT image_id, prompt_id, scorer, CAST(score AS DOUBLE) AS score FROM ({scores_sql}) "
-            f"WHERE scorer IN ({', '.join(_sql_str(n) for n in names)}) AND score IS NOT NULL AND NOT isnan(score))"]
-    select = [f"_p.{c}" for c in pair_columns]
-    joins = []
-    for alias, keys, group in groups:
+def create_score_tables(con, scores_sql: str, names: list[str], prompt_free: Collection[str]) -> None:
+    """Temporary DuckDB tables of the scores gone wide: `_scores_pf` (image_id, _s{i} for the prompt-free
+    scorers names[i]) and `_scores_pd` (image_id, prompt_id, _s{i} for the others), from the rows of
+    `scores_sql` (image_id, prompt_id, scorer, score) whose score is neither null nor NaN. ValueError
+    naming the scorers with more than one score per key (image_id, or image_id and prompt_id)."""
+    groups = [("_scores_pf", ["image_id"], [n for n in names if n in prompt_free]),
+              ("_scores_pd", ["image_id", "prompt_id"], [n for n in names if n not in prompt_free])]
+    valid = (f"SELECT image_id, prompt_id, scorer, CAST(score AS DOUBLE) AS score FROM ({scores_sql}) "
+             f"WHERE score IS NOT NULL AND NOT isnan(score)")
+    duplicated = []
+    for table, keys, group in groups:
         if not group:
             continue
-        wide = ", ".join(f"max(score) FILTER (WHERE scorer = {_sql_str(n)}) AS _s{names.index(n)}" for n in group)
-        ctes.append(f"_{alias} AS (SELECT {', '.join(keys)}, {wide} FROM _scores "
-                    f"WHERE scorer IN ({', '.join(_sql_str(n) for n in group)}) GROUP BY {', '.join(keys)})")
-        for side in ("0", "1"):
-            on = f"_{alias}{side}.image_id = _p.image_{side}_id"
-            if "prompt_id" in keys:
-                on += f" AND _{alias}{side}.prompt_id = _p.prompt_id"
-            joins.append(f"LEFT JOIN _{alias} _{alias}{side} ON {on}")
-            select += [f"_{alias}{side}._s{names.index(n)} AS _s{names.index(n)}_{side}" for n in group]
-    return (f"WITH {', '.join(ctes)} SELECT {', '.join(select)} FROM ({pairs_sql}) _p " + " ".join(joins))
-
-
-def check_unique_scores(con, scores_sql: str, names: list[str], prompt_free: Collection[str]) -> None:
-    """ValueError naming the scorers with more than one score per (image_id, prompt_id), or per image_id
-    for prompt-free scorers. `con` is a DuckDB connection."""
-    parts = []
-    for keys, group in (("image_id", [n for n in names if n in prompt_free]),
-                        ("image_id, prompt_id", [n for n in names if n not in prompt_free])):
-        if group:
-            parts.append(f"SELECT scorer FROM ({scores_sql}) WHERE scorer IN ({', '.join(_sql_str(n) for n in group)}) "
-                         f"AND score IS NOT NULL AND NOT isnan(score) GROUP BY {keys}, scorer HAVING count(*) > 1")
-    if not parts:
-        return
-    found = sorted(r[0] for r in con.sql(f"SELECT DISTINCT scorer FROM ({' UNION ALL '.join(parts)})").fetchall())
-    if found:
-        raise ValueError(f"scores has duplicate (image_id[, prompt_id], scorer) rows for scorer(s) {found}; "
+        wide = ", ".join(f"max(score) FILTER (WHERE scorer = {_sql_str(n)}) AS _s{names.index(n)}, "
+                         f"count(*) FILTER (WHERE scorer = {_sql_str(n)}) AS _c{names.index(n)}" for n in group)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT {', '.join(keys)}, {wide} FROM ({valid}) "
+                    f"WHERE scorer IN ({', '.join(_sql_str(n) for n in group)}) GROUP BY {', '.join(keys)}")
+        counts = con.sql(f"SELECT {', '.join(f'max(_c{names.index(n)})' for n in group)} FROM {table}").fetchall()[0]
+        duplicated += [n for n, c in zip(group, counts) if c is not None and c > 1]
+    if duplicated:
+        raise ValueError(f"scores has duplicate (image_id[, prompt_id], scorer) rows for scorer(s) {sorted(duplicated)}; "
                          "keep one scorer_version per scorer first")
+
+
+def score_lookup_sql(pairs_sql: str, names: list[str], prompt_free: Collection[str], pair_columns: list[str]) -> str:
+    """DuckDB SQL: each row of `pairs_sql` (its `pair_columns`) with the scores of its two images, as
+    columns _s{i}_0 and _s{i}_1 for scorer names[i] (NULL when missing, null or NaN), from the tables
+    of `create_score_tables` (call it first, on the same connection).
+
+    `pairs_sql` must have prompt_id, image_0_id, image_1_id. Prompt-free scorers are looked up by
+    image_id alone, the others by (image_id, prompt_id): each side of a pair is one hash join of the
+    pairs against the much smaller wide score table, which DuckDB streams and spills."""
+    select = [f"_p.{c}" for c in pair_columns]
+    joins = []
+    for table, group in (("_scores_pf", [n for n in names if n in prompt_free]),
+                         ("_scores_pd", [n for n in names if n not in prompt_free])):
+        if not group:
+            continue
+        for side in ("0", "1"):
+            alias = f"{table}{side}"
+            on = f"{alias}.image_id = _p.image_{side}_id"
+            if table == "_scores_pd":
+                on += f" AND {alias}.prompt_id = _p.prompt_id"
+            joins.append(f"LEFT JOIN {table} {alias} ON {on}")
+            select += [f"{alias}._s{names.index(n)} AS _s{names.index(n)}_{side}" for n in group]
+    return f"SELECT {', '.join(select)} FROM ({pairs_sql}) _p " + " ".join(joins)
 
 
 def _margin(i: int, higher_is_better: bool) -> pl.Expr:
@@ -160,22 +160,42 @@ class SpreadAccumulator:
         return out
 
 
-def vote_rows(wide: pl.DataFrame, scorers: Mapping[str, bool], spreads: Mapping[str, float]) -> pl.DataFrame:
+def rms_spreads_sql(lookup_sql: str, scorers: Mapping[str, bool]) -> str:
+    """DuckDB SQL of one row: for scorer i, the sum of its squared margins (_q{i}) and their count (_n{i})
+    over the rows of `lookup_sql` (with the _s{i}_0, _s{i}_1 columns of `score_lookup_sql`), i.e. the
+    "rms" spread as an aggregate."""
+    columns = []
+    for i, up in enumerate(scorers.values()):
+        margin = f"({'' if up else '-'}(_s{i}_0 - _s{i}_1))"
+        columns += [f"sum({margin} * {margin}) AS _q{i}", f"count({margin}) AS _n{i}"]
+    return f"SELECT {', '.join(columns)} FROM ({lookup_sql})"
+
+
+def rms_spreads(con, lookup_sql: str, scorers: Mapping[str, bool]) -> dict[str, float]:
+    """scorer -> sqrt(mean(margin^2)) over `lookup_sql`, in one DuckDB aggregate (no rows leave DuckDB);
+    0 for a scorer without votes. The same value as SpreadAccumulator(..., "rms") up to summation order."""
+    row = con.sql(rms_spreads_sql(lookup_sql, scorers)).fetchall()[0]
+    return {name: math.sqrt(row[2 * i] / row[2 * i + 1]) if row[2 * i + 1] else 0.0 for i, name in enumerate(scorers)}
+
+
+def vote_rows(wide: pl.DataFrame, scorers: Mapping[str, bool], spreads: Mapping[str, float],
+              keep: tuple[str, ...] = ()) -> pl.DataFrame:
     """VOTE_COLUMNS rows from a frame of pair_id and wide score columns (`score_lookup_sql`): one per
-    (pair, scorer) with both scores, grouped by scorer in the order of `scorers`, pairs in frame order."""
+    (pair, scorer) with both scores, grouped by scorer in the order of `scorers`, pairs in frame order.
+    `keep`: more columns of `wide` to carry along (after VOTE_COLUMNS)."""
     parts = []
     for i, (name, up) in enumerate(scorers.items()):
         spread = spreads[name]
         parts.append(
-            wide.lazy().select("pair_id", scorer=pl.lit(name), score_0=pl.col(f"_s{i}_0"), score_1=pl.col(f"_s{i}_1"),
-                               margin=_margin(i, up))
+            wide.lazy().select("pair_id", *keep, scorer=pl.lit(name), score_0=pl.col(f"_s{i}_0"),
+                               score_1=pl.col(f"_s{i}_1"), margin=_margin(i, up))
             .filter(pl.col("margin").is_not_null())
             .with_columns(vote=pl.when(pl.col("margin") > 0).then(1.0).when(pl.col("margin") < 0).then(0.0)
                           .otherwise(0.5),
                           normalized_margin=(pl.col("margin") / spread) if spread > 0 else pl.lit(0.0)))
     if not parts:
-        return pl.DataFrame(schema=VOTES_SCHEMA)
-    return pl.concat(parts).select(VOTE_COLUMNS).cast(VOTES_SCHEMA).collect()
+        return pl.DataFrame(schema=VOTES_SCHEMA).hstack(wide.clear().select(keep))
+    return pl.concat(parts).select(*VOTE_COLUMNS, *keep).cast(VOTES_SCHEMA).collect()
 
 
 def compute_votes(
@@ -206,7 +226,7 @@ def compute_votes(
         gets no row for that scorer; the counts are logged (see also `missing_vote_counts`).
         Rows come grouped by scorer (in the order of `scorers`), pairs in the order of `pairs`.
         The curate stage computes the same rows chunk by chunk from the lake's files
-        (`score_lookup_sql`, `SpreadAccumulator`, `vote_rows`).
+        (`create_score_tables`, `score_lookup_sql`, `rms_spreads`, `vote_rows`).
     """
     import duckdb
 
@@ -227,9 +247,8 @@ def compute_votes(
     try:
         con.register("_pairs_in", pair_frame.with_row_index("_r").to_arrow())
         con.register("_scores_in", score_frame.to_arrow())
-        check_unique_scores(con, "SELECT * FROM _scores_in", names, prompt_free)
-        wide = con.sql(score_lookup_sql("SELECT * FROM _pairs_in", "SELECT * FROM _scores_in", names, prompt_free,
-                                        ["_r", "pair_id"])).pl().sort("_r")
+        create_score_tables(con, "SELECT * FROM _scores_in", names, prompt_free)
+        wide = con.sql(score_lookup_sql("SELECT * FROM _pairs_in", names, prompt_free, ["_r", "pair_id"])).pl().sort("_r")
     finally:
         con.close()
     accumulator.add(wide)

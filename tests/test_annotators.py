@@ -265,3 +265,24 @@ def test_aligned_and_joined_inputs_give_the_same_table():
     aligned = annotator_stats(PAIRS, CONSENSUS, PAIR_METRICS)
     shuffled = annotator_stats(PAIRS.lazy(), CONSENSUS.reverse(), PAIR_METRICS.reverse())
     assert aligned.equals(shuffled)
+
+
+def test_beta_binomial_falls_back_to_the_leave_one_out_peer_majority_without_scorers():
+    # No scorer votes. Others' labels on each item (the annotator's own left out):
+    #   u1: p1 {x,y} -> others u2 (x), u3 (y): split, no reference; p2 {y,z} picks z, others u2 (z): agrees
+    #   u2: p4 {x,y} -> others u1 (x), u3 (y): split; p5 {y,z} picks z, others u1 (z): agrees
+    #   u3: p6 {x,y} picks y, others u1 (x), u2 (x): disagrees with a unanimous majority
+    no_votes = CONSENSUS.with_columns(n_scorers=pl.lit(0), votes_for_0=pl.lit(0.0), consensus_label=pl.lit(None))
+    stats = by_user(annotator_stats(PAIRS, no_votes, PAIR_METRICS))
+    assert [stats[u]["n_reference"] for u in ("u1", "u2", "u3")] == [0, 0, 0]
+    assert [stats[u]["n_peer_majority"] for u in ("u1", "u2", "u3")] == [1, 1, 1]
+    assert [stats[u]["peer_majority_agreement"] for u in ("u1", "u2", "u3")] == [1.0, 1.0, 0.0]
+    assert stats["u3"]["agreement_shrunk"] < stats["u1"]["agreement_shrunk"] == stats["u2"]["agreement_shrunk"]
+    off = by_user(annotator_stats(PAIRS, no_votes, PAIR_METRICS, AnnotatorStatsConfig(agreement_fallback="none")))
+    assert off["u3"]["agreement_shrunk"] == off["u1"]["agreement_shrunk"]  # nothing to tell them apart
+    assert [off[u]["n_peer_majority"] for u in ("u1", "u2", "u3")] == [0, 0, 0]
+    # with scorer votes the scorer reference is used wherever it is decisive (p1, p2, p4, p6), peers elsewhere
+    with_votes = by_user(annotator_stats(PAIRS, CONSENSUS, PAIR_METRICS))
+    assert (with_votes["u2"]["n_reference"], with_votes["u2"]["n_peer_majority"]) == (1, 1)  # p4 scorers, p5 peers
+    with pytest.raises(ValueError, match="agreement_fallback"):
+        AnnotatorStatsConfig(agreement_fallback="guess")
