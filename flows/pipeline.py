@@ -38,6 +38,7 @@ from curation.sql import query
 from flows.curate import curate_flow, snapshot_flow
 from flows.ingest import ingest_flow
 from flows.score import score_flow
+from flows.stages import check_served
 from flows.train import TRAIN_DEPLOYMENT, train_flow
 
 
@@ -144,6 +145,7 @@ def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str =
     `source`, `reader_options`: as flows.ingest.ingest_flow (e.g. {"image_root": DIR}). `scorers`: default
     the pixel scorers; [] skips scoring. `score_options` go to flows.score.score_flow (weights_dir, device,
     batch_size, workers, shard_size)."""
+    check_served(lake=lake, landing=landing)  # a run served for another lake fails here, before any write
     files = landing_files(landing, pattern)
     summary: dict = {"lake": lake, "landing": landing, "files": files}
     if not files and not os.path.exists(os.path.join(lake, "_lake.json")):

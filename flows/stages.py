@@ -19,6 +19,31 @@ from dataclasses import asdict
 
 
 PARQUET_MAGIC = b"PAR1"  # first and last 4 bytes of every Parquet file (Apache Parquet format spec)
+# Set by `prefcurate serve` in its own environment, which its run subprocesses inherit and an API request
+# cannot change: JSON {"lake", "landing", "train_model", "train_output"} of what it was started for.
+SERVED_ENV = "PREFCURATE_SERVED"
+
+
+class ServedParameterError(ValueError):
+    """A served run asked for a lake, landing folder, model or output its serve was not started for."""
+
+
+def check_served(**given: str | None) -> None:
+    """Inside a run of `prefcurate serve` (SERVED_ENV set): every given path must be what the serve was started
+    for (`train_output`: that folder or inside it). Outside serve: nothing to check."""
+    served = os.environ.get(SERVED_ENV)
+    if not served:
+        return
+    allowed = json.loads(served)
+    for key, value in given.items():
+        if value is None:
+            continue
+        want, got = allowed.get(key), os.path.realpath(value)
+        ok = want is not None and (got == os.path.realpath(want) if key != "train_output" else
+                                   os.path.commonpath([got, os.path.realpath(want)]) == os.path.realpath(want))
+        if not ok:
+            raise ServedParameterError(f"refused: this `prefcurate serve` was started for {key.replace('_', ' ')} "
+                                       f"{want}, and the run asks for {value}; nothing was written")
 
 
 class SourceError(ValueError):

@@ -35,5 +35,6 @@ def train_flow(snapshot: str, model: str, output: str, loss: str = "dpo", option
     """Fine-tune `model` (a local diffusers folder) on a snapshot (a folder, or with `lake` an id, a name or
     "latest"); `options` are the trainer's own command-line options, e.g. ["--max-steps", "200"];
     `num_processes` > 1 trains under `accelerate launch` with that many ranks."""
+    stages.check_served(lake=lake, train_model=model, train_output=output)  # before anything is read or written
     return train_task(resolve_snapshot_arg(snapshot, lake), model, output, loss, list(options or []),
                       num_processes)

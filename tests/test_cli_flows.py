@@ -226,3 +226,28 @@ def test_demo_generates_ingests_and_summarises(tmp_path, capsys):
     truth = json.loads(query(lake, "SELECT to_json(list(DISTINCT reason ORDER BY reason)) AS r FROM quarantine")
                        .to_pylist()[0]["r"])
     assert truth == ["corrupt_image", "empty_prompt", "identical_images", "inconsistent_labels", "nan_label"]
+
+
+def test_served_runs_are_refused_other_paths(tmp_path, monkeypatch):
+    """Inside a run of `prefcurate serve` (its environment names what it serves), the pipeline and the training
+    flow refuse any other lake, landing folder, model or output before writing anything."""
+    from flows.pipeline import pipeline_flow
+    from flows.stages import SERVED_ENV, ServedParameterError, check_served
+    from flows.train import train_flow
+
+    lake, landing, runs = tmp_path / "lake", tmp_path / "landing", tmp_path / "runs"
+    model = tmp_path / "model"
+    monkeypatch.setenv(SERVED_ENV, json.dumps({"lake": str(lake), "landing": str(landing), "train_model": str(model),
+                                               "train_output": str(runs)}))
+    check_served(lake=str(lake), landing=str(landing), train_output=str(runs / "abc"))  # what it serves: fine
+    other = tmp_path / "other"
+    with pytest.raises(ServedParameterError, match=rf"^refused: this `prefcurate serve` was started for lake "
+                                                   rf"{lake}, and the run asks for {other}; nothing was written$"):
+        pipeline_flow.fn(str(other), str(landing))
+    with pytest.raises(ServedParameterError, match="started for landing"):
+        pipeline_flow.fn(str(lake), str(other))
+    with pytest.raises(ServedParameterError, match="started for train output"):
+        train_flow.fn("snap", str(model), str(tmp_path / "elsewhere"))
+    with pytest.raises(ServedParameterError, match=f"started for train model {model}, and the run asks for m2"):
+        train_flow.fn("snap", "m2", str(runs / "abc"))
+    assert not other.exists() and not lake.exists()
