@@ -101,14 +101,14 @@ class ExperimentConfig:
     filter_min_reliability: float = 0.65
     eval_captions: int = 60  # held-out captions: never in a pair
     eval_seeds: int = 2  # initial noises per held-out caption
-    steps: int = 200  # optimiser steps per run
+    steps: int = 120  # optimiser steps per run (v1: 200; cut so that 9 methods x 7 conditions fit the budget)
     batch_size: int = 8  # label rows per step
     learning_rate: float = 3e-3  # LoRA at this scale needs far more than SD's 1e-5 (v1 pilot: 1e-3 gained half)
     beta: float = 2000.0  # canonical β for every method = Adaptive-DPO's beta_dpo 1000 (v1 pilot: above 5000)
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
     bt_scale: float = 20.0  # reliable annotators: P(a wins) = sigmoid(20 ΔU): ΔU = 0.1 -> 0.88
-    sample_steps: int = 15  # DDIM steps
+    sample_steps: int = 10  # DDIM steps (v1: 15), for the pairs and the evaluation
     guidance: float = 3.0
     bootstrap: int = 2000
     seed: int = 0
@@ -257,6 +257,8 @@ def run(c: ExperimentConfig) -> dict:
             snapshots[(name, level)], data[(name, level)] = curate_condition(
                 c, pairs, crowd, labels, (name, level), work, policies)
     timings["curation_s"] = time.perf_counter() - t0
+    print(f"[{time.perf_counter() - started:7.0f} s] {len(pairs.captions)} pairs, {crowd.n_labels} labels, "
+          f"{len(data)} conditions curated", file=sys.stderr, flush=True)
 
     # held-out evaluation set: captions never in a pair, seeds disjoint from the pair seeds
     eval_caps = [cap for cap in heldout for _ in range(c.eval_seeds)]
@@ -282,13 +284,17 @@ def run(c: ExperimentConfig) -> dict:
                 pipe.unet = base_unet
                 t_eval, t_train = t_eval + time.perf_counter() - t1, t_train + t1 - t0
                 losses = [json.loads(line)["loss"] for line in (work / "runs" / name / "metrics.jsonl").open()]
+                print(f"[{time.perf_counter() - started:7.0f} s] {name}: train {t1 - t0:.0f} s, eval "
+                      f"{time.perf_counter() - t1:.0f} s, gain {float(np.mean(tuned['reward'] - base['reward'])):+.4f}",
+                      file=sys.stderr, flush=True)
                 runs.append({"method": method, "scenario": condition[0], "noise": condition[1], "seed": seed,
                              "train_s": round(t1 - t0, 2), "loss_last_10_steps": float(np.mean(losses[-10:])),
                              "gain": {k: np.round(tuned[k] - base[k], 6).tolist() for k in base}})
-        partial = {"seeds_done": c.train_seeds[:c.train_seeds.index(seed) + 1]}
-        timings.update(train_s=t_train, eval_s=t_eval, total_s=time.perf_counter() - started)
-        result = assemble(c, runs, data, base, base_summary, pairs, crowd, timings, partial)
-        write_report(out, result)  # after every seed: a stopped run leaves its finished seeds summarised
+            progress = {"runs_done": len(runs), "runs_planned": len(c.train_seeds) * len(c.conditions()) * len(c.methods),
+                        "seeds_done": list(c.train_seeds[:c.train_seeds.index(seed) + (condition == c.conditions()[-1])])}
+            timings.update(train_s=t_train, eval_s=t_eval, total_s=time.perf_counter() - started)
+            result = assemble(c, runs, data, base, base_summary, pairs, crowd, timings, progress)
+            write_report(out, result)  # after every condition: a stopped run leaves what it finished summarised
     return result
 
 
@@ -301,6 +307,7 @@ def assemble(c, runs, data, base, base_summary, pairs, crowd, timings, partial) 
                         "mean_abs_reward_gap": float(np.abs(pairs.props_a["reward"] - pairs.props_b["reward"]).mean())},
               "data": {tag(k): {"scenario": k[0], "noise": k[1], **v} for k, v in data.items()}, "runs": runs}
     result["table"] = summarise(c, runs)
+    result["verdicts"] = verdicts(c, runs, result["data"], result["table"])
     return result
 
 
@@ -343,6 +350,77 @@ def summarise(c: ExperimentConfig, runs: list[dict]) -> list[dict]:
     return rows
 
 
+def bootstrap_ratio_ci(num: np.ndarray, den: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """95 % percentile interval of mean(num) / mean(den) for two (S, C) arrays paired by training seed and caption,
+    resampled together (``bootstrap_ci``'s two levels)."""
+    rng = np.random.default_rng(seed)
+    s_count, c_count = num.shape
+    seeds = rng.integers(s_count, size=(n, s_count))[:, :, None]
+    captions = rng.integers(c_count, size=(n, c_count))[:, None, :]
+    ratios = num[seeds, captions].mean(axis=(1, 2)) / den[seeds, captions].mean(axis=(1, 2))
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def verdicts(c: ExperimentConfig, runs: list[dict], data: dict, table: list[dict]) -> list[dict]:
+    """The claims of issue 11, each with its number, interval and verdict (holds / does not hold / not resolved:
+    the 95 % interval straddles the threshold)."""
+    caption_of = np.repeat(np.arange(c.eval_captions), c.eval_seeds)
+
+    def gains(method: str, condition) -> dict[int, np.ndarray]:  # seed -> (C,) mean gain per caption
+        return {r["seed"]: np.bincount(caption_of, r["gain"]["reward"]) / np.bincount(caption_of) for r in runs
+                if r["method"] == method and (r["scenario"], r["noise"]) == tuple(condition)}
+
+    def judge(low: float, high: float, threshold: float, above: bool = True) -> str:
+        if (low > threshold) if above else (high < threshold):
+            return "holds"
+        if (high < threshold) if above else (low > threshold):
+            return "does not hold"
+        return "not resolved"
+
+    out = []
+    clean = gains("dpo", CLEAN)
+    for condition in c.conditions()[1:]:
+        label = f"{condition[0]} {condition[1]:.0%}"
+        dpo = gains("dpo", condition)
+        seeds = sorted(set(dpo) & set(clean))
+        if not seeds:
+            continue
+        den = np.stack([clean[s] for s in seeds])
+        share = float(np.stack([dpo[s] for s in seeds]).mean() / den.mean())
+        low, high = bootstrap_ratio_ci(np.stack([dpo[s] for s in seeds]), den, c.bootstrap, c.seed)
+        out.append({"claim": "plain DPO keeps < 50 % of the clean-DPO gain", "condition": label, "value": share,
+                    "ci": [low, high], "verdict": judge(low, high, 0.5, above=False)})
+        best = max((r for r in table if (r["scenario"], r["noise"]) == condition and r["method"] != "dpo"),
+                   key=lambda r: r["gain"], default=None)
+        if best is not None:
+            mine = gains(best["method"], condition)
+            both = [s for s in seeds if s in mine]
+            num = np.stack([mine[s] for s in both])
+            low, high = bootstrap_ratio_ci(num, np.stack([clean[s] for s in both]), c.bootstrap, c.seed)
+            out.append({"claim": f"the best curated method ({best['method']}; chosen on this same data) keeps "
+                                 f">= 80 % of the clean-DPO gain", "condition": label,
+                        "value": float(num.mean() / np.stack([clean[s] for s in both]).mean()), "ci": [low, high],
+                        "verdict": judge(low, high, 0.8)})
+        for r in table:
+            if (r["scenario"], r["noise"]) == condition and r["method"] != "dpo" and "vs_dpo" in r:
+                out.append({"claim": f"{r['method']} beats DPO", "condition": label, "value": r["vs_dpo"],
+                            "ci": [r["vs_dpo_ci_low"], r["vs_dpo_ci_high"]],
+                            "verdict": judge(r["vs_dpo_ci_low"], r["vs_dpo_ci_high"], 0.0)})
+    for key, d in data.items():
+        det = d["annotator_detection"]
+        if det.get("auroc") is not None:
+            out.append({"claim": "annotator-type detection AUROC >= 0.95", "condition": key, "value": det["auroc"],
+                        "ci": None, "verdict": "holds" if det["auroc"] >= 0.95 else "does not hold"})
+        snaps = d["snapshots"]
+        if {"reliability", "adaptive", "filter"} <= set(snaps) and d["noise"] > 0:
+            mine = snaps["reliability"]["weighted_truly_better"]
+            rivals = max(snaps["adaptive"]["weighted_truly_better"], snaps["filter"]["weighted_truly_better"])
+            out.append({"claim": "reliability's weighted share of truly better winners beats adaptive and filter",
+                        "condition": key, "value": mine - rivals, "ci": None,
+                        "verdict": "holds" if mine > rivals else "does not hold"})
+    return out
+
+
 def write_report(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", markdown(result))):
@@ -364,16 +442,20 @@ def resummarise(out: Path) -> dict:
     result = json.loads(path.read_text())
     if "runs" not in result:
         raise ValueError(f"{path} keeps no per-run data (written before small world v2): rerun the experiment")
-    result["table"] = summarise(config_from_dict(result["config"]), result["runs"])
+    c = config_from_dict(result["config"])
+    result["table"] = summarise(c, result["runs"])
+    result["verdicts"] = verdicts(c, result["runs"], result["data"], result["table"])
     write_report(out, result)
     return result
 
 
 def markdown(result: dict) -> str:
     c, t = result["config"], result["timings_s"]
-    done = result["progress"]["seeds_done"]
-    partial = "" if list(done) == list(c["train_seeds"]) else (
-        f"**PARTIAL: training seeds {list(done)} of {c['train_seeds']} finished.** ")
+    progress = result["progress"]
+    done = sorted({r["seed"] for r in result["runs"]})
+    partial = "" if progress["runs_done"] == progress["runs_planned"] else (
+        f"**PARTIAL: {progress['runs_done']} of {progress['runs_planned']} runs finished (training seeds "
+        f"{c['train_seeds']} planned; complete seeds: {progress['seeds_done']}).** ")
     lines = [
         "# Small world v2: structured crowd noise", "",
         partial + f"True-reward gain over the base model on {c['eval_captions']} held-out captions x "
@@ -411,6 +493,11 @@ def markdown(result: dict) -> str:
                  if p in d["snapshots"] else "" for p in policies]
         lines.append(f"| {key} | {d['noisy_label_share']:.3f} | {d['label_agrees_with_truth']:.3f} | "
                      + " | ".join(cells) + f" | {auc} |")
+    lines += ["", "Claims (95 % intervals from the same two-level bootstrap; 'not resolved': the interval straddles "
+              "the threshold):", "", "| claim | condition | value | 95 % CI | verdict |", "|---|---|---|---|---|"]
+    for v in result.get("verdicts", []):
+        ci = "" if v["ci"] is None else f"[{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}]"
+        lines.append(f"| {v['claim']} | {v['condition']} | {v['value']:+.4f} | {ci} | {v['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
