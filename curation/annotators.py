@@ -170,7 +170,7 @@ def dawid_skene_pairs(
     # exact in float64 below 2^21 labels per item); distinct multisets agree on all of them with
     # probability ~ 2^-64, which would only move the sufficient statistics by one item (the returned
     # posterior is computed per item from its own labels).
-    mixed = _mix64(label_type.astype(np.uint64), np.zeros(1, np.uint64))  # (R,) 64 random bits per type
+    mixed = _mix64(np.arange(4 * n_workers, dtype=np.uint64), np.zeros(1, np.uint64))[label_type]  # (R,) 64 bits per type
     signature = pl.DataFrame({
         "prior": prior_logit, "n": np.bincount(item, minlength=n_items),
         "sum": np.bincount(item, label_type.astype(np.float64), n_items),

@@ -240,7 +240,8 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
 
     sinks = {name: _ParquetSink(lake, f"{run_dir}/{name}.parquet") for name in ("votes", "consensus")}
     staged_metrics: list[str] = []  # pair_metrics chunks, completed by the label model at the end
-    label_rows, model_pairs, model_votes = [], [], []
+    label_rows: list[pl.DataFrame] = []
+    model_files: dict[str, list[str]] = {"pairs": [], "votes": []}  # the label model's inputs, staged per chunk
     counts = {"pairs": 0, "pairs_with_votes": 0, "minority_pairs": 0, "pairs_without_images": 0}
     agree, decided = 0, 0
     threshold = config.annotators.minority_threshold
@@ -264,14 +265,18 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             staged_metrics.append(f"{scratch}/pair_metrics-{len(staged_metrics):05d}.arrow")
             metrics.write_ipc(staged_metrics[-1])
             label_rows.append(annotator_rows(wide, agreed, metrics))
-            # The joint label model gets short surrogate pair ids (the global row number) and hashed image
-            # ids: the same model, a fraction of the memory of 32-character strings.
+            # The joint label model gets short surrogate pair ids (the global row number), hashed image ids
+            # and categorical scorer names: the same model at a fraction of the memory of the lake's
+            # strings. Staged on disk, it is read only when the model runs, after the annotator table.
             offset = counts["pairs"]
-            model_pairs.append(wide.select(pair_id=(pl.col("_r") + offset).cast(pl.String), user_id="user_id",
-                                           label_0="label_0", image_0_id=pl.col("image_0_id").hash(),
-                                           image_1_id=pl.col("image_1_id").hash()))
-            model_votes.append(votes.filter(pl.col("vote") != 0.5).select(
-                pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String), scorer="scorer", vote="vote"))
+            model_files["pairs"].append(f"{scratch}/model-pairs-{len(model_files['pairs']):05d}.arrow")
+            wide.select(pair_id=(pl.col("_r") + offset).cast(pl.String), user_id="user_id", label_0="label_0",
+                        image_0_id=pl.col("image_0_id").hash(),
+                        image_1_id=pl.col("image_1_id").hash()).write_ipc(model_files["pairs"][-1])
+            model_files["votes"].append(f"{scratch}/model-votes-{len(model_files['votes']):05d}.arrow")
+            votes.filter(pl.col("vote") != 0.5).select(
+                pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String), scorer=pl.col("scorer").cast(pl.Categorical),
+                vote="vote").write_ipc(model_files["votes"][-1])
             counts["pairs"] += wide.height
             counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())
             counts["minority_pairs"] += int((metrics["minority_score"] > threshold).sum())
@@ -283,11 +288,12 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             for sink in sinks.values():
                 sink.abort()
             return None
-        annotators = annotator_table(pl.concat(label_rows), config.annotators)
-        del label_rows
-        posterior, scorer_reliability = label_reliability(pl.concat(model_pairs), pl.concat(model_votes),
-                                                          config.label_model)
-        del model_pairs, model_votes
+        rows = pl.concat(label_rows, rechunk=False)  # the chunks' buffers, not a copy
+        label_rows.clear()
+        annotators = annotator_table(rows, config.annotators)
+        del rows
+        posterior, scorer_reliability = label_reliability(pl.scan_ipc(model_files["pairs"]),
+                                                          pl.scan_ipc(model_files["votes"]), config.label_model)
         metrics_sink, offset = _ParquetSink(lake, f"{run_dir}/pair_metrics.parquet"), 0
         for path in staged_metrics:
             chunk = pl.read_ipc(path)
