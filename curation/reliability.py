@@ -35,7 +35,7 @@ majority-taste model; `SnapshotPolicy.annotator_group` keeps a group's own label
 snapshot instead (curation/snapshot.py). Measured on the embedded sample (seed 0, pixel scorers):
 the planted minority's decisive labels agree with the majority truth on 18 % and with their own
 taste on 84 % of pairs; their mean posterior is 0.32 (reliable annotators 0.90, spammers 0.47,
-position-biased 0.50), so 84 of their 265 pairs stay in the default snapshot, while the group
+position-biased 0.50), so 82 of their 265 pairs stay in the default snapshot, while the group
 snapshot of the minority annotators keeps all 265, of which 84 % point at the minority's better image.
 """
 from __future__ import annotations
