@@ -163,7 +163,8 @@ def run_trainer(args, design: str) -> dict:
     loss = "ncp-dpo" if design == "ncp-ours" else (args.loss or "dpo")
     cfg = TrainConfig(snapshot=args.snapshot, model=args.model, output=tempfile.mkdtemp(), loss=loss,
                       resolution=args.resolution, train_batch_size=args.pairs, max_steps=10**6,
-                      latent_cache=design != "lora-nocache", mixed_precision=args.mixed_precision,
+                      latent_cache=design != "lora-nocache",
+                      mixed_precision=args.mixed_precision if torch.cuda.is_available() else "no",  # CUDA only
                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.rank,
                       cache_dir=args.cache_dir, ref_update_every=1, ema_warmup_steps=0,
                       normalize_logits=args.pairs > 1)
@@ -184,8 +185,10 @@ def run_trainer(args, design: str) -> dict:
     return measure(step, args, trainable, torch)
 
 
-def run_reference(args) -> dict:
-    """The Salesforce design, written compactly on the same components and the same batches."""
+def run_reference(args, with_optimizer: bool = True) -> dict:
+    """The Salesforce design, written compactly on the same components and the same batches.
+    ``with_optimizer=False`` (design ``reference-no-opt``): the same step without the AdamW update, so without
+    AdamW's two fp32 moments per weight; ``reference-opt-only`` times that update alone."""
     import torch
 
     from training import losses as L
@@ -201,7 +204,7 @@ def run_reference(args) -> dict:
     ref_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype)
     comp.vae.to(device, dtype)
     comp.text_encoders[0].to(device, dtype)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2) if with_optimizer else None
     acp = comp.noise_scheduler
     batches = PairStream(open_snapshot(args.snapshot), batch_size=args.pairs, resolution=args.resolution,
                          seed=0).batches()
@@ -226,11 +229,33 @@ def run_reference(args) -> dict:
         loss, _ = L.diffusion_dpo_loss(mw, ml, rw, rl, beta=5000.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            unet.zero_grad(set_to_none=True)
         return float(loss)
 
     return measure(step, args, sum(p.numel() for p in unet.parameters()), torch)
+
+
+def run_optimizer_only(args) -> dict:
+    """The public design's AdamW update over every UNet weight (gradients present), alone: the part of its step
+    that ``reference-no-opt`` leaves out. Holds weights, gradients and both moments (4 fp32 copies)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(Path(args.model) / "unet", local_files_only=True).train()
+    params = [p for p in unet.parameters()]
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-4
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
+
+    def step() -> float:
+        optimizer.step()  # gradients stay: every step updates all 860M weights and moments, as in training
+        return 0.0
+
+    return measure(step, args, sum(p.numel() for p in params), torch)
 
 
 BASELINE_MIB = 0.0  # process memory after imports, before any model exists (CPU: the torch/CUDA libraries)
@@ -301,7 +326,14 @@ def child(args) -> None:
         memory_guard(args.min_free_gb)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_reference(args) if args.design == "reference" else run_trainer(args, args.design)
+    if args.design == "reference":
+        result = run_reference(args)
+    elif args.design == "reference-no-opt":
+        result = run_reference(args, with_optimizer=False)
+    elif args.design == "reference-opt-only":
+        result = run_optimizer_only(args)
+    else:
+        result = run_trainer(args, args.design)
     print("RESULT " + json.dumps(result))
 
 
@@ -361,6 +393,8 @@ def main() -> None:
     p.add_argument("--sd15-cpu", action="store_true",
                    help="SD1.5 architecture (random weights) on the CPU in fp32: 1 pair, latent --latent-size")
     p.add_argument("--latent-size", type=int, default=16, help="--sd15-cpu latent side (16: 128 px, 32: 256 px)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tests' tiny pipeline (training.components.build_tiny_pipeline) at 32 px: a dry run")
     p.add_argument("--loss-sweep", action="store_true",
                    help="every loss with our trainer, gradient checkpointing off and on (small model)")
     p.add_argument("--pairs", type=int, default=None, help="pairs per step (2 latents each); default 2, "
@@ -373,6 +407,8 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--designs", nargs="+", default=None,
                    help="default: ours lora-nocache reference ncp-ours; --sd15-cpu: ours reference")
+    p.add_argument("--split-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="when the whole reference design does not fit, time and size it in two processes")
     p.add_argument("--min-free-gb", type=float, default=1.5,
                    help="a child exits when the machine's available memory falls below this (0: no guard)")
     p.add_argument("--design", help=argparse.SUPPRESS)
@@ -387,15 +423,19 @@ def main() -> None:
         return child(args)
     work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
     sd15 = args.sd15 or args.sd15_cpu
-    resolution = 512 if args.sd15 else 8 * args.latent_size if args.sd15_cpu else 128
+    resolution = 512 if args.sd15 else 8 * args.latent_size if args.sd15_cpu else 32 if args.tiny else 128
     if args.sd15_cpu:
         args.mixed_precision = "no"
     t0 = time.perf_counter()
-    build_pipeline(work / "model", sd15)
+    if args.tiny:
+        from training.components import build_tiny_pipeline
+        build_tiny_pipeline(work / "model", resolution=resolution)
+    else:
+        build_pipeline(work / "model", sd15)
     write_snapshot(work / "snapshot", n_pairs=max(16, args.pairs * (args.steps + args.warmup + 1)),
                    image_size=resolution)
-    print(f"built the {'SD1.5' if sd15 else 'small'} pipeline and snapshot in {time.perf_counter() - t0:.1f} s "
-          f"({work})", flush=True)
+    kind = "SD1.5" if sd15 else "tiny" if args.tiny else "small"
+    print(f"built the {kind} pipeline and snapshot in {time.perf_counter() - t0:.1f} s ({work})", flush=True)
     if args.loss_sweep:
         results = loss_sweep(work, args, resolution)
         print(json.dumps({"loss_sweep": True, "resolution": resolution, "pairs": args.pairs, **results}))
@@ -408,6 +448,24 @@ def main() -> None:
         results[design] = r
         if r is not None:
             print(describe(design, r), flush=True)
+    if results.get("reference") is None and "reference" in designs and args.split_reference:
+        print("the whole reference design does not fit: measuring it in two processes (the step without the "
+              "AdamW update, and the update alone)", flush=True)
+        for design in ("reference-no-opt", "reference-opt-only"):
+            results[design] = r = run_child(work, design, args, resolution)
+            if r is not None:
+                print(describe(design, r), flush=True)
+    a_part, b_part = results.get("reference-no-opt"), results.get("reference-opt-only")
+    if results.get("reference") is None and a_part and b_part:
+        moments_mib = 2 * 4 * b_part["trainable_params"] / 2**20  # AdamW exp_avg + exp_avg_sq, fp32
+        results["reference"] = ref = {
+            "step_s": a_part["step_s"] + b_part["step_s"], "min_step_s": a_part["min_step_s"] + b_part["min_step_s"],
+            "peak_mib": a_part["peak_mib"] + moments_mib,
+            "peak_above_baseline_mib": a_part["peak_above_baseline_mib"] + moments_mib,
+            "vmhwm_total_mib": (a_part["vmhwm_total_mib"] or 0) + moments_mib,
+            "trainable_params": b_part["trainable_params"], "combined": True}
+        print(f"reference     = no-opt step + AdamW update: {ref['step_s']:.3f} s; memory at least "
+              f"{ref['peak_mib']:,.0f} MiB (no-opt peak + {moments_mib:,.0f} MiB of AdamW moments)", flush=True)
     ref = results.get("reference")
     if ref:
         for design, r in results.items():
