@@ -32,7 +32,7 @@ STEPS = 6
 # A few steps on a tiny SD-style pipeline built offline: enough to show the loop, the metrics and the
 # LoRA file, in seconds on a CPU. Real runs: `prefcurate train --model SD_DIR ...` on a GPU.
 DEMO_TRAIN_OPTIONS = ["--max-steps", "12", "--train-batch-size", "4", "--resolution", "32", "--learning-rate",
-                      "1e-3", "--checkpoint-every", "1000"]
+                      "1e-3", "--checkpoint-every", "1000", "--overwrite-output"]  # `make demo` twice
 
 
 def run_demo(out_dir: str, seed: int = 0) -> Lake:

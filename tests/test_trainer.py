@@ -460,8 +460,12 @@ def test_resolution_defaults_to_the_models_own(assets):
     cfg = replace(config(assets, "native", max_steps=1, report_to="none"), resolution=None)
     result = train(cfg)
     assert json.loads((result.output / "train_config.json").read_text())["resolution"] == 32
+    again = ["--snapshot", cfg.snapshot, "--model", cfg.model, "--output", cfg.output, "--max-steps", "1",
+             "--report-to", "none", "--cache-dir", cfg.cache_dir]
     with pytest.raises(PreflightError, match="already holds a run"):
-        main(["--snapshot", cfg.snapshot, "--model", cfg.model, "--output", cfg.output, "--max-steps", "1"])
+        main(again)
+    main([*again, "--overwrite-output"])
+    assert [r["step"] for r in metrics(cfg.output)] == [1]  # the earlier run's lines are gone, not appended to
 
 
 # ---------------------------------------------------------------- tracking

@@ -59,6 +59,9 @@ class TrainConfig:
     model: str = _required("local diffusers pipeline folder (SD1.5/SD2.1/SDXL layout); nothing is downloaded")
     output: str = _required("output folder: metrics.jsonl, checkpoints/, the final LoRA weights")
     resume_from: str | None = _f(None, "checkpoint folder to resume from, or 'latest' for the newest in output")
+    overwrite_output: bool = _f(False, "start afresh in an output folder that holds an earlier run (its metrics, "
+                                       "checkpoints, logs, validation images and LoRA are removed first); "
+                                       "without it such a folder is refused")
     recipe: str | None = _f(None, "start from a paper's published hyperparameters; explicit flags override them. "
                                   + recipe_help(), choices=list(RECIPES))
     recipe_overrides: tuple[str, ...] | None = _f(None, "recipe fields that explicit values overrode (recorded "

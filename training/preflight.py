@@ -44,8 +44,10 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_
                         "model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))  # slow BPE pair, or the fast file
 
-# Files of an earlier run in an output folder (training.trainer writes them).
+# Files of an earlier run in an output folder (training.trainer writes them); --overwrite-output removes
+# RUN_FILES, never the latent cache (keyed by snapshot and model, so still valid).
 RUN_MARKERS = ("metrics.jsonl", "train_config.json", "checkpoints")
+RUN_FILES = (*RUN_MARKERS, "logs", "validation", "pytorch_lora_weights.safetensors")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to value -> package it needs
 
 
@@ -176,7 +178,7 @@ def _latest_checkpoint(output: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def check_output(output: str | Path, resume_from: str | None = None) -> Path | None:
+def check_output(output: str | Path, resume_from: str | None = None, overwrite: bool = False) -> Path | None:
     """The output folder must be creatable and writable, and hold no earlier run unless that run is resumed;
     returns the checkpoint folder ``resume_from`` resolves to (``latest``: the newest complete one)."""
     out = Path(output)
@@ -193,9 +195,10 @@ def check_output(output: str | Path, resume_from: str | None = None) -> Path | N
             raise PreflightError(f"output {out} is not writable: {err.strerror or err}") from None
     if resume_from is None:
         found = [m for m in RUN_MARKERS if (out / m).exists()]
-        if found:
+        if found and not overwrite:
             raise PreflightError(f"output {out} already holds a run ({', '.join(found)}); resume it with "
-                                 f"--resume-from latest, or choose a new --output")
+                                 f"--resume-from latest, start afresh with --overwrite-output, or choose a new "
+                                 f"--output")
         return None
     if resume_from == "latest":
         ckpt = _latest_checkpoint(out)
@@ -231,12 +234,12 @@ def check_packages(*, use_8bit_adam: bool = False, report_to: str | tuple[str, .
 
 def check_train_inputs(*, model: str | Path, snapshot: str | Path, output: str | Path,
                        resume_from: str | None = None, use_8bit_adam: bool = False,
-                       report_to: str | tuple[str, ...] | None = None) -> Preflight:
+                       report_to: str | tuple[str, ...] | None = None, overwrite_output: bool = False) -> Preflight:
     """All checks, cheapest first; raises ``PreflightError`` (one line) at the first failing group."""
     check_packages(use_8bit_adam=use_8bit_adam, report_to=report_to)
     info = check_model(model)
     pairs = check_snapshot(snapshot)
-    ckpt = check_output(output, resume_from)
+    ckpt = check_output(output, resume_from, overwrite_output)
     return Preflight(info, pairs, ckpt)
 
 
@@ -295,7 +298,8 @@ def check_config(config) -> Preflight:
     """``check_train_inputs`` for a ``TrainConfig`` (duck-typed: this module never imports torch)."""
     return check_train_inputs(model=config.model, snapshot=config.snapshot, output=config.output,
                               resume_from=config.resume_from, use_8bit_adam=config.use_8bit_adam,
-                              report_to=getattr(config, "report_to", None))
+                              report_to=getattr(config, "report_to", None),
+                              overwrite_output=getattr(config, "overwrite_output", False))
 
 
 def is_rank_zero() -> bool:
@@ -318,3 +322,15 @@ def cli_prelude(argv: list[str]) -> None:
     n = cpu_launch_num_processes()
     if n > 1:
         sys.exit(spawn_cpu_ranks(n, argv))
+
+
+def clear_run(output: str | Path) -> None:
+    """Remove an earlier run's files from ``output`` (``--overwrite-output``); the latent cache stays."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = Path(output) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

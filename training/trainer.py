@@ -15,6 +15,7 @@ continues exactly; step metrics are means over the ranks, written by rank 0 (met
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from training.preflight import PreflightError, check_config, check_model, cli_prelude, is_rank_zero
+from training.preflight import PreflightError, check_config, check_model, clear_run, cli_prelude, is_rank_zero
 
 if __name__ == "__main__":  # `--help`, bad inputs and the CPU rank launch are answered before the slow imports
     cli_prelude(sys.argv[1:])
@@ -100,6 +101,10 @@ class Trainer:
                                        project_config=ProjectConfiguration(project_dir=str(c.output),
                                                                            logging_dir=str(Path(c.output) / "logs")))
         self.device = self.accelerator.device
+        if c.overwrite_output and c.resume_from is None:
+            if self.accelerator.is_main_process:
+                clear_run(c.output)
+            self.accelerator.wait_for_everyone()
         self.snapshot = open_snapshot(c.snapshot)
         torch.manual_seed(c.seed)  # LoRA A init; the step randomness has its own generator below
         self.components = comp = load_components(c.model)
@@ -499,17 +504,26 @@ def main(argv: list[str] | None = None) -> TrainResult:
     return train(config)
 
 
+def _fail(err: Exception, status: int) -> None:
+    """One line from rank 0. With several ranks the process ends at once (``os._exit``): a normal exit tears
+    down the gloo/NCCL group, which waits tens of seconds for peers that are exiting too. Every file the
+    trainer writes is complete or renamed into place atomically, so nothing is lost by skipping that."""
+    if is_rank_zero():
+        print(f"error: {err}", file=sys.stderr)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     try:
         result = main(sys.argv[1:])
     except (PreflightError, SnapshotError, FileNotFoundError) as err:  # bad input: one line, exit 3
-        if is_rank_zero():
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
-    except FloatingPointError as err:  # every rank raised the same agreed error: one line from rank 0
-        if is_rank_zero():
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        _fail(err, 3)
+    except FloatingPointError as err:  # every rank raised the same agreed error
+        _fail(err, 1)
     if is_rank_zero():
         print(json.dumps({"global_step": result.global_step, "output": str(result.output),
                           "final_loss": result.losses[-1] if result.losses else None}))
