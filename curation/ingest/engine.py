@@ -12,12 +12,14 @@ import hashlib
 import io
 import math
 import re
+import struct
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -59,6 +61,9 @@ REASONS = {
 # Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, 1024**3 // 4 // 3, ~89.5 Mpx;
 # ~256 MB of RGB): above it a header alone can make a decoder allocate gigabytes.
 MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# Mean encoded size above which image hashing and checks run in the thread pool: hashlib and zlib.crc32
+# release the GIL only for buffers of more than a few kB, and thread hand-offs cost ~10-50 us an image.
+_THREADED_MEAN_BYTES = 64 << 10
 # 8 kB of UTF-8: ~100x the 77-token text window of the CLIP-family scorers and T2I text encoders.
 MAX_PROMPT_BYTES = 8 << 10
 
@@ -111,41 +116,68 @@ class ImageTooLargeError(ValueError):
 # A marker inside or after JPEG entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a
 # restart marker (D0-D7) or a fill byte (FF).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_SEGMENT = struct.Struct(">BBH")  # 0xFF, marker, segment length (which counts itself, not the marker)
+_JPEG_SIZE = struct.Struct(">HH")     # SOF: height, width, after the length and the sample precision
+
+
+def _jpeg_walk(data: bytes) -> tuple[int, int]:
+    """(width, height) of JPEG bytes from their frame header; raises ValueError naming the damage.
+
+    One pass over the file: every marker segment (its length inside the file), and the entropy-coded
+    data of every scan, where only stuffed bytes and restart markers may follow a 0xFF until the next
+    segment; the file must end with EOI. Garbage written over the middle of a file almost always puts
+    a reserved marker (0xFF02-0xFFBF) or a second SOI into a scan, where libjpeg fails or decodes
+    rubbish. Costs one C regex scan per scan plus a few Python steps per header segment, not a decode."""
+    pos, end, size = 2, len(data), None
+    search, segment = _JPEG_MARKER.search, _JPEG_SEGMENT.unpack_from
+    while True:
+        if pos + 4 <= end:
+            ff, marker, length = segment(data, pos)
+        elif pos + 2 <= end:
+            ff, marker, length = data[pos], data[pos + 1], 0
+        else:
+            raise ValueError("JPEG ends without its EOI marker (truncated)")
+        if ff != 0xFF or marker == 0x00 or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            # between segments or inside a scan: skip to the next real marker
+            found = search(data, pos + (ff == 0xFF))
+            if found is None:
+                raise ValueError("JPEG ends without its EOI marker (truncated)")
+            pos = found.start()
+            continue
+        if marker == 0xD9:
+            if size is None:
+                raise ValueError("JPEG has no frame header")
+            return size
+        if marker == 0x01:  # TEM: no length
+            pos += 2
+            continue
+        if marker == 0xD8 or marker <= 0xBF:
+            raise ValueError(f"JPEG has an invalid marker 0xFF{marker:02X} at byte {pos} (damaged data)")
+        if pos + 4 > end:
+            raise ValueError("JPEG ends inside a segment header (truncated)")
+        if length < 2 or pos + 2 + length > end:
+            raise ValueError(f"JPEG segment 0xFF{marker:02X} at byte {pos} runs past the end of the file "
+                             "(truncated or damaged)")
+        if size is None and marker in _SOF_MARKERS and length >= 7:
+            height, width = _JPEG_SIZE.unpack_from(data, pos + 5)
+            if not width or not height:
+                raise ValueError(f"JPEG frame header gives a size of {width}x{height}")
+            size = (width, height)
+        pos += 2 + length
+        if marker == 0xDA:  # entropy-coded data follows: find the marker that ends it
+            found = search(data, pos)
+            if found is None:
+                raise ValueError("JPEG ends without its EOI marker (truncated)")
+            pos = found.start()
 
 
 def _jpeg_problem(data: bytes) -> str | None:
-    """Why JPEG bytes are damaged, or None. Walks every marker segment (lengths inside the file) and
-    the entropy-coded data of every scan, where only stuffed bytes and restart markers may follow a
-    0xFF until the next segment; it must end with EOI. Garbage written over the middle of a file
-    almost always puts a reserved marker (0xFF02-0xFFBF) or a second SOI into a scan: libjpeg then
-    fails or decodes rubbish. Costs one C regex scan, not a decode."""
-    pos, end, in_scan = 2, len(data), False
-    while True:
-        if in_scan or (pos < end and data[pos] != 0xFF):
-            found = _JPEG_MARKER.search(data, pos)
-            if found is None:
-                return "JPEG ends without its EOI marker (truncated)"
-            pos = found.start()
-        if pos + 2 > end:
-            return "JPEG ends without its EOI marker (truncated)"
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0xD9:
-            return None
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart / TEM: no length
-            pos += 2
-            continue
-        if marker == 0xD8 or 0x02 <= marker <= 0xBF:
-            return f"JPEG has an invalid marker 0xFF{marker:02X} at byte {pos} (damaged data)"
-        if pos + 4 > end:
-            return "JPEG ends inside a segment header (truncated)"
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if length < 2 or pos + 2 + length > end:
-            return f"JPEG segment 0xFF{marker:02X} at byte {pos} runs past the end of the file (truncated or damaged)"
-        pos += 2 + length
-        in_scan = marker == 0xDA
+    """Why JPEG bytes are damaged (see _jpeg_walk), or None."""
+    try:
+        _jpeg_walk(data)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _png_problem(data: bytes) -> str | None:
@@ -180,7 +212,8 @@ def _complete(fmt: str, data: bytes) -> str | None:
         declared = int.from_bytes(data[4:8], "little") + 8
         return None if declared <= len(data) else f"WebP declares {declared} bytes but has {len(data)} (truncated)"
     if fmt == "GIF":
-        return None if data.rstrip(b"\x00").endswith(b"\x3b") else "GIF ends without its trailer (truncated)"
+        complete = bytes(data[-64:]).rstrip(b"\x00").endswith(b"\x3b")
+        return None if complete else "GIF ends without its trailer (truncated)"
     return "unchecked"
 
 
@@ -232,9 +265,15 @@ def inspect_image(data: bytes, full_decode: bool = False,
     damage inside JPEG/PNG files at a small fraction of the cost of decoding. `full_decode=True`
     also decodes the pixels (JPEGs in draft mode: DCT scaling to ~1/8 size still reads the whole
     entropy stream); formats without a structure check are always fully decoded."""
+    if isinstance(data, memoryview) and data.format != "B":
+        data = data.cast("B")  # the walks index bytes as 0-255
+    if not full_decode and data[:2] == b"\xff\xd8":
+        width, height = _jpeg_walk(data)  # header and structure in one pass
+        _check_pixels(width, height, max_pixels)
+        return "JPEG", width, height
     header = None if full_decode else _fast_header(data)
     if header is not None:
-        _check_pixels(header[1], header[2], max_pixels)
+        _check_pixels(header[1], header[2], max_pixels)  # before the CRC pass: a bomb costs nothing more
         problem = _complete(header[0], data)
         if problem is not None:
             raise ValueError(problem)
@@ -293,6 +332,15 @@ def _existing_ingest(lake: Lake, ingest_id: str) -> dict | None:
     return None
 
 
+def _binary_views(array: pa.Array) -> list[memoryview]:
+    """The values of a null-free binary array as memoryviews of its data buffer (zero-copy)."""
+    if len(array) == 0:
+        return []
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset:array.offset + len(array) + 1]
+    data = memoryview(array.buffers()[2] or b"").cast("B")  # Arrow exports signed bytes ('b'): index as 0-255
+    return [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
 class _Batcher:
     """Per-ingest state: what is already known, and the decode pool."""
 
@@ -327,7 +375,10 @@ class _Batcher:
             except Exception as exc:  # any decoder failure means the bytes are unusable
                 return image_id, None, ("corrupt_image", _describe(exc))
 
-        mapper = self.pool.map if self.config.full_decode else map  # header checks are GIL-bound
+        # Threads pay for full decodes and for big images (hashlib and zlib.crc32 release the GIL on large
+        # buffers); the structure walk of small images is GIL-bound Python, faster in this thread.
+        big = bool(todo) and sum(len(b) for _, b in todo) > len(todo) * _THREADED_MEAN_BYTES
+        mapper = self.pool.map if self.config.full_decode or big else map
         for image_id, meta, error in mapper(run, todo):
             if error is None:
                 results[image_id] = meta
@@ -344,37 +395,40 @@ class _Batcher:
         n = raw.num_rows
         result.n_read += n
         source = self.config.source
-        blobs: dict[str, bytes] = {}
-        content = [self._hash_column(raw.column(f"image_{side}_bytes"), blobs) for side in (0, 1)]
+        content, blobs = self._hash_images(raw)
         decoded = self._decode_new(blobs)
 
-        suspect = self._suspect_rows(raw, content)
-        cols = {name: raw.column(name).to_pylist() for name in
-                ("row_identity", "prompt", "image_0_uid", "image_1_uid", "label_0", "label_1", "reader_reason",
-                 "reader_detail")}
+        suspect = np.asarray(self._suspect_rows(raw, content), dtype=bool)
+        ok = ~suspect
         quarantine = []
-        ok_rows = []
-        for i in range(n):
-            if suspect[i]:
-                reason, detail = self._check_row(cols, content, i)
-                if reason is not None:
-                    result.n_quarantined += 1
-                    result.reasons[reason] += 1
-                    row = {k: (raw.column(k)[i].as_py() if k not in cols else cols[k][i])
-                           for k in RAW.names if k not in ("reader_reason", "reader_detail")}
-                    quarantine.append({"source": source, "source_file": self.source_file,
-                                       "row_identity": str(cols["row_identity"][i]), "reason": reason,
-                                       "detail": detail, "raw": raw_summary(row), "ingest_id": self.ingest_id})
+        if suspect.any():
+            cols = {name: raw.column(name).to_pylist() for name in
+                    ("row_identity", "prompt", "image_0_uid", "image_1_uid", "label_0", "label_1", "reader_reason",
+                     "reader_detail")}
+            content_lists = [c.to_pylist() for c in content]
+            for i in np.flatnonzero(suspect).tolist():
+                reason, detail = self._check_row(cols, content_lists, i)
+                if reason is None:
+                    ok[i] = True
                     continue
-            ok_rows.append(i)
+                result.n_quarantined += 1
+                result.reasons[reason] += 1
+                row = {k: (raw.column(k)[i].as_py() if k not in cols else cols[k][i])
+                       for k in RAW.names if k not in ("reader_reason", "reader_detail")}
+                quarantine.append({"source": source, "source_file": self.source_file,
+                                   "row_identity": str(cols["row_identity"][i]), "reason": reason,
+                                   "detail": detail, "raw": raw_summary(row), "ingest_id": self.ingest_id})
+        ok_rows = pa.array(np.flatnonzero(ok), pa.int64())
 
         # A duplicate pair may still bring images the lake lacks (the with-images shard of pairs
         # first ingested metadata-only), so images and refs are stored for every valid row.
-        new_images, new_refs = self._new_images_and_refs(ok_rows, content, cols, blobs, decoded)
+        new_images, new_refs = self._new_images_and_refs(raw, ok_rows, content, blobs, decoded)
         accepted, pair_ids = [], []
-        identity = cols["row_identity"]
-        for i in ok_rows:
-            pid = ids.pair_id(source, identity[i])
+        identity = raw.column("row_identity").take(ok_rows).to_pylist()
+        prefix = f"{source}|"
+        for i, row_identity in zip(ok_rows.to_pylist(), identity):
+            # ids.pair_id, inlined: this loop runs once per row
+            pid = hashlib.blake2b((prefix + row_identity).encode("utf-8"), digest_size=16).hexdigest()
             if pid in self.known_pairs:
                 result.n_duplicates += 1
                 continue
@@ -389,7 +443,7 @@ class _Batcher:
         m = len(accepted)
         image_ids = []
         for side in (0, 1):
-            hashes = pa.array(content[side], pa.string()).take(take)
+            hashes = content[side].take(take)
             refs = pc.binary_join_element_wise(source, kept.column(f"image_{side}_uid"), ":")
             image_ids.append(pc.coalesce(hashes, refs))  # metadata-only: the source's own id stands in
         prompts = kept.column("prompt").to_pylist()
@@ -406,27 +460,34 @@ class _Batcher:
             "model_1": kept.column("model_1"), "ranking_id": kept.column("ranking_id"),
             "ingest_id": pa.array([self.ingest_id] * m, pa.string()),
         })
-        return {"pairs": pairs, "quarantine": pa.Table.from_pylist(quarantine),
-                "images": pa.Table.from_pylist(new_images), "image_refs": pa.Table.from_pylist(new_refs)}
+        return {"pairs": pairs, "quarantine": pa.Table.from_pylist(quarantine), "images": new_images,
+                "image_refs": new_refs}
 
-    @staticmethod
-    def _hash_column(column: pa.ChunkedArray, blobs: dict[str, bytes]) -> list[str | None]:
-        """Content ids of a column of image bytes; each distinct image's bytes go into `blobs`."""
-        hashes = []
-        for data in column.to_pylist():
-            if data is None:
-                hashes.append(None)
-                continue
-            image_id = hashlib.blake2b(data, digest_size=16).hexdigest()
-            blobs.setdefault(image_id, data)
-            hashes.append(image_id)
-        return hashes
+    def _hash_images(self, raw: pa.Table) -> tuple[list[pa.Array], dict[str, memoryview]]:
+        """Content ids (string arrays, null where a row has no bytes) of image_0_bytes and image_1_bytes,
+        and the bytes of each distinct image by id (memoryviews into the batch's Arrow buffers: no copy).
+        Each column is dictionary-encoded (Arrow hashes and compares the bytes in C), so an image is
+        hashed once per column however many rows show it; big images are hashed in threads (hashlib
+        releases the GIL on large buffers)."""
+        content, blobs = [], {}
 
-    def _suspect_rows(self, raw: pa.Table, content: list[list]) -> list[bool]:
+        def digest(data: memoryview) -> str:
+            return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+        for side in (0, 1):
+            encoded = pc.dictionary_encode(raw.column(f"image_{side}_bytes").combine_chunks())
+            views = _binary_views(encoded.dictionary)
+            big = bool(views) and encoded.dictionary.nbytes > len(views) * _THREADED_MEAN_BYTES
+            hashes = list(self.pool.map(digest, views) if big else map(digest, views))
+            blobs.update(zip(hashes, views))
+            content.append(pa.array(hashes, pa.string()).take(encoded.indices))
+        return content, blobs
+
+    def _suspect_rows(self, raw: pa.Table, content: list[pa.Array]) -> np.ndarray:
         """True for every row that fails at least one check (vectorised); False rows are valid."""
         label_0, label_1 = raw.column("label_0"), raw.column("label_1")
         prompt = raw.column("prompt")
-        hashes = [pa.array(c, pa.string()) for c in content]
+        hashes = content
         uids = [raw.column("image_0_uid"), raw.column("image_1_uid")]
         bad = pa.array(list(self.bad_images), pa.string())
         checks = [
@@ -445,28 +506,35 @@ class _Batcher:
         suspect = checks[0]
         for check in checks[1:]:
             suspect = pc.or_(suspect, pc.fill_null(check, True))
-        return suspect.to_pylist()
+        return suspect.to_numpy(zero_copy_only=False)
 
-    def _new_images_and_refs(self, rows, content, cols, blobs, decoded) -> tuple[list[dict], list[dict]]:
-        source = self.config.source
-        new_images, new_refs = [], []
-        for side in (0, 1):
-            hashes, uids = content[side], cols[f"image_{side}_uid"]
-            for i in rows:
-                image_id = hashes[i]
-                if image_id is None:
-                    continue
-                if image_id not in self.known_images:
-                    fmt, width, height = decoded[image_id]
-                    new_images.append({"image_id": image_id, "bytes": blobs[image_id], "format": fmt,
-                                       "width": width, "height": height, "ingest_id": self.ingest_id})
-                    self.known_images.add(image_id)
-                if uids[i] is not None:
-                    ref = ids.ref_id(source, uids[i])
-                    if ref not in self.known_refs:
-                        new_refs.append({"ref_id": ref, "image_id": image_id, "ingest_id": self.ingest_id})
-                        self.known_refs.add(ref)
-        return new_images, new_refs
+    def _new_images_and_refs(self, raw: pa.Table, rows: pa.Array, content: list[pa.Array], blobs: dict,
+                             decoded: dict) -> tuple[pa.Table, pa.Table]:
+        """The images and image_refs rows that the valid `rows` bring and the lake lacks, in first-seen order
+        (image_0 of every row, then image_1)."""
+        image_ids = pa.concat_arrays([content[side].take(rows) for side in (0, 1)])
+        uids = pa.concat_arrays([raw.column(f"image_{side}_uid").combine_chunks().take(rows) for side in (0, 1)])
+        new_ids = [i for i in pc.unique(image_ids.drop_null()).to_pylist() if i not in self.known_images]
+        self.known_images.update(new_ids)
+        meta = [decoded[i] for i in new_ids]
+        images = pa.table({
+            "image_id": pa.array(new_ids, pa.string()), "bytes": pa.array([blobs[i] for i in new_ids], pa.binary()),
+            "format": pa.array([m[0] for m in meta], pa.string()),
+            "width": pa.array([m[1] for m in meta], pa.int32()), "height": pa.array([m[2] for m in meta], pa.int32()),
+            "ingest_id": pa.array([self.ingest_id] * len(new_ids), pa.string())})
+        with_ref = pc.and_(pc.is_valid(image_ids), pc.is_valid(uids))
+        refs = pc.binary_join_element_wise(self.config.source, uids.filter(with_ref), ":").to_pylist()
+        ref_images = image_ids.filter(with_ref).to_pylist()
+        new_refs, new_ref_images = [], []
+        for ref, image_id in zip(refs, ref_images):
+            if ref not in self.known_refs:
+                self.known_refs.add(ref)
+                new_refs.append(ref)
+                new_ref_images.append(image_id)
+        image_refs = pa.table({"ref_id": pa.array(new_refs, pa.string()),
+                               "image_id": pa.array(new_ref_images, pa.string()),
+                               "ingest_id": pa.array([self.ingest_id] * len(new_refs), pa.string())})
+        return images, image_refs
 
     def _check_row(self, cols: dict, blob_ids: list, i: int) -> tuple[str | None, str | None]:
         """(reason, detail) of the first problem of row i, or (None, None) if it is acceptable."""
