@@ -300,3 +300,88 @@ def test_a_snapshot_file_changed_after_writing_is_named(world, tmp_path, capsys)
 
     with pytest.raises(SnapshotError, match="shards/shard-00000.parquet does not match its manifest hash"):
         verify_snapshot(os.path.dirname(os.path.dirname(shard)))  # what training checks before it reads
+
+
+# -- bad inputs of the contained-input rules: prompt and pixel limits, paths, special files ------------------
+
+def _cli(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """The real `prefcurate` command in a subprocess with a timeout: a regression that blocks on a FIFO or a
+    device fails the test instead of hanging CI."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([sys.executable, "-c", "from flows.cli import entry; entry()", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def _reasons(root: str) -> dict[str, int]:
+    from curation.ingest import quarantine_reasons
+
+    return quarantine_reasons(Lake(root))
+
+
+def test_a_1_mb_prompt_is_quarantined_as_prompt_too_long(tmp_path):
+    from tests.test_ingest_pickapic import GREEN, row, write_shard
+
+    shard = write_shard(tmp_path / "train-0.parquet", [row(0), row(1, caption="x" * (1 << 20), jpg_1=GREEN)])
+    root = str(tmp_path / "lake")
+    done = _cli(["ingest", "--lake", root, "--format", "pickapic", shard])
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "read 2 = accepted 1 + duplicates 0 + quarantined 1" in done.stdout
+    assert _reasons(root) == {"prompt_too_long": 1}
+    [q] = Lake(root).read("quarantine").to_pylist()
+    assert "1048576 UTF-8 bytes, more than the limit of 8192" in q["detail"] and len(q["raw"]) < 1000
+
+
+def test_a_decompression_bomb_png_header_is_quarantined_before_any_decode(tmp_path):
+    from tests.test_ingest_pickapic import BOMB_PNG, GREEN, row, write_shard
+
+    shard = write_shard(tmp_path / "train-0.parquet", [row(0), row(1, jpg_0=BOMB_PNG, jpg_1=GREEN)])
+    root = str(tmp_path / "lake")
+    done = _cli(["ingest", "--lake", root, "--format", "pickapic", shard])
+    assert done.returncode == 0 and "read 2 = accepted 1 + duplicates 0 + quarantined 1" in done.stdout
+    assert _reasons(root) == {"image_too_large": 1}
+    assert len(BOMB_PNG) < 128 and Lake(root).read("images").num_rows == 2  # the bomb is not stored
+    [q] = Lake(root).read("quarantine").to_pylist()
+    assert "12000x12000 = 144000000 pixels, more than the limit of 89478485" in q["detail"]
+
+
+def _contained_case(tmp_path) -> tuple[str, str]:
+    import json
+
+    from PIL import Image
+
+    root, outside = tmp_path / "images", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    for folder, name, colour in ((root, "a.png", (1, 2, 3)), (root, "b.png", (4, 5, 6)),
+                                 (outside, "x.png", (7, 8, 9))):
+        Image.new("RGB", (8, 8), colour).save(folder / name)
+    (root / "link.png").symlink_to(outside / "x.png")
+    os.mkfifo(root / "pipe.png")
+    lines = [("a.png", "b.png"), (str(outside / "x.png"), "b.png"), ("../elsewhere/x.png", "b.png"),
+             ("link.png", "a.png"), ("/dev/zero", "a.png"), ("pipe.png", "a.png")]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "image_0": a, "image_1": b, "label": 1}) + "\n"
+                            for i, (a, b) in enumerate(lines)))
+    return str(root), str(path)
+
+
+def test_image_paths_outside_the_root_and_through_symlinks_are_quarantined(tmp_path):
+    image_root, source = _contained_case(tmp_path)
+    root = str(tmp_path / "lake")
+    done = _cli(["ingest", "--lake", root, "--format", "jsonl", "--image-root", image_root, source])
+    assert done.returncode == 0, done.stderr
+    assert "read 6 = accepted 1 + duplicates 0 + quarantined 5" in done.stdout
+    assert _reasons(root) == {"image_outside_root": 4, "not_a_regular_file": 1}  # /dev/zero is outside too
+
+
+def test_dev_zero_and_a_fifo_are_refused_without_being_read_even_when_outside_paths_are_allowed(tmp_path):
+    image_root, source = _contained_case(tmp_path)
+    root = str(tmp_path / "lake")
+    done = _cli(["ingest", "--lake", root, "--format", "jsonl", "--image-root", image_root, "--allow-outside-root",
+                 source])
+    assert done.returncode == 0, done.stderr
+    assert "read 6 = accepted 4 + duplicates 0 + quarantined 2" in done.stdout
+    assert _reasons(root) == {"not_a_regular_file": 2}
+    details = sorted(q["detail"] for q in Lake(root).read("quarantine").to_pylist())
+    assert details == ["image path /dev/zero is not a regular file",
+                       f"image path {image_root}/pipe.png is not a regular file"]
