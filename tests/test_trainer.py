@@ -481,7 +481,7 @@ def test_tensorboard_scalars_and_validation_images(assets):
         folder = out / "validation" / f"step-{step:06d}"
         assert json.loads((folder / "prompts.json").read_text()) == ["a red cube", "a cat"]
         assert [Image.open(folder / f"{i:02d}.png").size for i in range(2)] == [(32, 32), (32, 32)]
-    acc = EventAccumulator(str(out / "logs" / "train"), size_guidance={"images": 0})  # the run's own events file
+    acc = EventAccumulator(str(out / "logs" / "prefcurate"), size_guidance={"images": 0})  # the run's own events file
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     assert {"loss", "implicit_acc", "reward_margin", "lr", "step_time_s"} <= scalars

@@ -1,10 +1,11 @@
 """What a training run shows while it runs: tracker hyper-parameters, validation images, the run record.
 
 The step metrics go to accelerate's trackers (``Accelerator(log_with=...)``): TensorBoard event files under
-``<output>/logs/`` by default, W&B when asked for. Validation images: the fixed ``validation_prompts``, each
-with its own fixed seed (run seed + prompt index), rendered by the training UNet (policy adapter on) with DDIM
-every ``validation_every`` steps into ``<output>/validation/step-NNNNNN/NN.png`` (+ ``prompts.json``), and
-logged to the trackers. ``latest_validation`` (no torch) finds the newest folder for the HTML report.
+``<output>/logs/prefcurate/`` by default, W&B (project "prefcurate") when asked for. Validation images: the
+fixed ``validation_prompts``, each with its own fixed seed (run seed + prompt index), rendered by the training
+UNet (policy adapter on) with DDIM every ``validation_every`` steps into
+``<output>/validation/step-NNNNNN/NN.png`` (+ ``prompts.json``), and logged to the trackers.
+``latest_validation`` (no torch) finds the newest folder.
 """
 from __future__ import annotations
 

@@ -428,7 +428,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         c, acc = self.config, self.accelerator
         out = Path(c.output)
-        acc.init_trackers("train", config=tracker_hparams(asdict(c)))
+        # TensorBoard: <output>/logs/prefcurate/; W&B: project "prefcurate", the run named after its output folder
+        acc.init_trackers("prefcurate", config=tracker_hparams(asdict(c)),
+                          init_kwargs={"wandb": {"name": Path(c.output).resolve().name}})
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / "train_config.json", self.run_record())
