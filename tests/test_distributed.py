@@ -114,3 +114,6 @@ def test_cpu_launch_is_detected_from_the_launcher_command_line():
     assert cpu_launch_num_processes({**env, "RANK": "0", "WORLD_SIZE": "2"}, launcher) == 1  # torchrun: real ranks
     assert cpu_launch_num_processes({"ACCELERATE_USE_CPU": "True"}, launcher) == 1  # N = 1: no MASTER_ADDR
     assert cpu_launch_num_processes({}, launcher) == 1
+    no_cpu_flag = {**env, "ACCELERATE_USE_CPU": "False"}  # `accelerate launch --num_processes 2` without --cpu
+    assert cpu_launch_num_processes(no_cpu_flag, launcher, cuda=False) == 3  # no GPU: CPU ranks all the same
+    assert cpu_launch_num_processes(no_cpu_flag, launcher, cuda=True) == 1  # a GPU launch is accelerate's

@@ -245,15 +245,18 @@ def check_train_inputs(*, model: str | Path, snapshot: str | Path, output: str |
 
 # ---------------------------------------------------------------- launching ranks (still without torch)
 
-def cpu_launch_num_processes(environ: dict | None = None, parent_cmdline: list[str] | None = None) -> int:
-    """N when this process is the single one that ``accelerate launch --cpu --num_processes N`` started, else 1.
+def cpu_launch_num_processes(environ: dict | None = None, parent_cmdline: list[str] | None = None,
+                             cuda: bool = True) -> int:
+    """N when this process is the single one that ``accelerate launch --cpu --num_processes N`` started (or,
+    on a machine without CUDA, ``accelerate launch --num_processes N``), else 1.
 
     accelerate 1.15's launcher starts N CPU ranks only through mpirun (``--mpirun_hostfile``); without it, its
     simple launcher runs ONE process, giving it ``ACCELERATE_USE_CPU`` and (when N > 1) ``MASTER_ADDR`` but no
     ``RANK``/``WORLD_SIZE``, so training silently ran at world size 1. N is read from the launcher's command
     line: this process's parent (Linux ``/proc``)."""
     env = os.environ if environ is None else environ
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
+    use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") or not cuda
+    if "ACCELERATE_USE_CPU" not in env or not use_cpu or "MASTER_ADDR" not in env:
         return 1
     if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
         return 1
@@ -319,7 +322,9 @@ def cli_prelude(argv: list[str]) -> None:
         if is_rank_zero():
             print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
-    n = cpu_launch_num_processes()
+    import torch  # already imported by training.config
+
+    n = cpu_launch_num_processes(cuda=torch.cuda.is_available())
     if n > 1:
         sys.exit(spawn_cpu_ranks(n, argv))
 
