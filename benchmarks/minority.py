@@ -113,6 +113,8 @@ class ExperimentConfig:
     bootstrap: int = 2000
     seed: int = 0
     threads: int = 1  # tiny tensors: one thread is faster than two on 2 shared cores
+    only: tuple[str, ...] = ()  # condition tags (e.g. minority40) to curate and train; empty = all. Splits a run
+    #                             across processes; ``--resummarise --merge`` joins their results.json
     pretrain: dict = field(default_factory=dict)  # PretrainConfig overrides when the model must be built
 
     @classmethod
@@ -124,8 +126,9 @@ class ExperimentConfig:
                    eval_captions=4, eval_seeds=1, steps=2, batch_size=2, sample_steps=3, bootstrap=100,
                    pretrain={"images": 256, "vae_steps": 10, "unet_steps": 10, "eval_captions": 4})
 
-    def conditions(self) -> list[tuple[str, float]]:
-        return [CLEAN] + [(s, t) for s in self.scenarios for t in self.noise_levels]
+    def conditions(self, all_of_them: bool = False) -> list[tuple[str, float]]:
+        every = [CLEAN] + [(s, t) for s in self.scenarios for t in self.noise_levels]
+        return every if all_of_them or not self.only else [k for k in every if tag(k) in self.only]
 
     def crowd_config(self) -> C.CrowdConfig:
         return C.CrowdConfig(n_annotators=self.n_annotators, zipf_exponent=self.zipf_exponent,
@@ -248,11 +251,14 @@ def run(c: ExperimentConfig) -> dict:
     policies = tuple(SNAPSHOTS)
     clean = C.plant_crowd_labels(crowd, pairs.props_a, pairs.props_b, C.SCENARIOS["flips"], 0.0)
     snapshots, data = {}, {}
-    snapshots[CLEAN], data[CLEAN] = curate_condition(c, pairs, crowd, clean, CLEAN, work, policies)
+    if CLEAN in c.conditions():
+        snapshots[CLEAN], data[CLEAN] = curate_condition(c, pairs, crowd, clean, CLEAN, work, policies)
     for name in c.scenarios:
         scenario = C.SCENARIOS[name]
         noisy = C.non_reliable_annotators(crowd, scenario, c.noise_levels) if not scenario.flips else {}
         for level in c.noise_levels:
+            if (name, level) not in c.conditions():
+                continue
             labels = C.plant_crowd_labels(crowd, pairs.props_a, pairs.props_b, scenario, level, noisy.get(level))
             snapshots[(name, level)], data[(name, level)] = curate_condition(
                 c, pairs, crowd, labels, (name, level), work, policies)
@@ -379,7 +385,7 @@ def verdicts(c: ExperimentConfig, runs: list[dict], data: dict, table: list[dict
 
     out = []
     clean = gains("dpo", CLEAN)
-    for condition in c.conditions()[1:]:
+    for condition in [k for k in c.conditions() if k != CLEAN]:
         label = f"{condition[0]} {condition[1]:.0%}"
         dpo = gains("dpo", condition)
         seeds = sorted(set(dpo) & set(clean))
@@ -434,15 +440,37 @@ def config_from_dict(d: dict) -> ExperimentConfig:
     return ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def resummarise(out: Path) -> dict:
-    """Recompute the table, markdown and plot of a run from its results.json (no training)."""
+def _load(out: Path) -> dict:
     path = out / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the experiment first")
     result = json.loads(path.read_text())
     if "runs" not in result:
         raise ValueError(f"{path} keeps no per-run data (written before small world v2): rerun the experiment")
-    c = config_from_dict(result["config"])
+    return result
+
+
+def resummarise(out: Path, merge: tuple[Path, ...] = ()) -> dict:
+    """Recompute the table, markdown and plot of a run from its results.json (no training). ``merge``: folders of
+    runs of the same experiment split with ``--only`` (same pairs, crowd and evaluation set); their runs and
+    conditions join this one's, which must not hold the same (method, condition, seed) already."""
+    result = _load(out)
+    for folder in merge:
+        other = _load(folder)
+        keys = {(r["method"], r["scenario"], r["noise"], r["seed"]) for r in result["runs"]}
+        same = {k: result["config"][k] for k in ("seed", "pair_captions", "pairs_per_caption", "n_annotators",
+                                                  "eval_captions", "eval_seeds", "steps", "sample_steps")}
+        if {k: other["config"][k] for k in same} != same or other["base_eval"] != result["base_eval"]:
+            raise ValueError(f"{folder}: not the same experiment (settings or base evaluation differ)")
+        twice = keys & {(r["method"], r["scenario"], r["noise"], r["seed"]) for r in other["runs"]}
+        if twice:
+            raise ValueError(f"{folder}: {len(twice)} runs are in both results, e.g. {sorted(twice)[0]}")
+        result["runs"] += other["runs"]
+        result["data"] = {**other["data"], **result["data"]}
+        result["merged_from"] = [*result.get("merged_from", []), str(folder)]
+        result["progress"]["runs_done"] = len(result["runs"])
+    c = config_from_dict({**result["config"], "only": ()})
+    result["config"]["only"] = []
     result["table"] = summarise(c, result["runs"])
     result["verdicts"] = verdicts(c, result["runs"], result["data"], result["table"])
     write_report(out, result)
@@ -465,7 +493,9 @@ def markdown(result: dict) -> str:
         f"{result['pairs']['n']} pairs, {result['pairs']['labels']} labels from {c['n_annotators']} annotators; "
         f"{c['steps']} steps x {c['batch_size']} labels, lr {c['learning_rate']}, β {c['beta']}, LoRA rank "
         f"{c['lora_rank']}. Runtime {t['total_s']:.0f} s on {result['cpu_count']} cores, load average at the end "
-        f"{', '.join(f'{x:.1f}' for x in result['load_average'])}.", "",
+        f"{', '.join(f'{x:.1f}' for x in result['load_average'])}."
+        + (" **One training seed: the intervals cover the held-out captions only, not the spread between training "
+           "seeds** (in the v1 run two seeds differed by up to 0.05)." if len(done) == 1 else ""), "",
         "| scenario | noise | method | gain | 95 % CI | per seed | share of clean DPO gain | vs DPO (95 % CI) "
         "| Δcolour | Δsharp | Δexposure |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -530,8 +560,8 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig | None, Path | None]:
-    """(config to run, None), or (None, output folder) for ``--resummarise``."""
+def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig | None, tuple[Path, tuple] | None]:
+    """(config to run, None), or (None, (output folder, folders to merge)) for ``--resummarise``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy sizes, a few steps (~1 min)")
     defaults = ExperimentConfig()
@@ -539,14 +569,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig | None, 
         if f.name == "pretrain":
             continue
         value = getattr(defaults, f.name)
-        kind = type(value[0]) if isinstance(value, tuple) else type(value)
+        kind = (type(value[0]) if value else str) if isinstance(value, tuple) else type(value)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             nargs="+" if isinstance(value, tuple) else None)
     parser.add_argument("--resummarise", action="store_true", help="rebuild the report in --out from results.json")
+    parser.add_argument("--merge", nargs="+", default=(), help="with --resummarise: join these runs' results first")
     args = vars(parser.parse_args(argv))
     quick = args.pop("quick")
+    merge = tuple(Path(m) for m in args.pop("merge"))
     if args.pop("resummarise"):
-        return None, Path(args["out"] or defaults.out)
+        return None, (Path(args["out"] or defaults.out), merge)
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None}
     if quick:
         out = given.pop("out", str(Path(defaults.out).with_name("minority-quick")))
@@ -569,7 +601,7 @@ if __name__ == "__main__":
     quiet_libraries()
     try:
         config, report_only = parse_args(sys.argv[1:])
-        print(markdown(resummarise(report_only) if report_only else run(config)))
+        print(markdown(resummarise(*report_only) if report_only else run(config)))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)

@@ -138,7 +138,20 @@ def test_quick_experiment_writes_every_run_and_resummarises(tmp_path):
     assert markdown.count("\n| crowd | 40% |") == len(MAIN_METHODS)
     assert (tmp_path / "out" / "gain_vs_noise.png").stat().st_size > 1000
     again = resummarise(tmp_path / "out")  # the report rebuilt from results.json alone gives the same table
-    assert again["table"] == table
+    assert again["table"] == table and again["verdicts"] == result["verdicts"]
+    assert {v["claim"] for v in again["verdicts"]} >= {"plain DPO keeps < 50 % of the clean-DPO gain",
+                                                       "reliability beats DPO"}
+    # a run split across processes (--only) and merged gives the same table as the whole run
+    whole = json.loads((tmp_path / "out" / "results.json").read_text())
+    for name, keep in (("a", "clean"), ("b", "crowd")):
+        part = {**whole, "runs": [r for r in whole["runs"] if r["scenario"] == keep],
+                "data": {k: v for k, v in whole["data"].items() if v["scenario"] == keep}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(part))
+    merged = resummarise(tmp_path / "a", merge=(tmp_path / "b",))
+    assert merged["table"] == table and set(merged["data"]) == set(whole["data"])
+    with pytest.raises(ValueError, match="in both results"):
+        resummarise(tmp_path / "a", merge=(tmp_path / "out",))
 
 
 def test_resummarise_says_what_is_missing(tmp_path):
