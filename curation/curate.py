@@ -56,8 +56,8 @@ CURRENT = "curation/CURRENT.json"
 RUNS_KEPT = 3  # older run folders are deleted; a snapshot copies what it needs, so nothing depends on them
 CHUNK_PAIRS = 500_000
 """Pairs per chunk of the curate pass. A chunk's frames (pairs with their scores, up to 5 votes a pair,
-consensus, pair metrics) take roughly 1 KB a pair at 5 scorers, so ~0.5 GB; larger chunks only save
-per-chunk overhead (measured in benchmarks/bench_curate.py)."""
+consensus, pair metrics) take roughly 1 KB a pair at 5 scorers, so ~0.5 GB. Not tuned: the per-chunk
+work is vectorised, so larger chunks mainly cost memory."""
 DUCKDB_MEMORY_LIMIT = "1GB"
 """DuckDB's memory cap during curate (score lookup hash tables, image resolution); beyond it DuckDB
 spills to the run's staging folder instead of growing."""
@@ -284,6 +284,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             judged = agreed.filter(pl.col("human_agrees").is_not_null() & (pl.col("n_scorers") > 0))["human_agrees"]
             agree, decided = agree + int(judged.sum()), decided + judged.len()
             del wide, votes, agreed, metrics
+        con.close()  # DuckDB's buffers (up to DUCKDB_MEMORY_LIMIT) go before the whole-lake models start
         if not counts["pairs"]:
             for sink in sinks.values():
                 sink.abort()
