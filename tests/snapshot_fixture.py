@@ -26,7 +26,9 @@ def _png(rng: np.random.Generator, size: int) -> bytes:
 
 
 def write_test_snapshot(root: str | Path, *, n_pairs: int = 12, n_shards: int = 2, image_size: int = 40,
-                        row_group_size: int = 3, seed: int = 0) -> Path:
+                        row_group_size: int = 3, seed: int = 0, label_smoothing: float = 0.0,
+                        drop_columns: tuple[str, ...] = ()) -> Path:
+    """``drop_columns`` writes a snapshot of an older format that lacked those (optional) columns."""
     root = Path(root)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -50,9 +52,10 @@ def write_test_snapshot(root: str | Path, *, n_pairs: int = 12, n_shards: int = 
             rows["stability"].append(float("nan"))
             rows["vote_fraction"].append(float(0.75 if i % 3 else 1.0))
             rows["user_id"].append(f"user-{i % 3}")
-            rows["label_smoothing"].append(0.0)
+            rows["label_smoothing"].append(label_smoothing)
         path = root / "shards" / f"shard-{s:05d}.parquet"
-        pq.write_table(pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS), path, row_group_size=row_group_size)
+        table = pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS).drop_columns(list(drop_columns))
+        pq.write_table(table, path, row_group_size=row_group_size)
         entries.append({"path": f"shards/{path.name}", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                         "rows": len(ids)})
     manifest = {"format": "prefcurate-snapshot", "version": 1, "name": "test", "snapshot_id": f"test-{seed}",

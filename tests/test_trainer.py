@@ -496,3 +496,30 @@ def test_tensorboard_scalars_and_validation_images(assets):
     figure = validation_figure(out)
     assert figure.values == {"step": 2, "prompts": ["a red cube", "a cat"]}
     assert Image.open(io.BytesIO(figure.png)).size == (320, 160)
+
+
+# ---------------------------------------------------------------- conservative-DPO soft targets
+
+def test_snapshot_soft_target_reaches_the_dpo_loss(assets, tmp_path):
+    """The reliability policy's ε = 1 − P(label right) is the conservative-DPO target. At the first step the
+    policy equals the reference (LoRA B = 0), so z = 0 and dL/dz = −(1 − 2ε)/2: with ε = 0.5 on every pair the
+    gradient vanishes and LoRA B stays exactly zero, with ε = 0 it moves."""
+    def lora_b_after_one_step(name: str, smoothing: float) -> list[torch.Tensor]:
+        snap = write_test_snapshot(tmp_path / name, n_pairs=4, n_shards=1, label_smoothing=smoothing)
+        cfg = config(assets, f"soft-{name}", snapshot=str(snap), max_steps=1, use_snapshot_weights=True,
+                     cache_dir=str(tmp_path / f"cache-{name}"))
+        trainer = Trainer(cfg)
+        trainer.fit()
+        return [v for k, v in lora_tensors(trainer.unet, POLICY).items() if "lora_B" in k]
+
+    assert all(torch.count_nonzero(b) == 0 for b in lora_b_after_one_step("half", 0.5))
+    assert any(torch.count_nonzero(b) > 0 for b in lora_b_after_one_step("none", 0.0))
+
+
+def test_snapshot_without_the_soft_target_column_reads_as_plain_dpo(tmp_path):
+    snap = write_test_snapshot(tmp_path / "old", n_pairs=4, n_shards=1, drop_columns=("label_smoothing",))
+    batch = next(PairStream(open_snapshot(snap), batch_size=2, resolution=32, seed=0, decode_images=False).batches())
+    assert batch.label_smoothing.tolist() == [0.0, 0.0]
+    fresh = write_test_snapshot(tmp_path / "new", n_pairs=4, n_shards=1, label_smoothing=0.25)
+    batch = next(PairStream(open_snapshot(fresh), batch_size=2, resolution=32, seed=0, decode_images=False).batches())
+    assert batch.label_smoothing.tolist() == [0.25, 0.25]

@@ -37,6 +37,9 @@ SNAPSHOT_FORMAT = "prefcurate-snapshot"
 SNAPSHOT_VERSION = 1
 IMAGE_COLUMNS = ("winner_image", "loser_image")
 META_COLUMNS = ("pair_id", "prompt", "weight", "margin", "minority_score", "vote_fraction")
+# Columns a snapshot may lack (written before they existed) and the value that means "absent": the
+# conservative-DPO soft target ε of the reliability policy is 0 (plain DPO) in older snapshots.
+OPTIONAL_COLUMNS = {"label_smoothing": 0.0}
 
 
 class SnapshotError(ValueError):
@@ -89,7 +92,7 @@ def open_snapshot(root: str | Path) -> Snapshot:
     if not isinstance(entries, list) or not entries or not manifest.get("snapshot_id"):
         raise SnapshotError(f"{manifest_path}: needs a snapshot_id and a non-empty 'shards' list")
     problems, shards = [], []
-    required = set(SNAPSHOT_PAIRS.names)
+    required = set(SNAPSHOT_PAIRS.names) - set(OPTIONAL_COLUMNS)
     for entry in entries:
         path = root / str(entry.get("path", ""))
         if not path.is_file() or not entry.get("path"):
@@ -137,6 +140,7 @@ class PairBatch:
     margin: Tensor  # (B,) offline margin in logit units
     minority_score: Tensor  # (B,) offline u in [0, 1]
     vote_fraction: Tensor  # (B,) share of voters for the winner; NaN when none
+    label_smoothing: Tensor  # (B,) conservative-DPO ε in [0, 1]: probability the label is wrong; 0 = plain DPO
     position: DataPosition  # where the stream continues after this batch
     winner_sizes: Tensor | None = None  # (B, 2) int64 (width, height) before preprocessing; None without pixels
     loser_sizes: Tensor | None = None
@@ -188,7 +192,9 @@ class PairStream:
     def _rows_of_shard(self, epoch: int, file_index: int, skip: int) -> Iterator[tuple[int, dict]]:
         """(row in file, row values) of one shard in its shuffled order, after the first ``skip`` rows."""
         parquet = pq.ParquetFile(self.snapshot.shards[file_index].path)
-        columns = list(META_COLUMNS) + (list(IMAGE_COLUMNS) if self.decode_images else [])
+        present = set(parquet.schema_arrow.names)
+        columns = (list(META_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in present]
+                   + (list(IMAGE_COLUMNS) if self.decode_images else []))
         starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
         taken = 0
         for group in np.random.default_rng([self.seed, epoch, file_index]).permutation(parquet.num_row_groups):
@@ -233,7 +239,7 @@ class PairStream:
         values = [v for _, _, v in rows]
 
         def column(name: str, fill: float) -> Tensor:
-            return torch.tensor([_nan_to(v[name], fill) for v in values], dtype=torch.float32)
+            return torch.tensor([_nan_to(v.get(name, fill), fill) for v in values], dtype=torch.float32)
 
         pixels_w = pixels_l = sizes_w = sizes_l = None
         if self.decode_images:
@@ -246,4 +252,5 @@ class PairStream:
             rows=[(f, r) for f, r, _ in rows], winner_pixels=pixels_w, loser_pixels=pixels_l,
             weight=column("weight", 1.0), margin=column("margin", 0.0),
             minority_score=column("minority_score", 0.0), vote_fraction=column("vote_fraction", float("nan")),
+            label_smoothing=column("label_smoothing", OPTIONAL_COLUMNS["label_smoothing"]),
             position=position, winner_sizes=sizes_w, loser_sizes=sizes_l)

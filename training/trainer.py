@@ -285,7 +285,9 @@ class Trainer:
         weight = batch.weight.to(self.device) if c.use_snapshot_weights else None
         if c.loss == "dpo":
             margin = batch.margin.to(self.device) if c.use_snapshot_weights else None
-            return L.diffusion_dpo_loss(mw, ml, rw, rl, beta=c.beta, weight=weight, margin=margin)
+            smoothing = batch.label_smoothing.to(self.device) if c.use_snapshot_weights else 0.0
+            return L.diffusion_dpo_loss(mw, ml, rw, rl, beta=c.beta, weight=weight, margin=margin,
+                                        label_smoothing=smoothing)
         if c.loss == "adaptive-dpo":
             u = self._adaptive_u(err, ema_errors, batch)
             return L.adaptive_dpo_loss(mw, ml, rw, rl, u, beta=c.beta, use_weight=c.use_weight,
