@@ -5,6 +5,7 @@ Layout::
     LAKE/
       _lake.json                          marker: format name and lake format version
       _log/<seq>.json                     the commit log: one JSON entry per committed transaction
+      _log/<seq>.checkpoint.json          every 100th commit: the live file list as of <seq>
       _lake.lock                          local lakes: the writer lock (flock), holder written inside
       _lock.json                          remote lakes: the writer lock object (exclusive create, expiry)
       pairs/<source>/part-<txid>-<n>.parquet
@@ -83,6 +84,8 @@ LAKE_VERSION = 2
 version-1 reader refuses a version-2 lake instead of listing folders the log does not vouch for)."""
 DEFAULT_WAIT_S = 600.0
 """How long a writer waits for the lock: longer than any single commit, short enough to notice a hang."""
+CHECKPOINT_EVERY = 100
+"""A log checkpoint after every 100th commit: a reader then reads one checkpoint and at most 99 entries."""
 REMOTE_LOCK_TTL_S = 120.0
 """Remote lock expiry; renewed every TTL/4 while held, so only a holder that died lets it lapse."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -149,7 +152,8 @@ class Lake:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols or "local" in protocols
         self._key = f"{protocols[0]}://{os.path.realpath(self.path) if self.is_local else self.path}"
-        self._log_cache: dict[int, dict] = {}
+        self._log_cache: dict[int, dict] = {}  # seq -> entry, for entries after self._base
+        self._base: dict | None = None  # the newest checkpoint read: {"seq", "files", "txids"}
         self._key_cache: dict[str, tuple[int, set]] = {}
         marker = self.join(LAKE_MARKER)
         if not self.fs.exists(marker):
@@ -193,36 +197,59 @@ class Lake:
         return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
     # -- the commit log ------------------------------------------------------------------
-    def log_entries(self) -> list[dict]:
-        """Every committed log entry, in seq order (entries are immutable, so they are cached)."""
+    def _load_log(self) -> None:
+        """Read what is new in `_log/`: on first use the newest checkpoint (if any) and the entries after it,
+        later only entries not yet read. Entries and checkpoints are immutable, so both are cached."""
         log_dir = self.join(LOG)
         try:
-            names = self.fs.ls(log_dir, detail=False)
+            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(log_dir, detail=False)]
         except FileNotFoundError:
             names = []
-        for name in names:
-            base = name.rstrip("/").rsplit("/", 1)[-1]
-            if not re.fullmatch(r"\d{20}\.json", base):
-                continue  # a temporary file of a log write in flight
-            seq = int(base[:20])
-            if seq not in self._log_cache:
-                self._log_cache[seq] = json.loads(self.fs.cat_file(f"{log_dir}/{base}"))
+        entries = sorted(int(n[:20]) for n in names if re.fullmatch(r"\d{20}\.json", n))  # not a *.tmp-*
+        if self._base is None:
+            checkpoints = sorted(int(n[:20]) for n in names if re.fullmatch(r"\d{20}\.checkpoint\.json", n))
+            self._base = {"seq": -1, "files": {}, "txids": set()}
+            if checkpoints:
+                point = json.loads(self.fs.cat_file(f"{log_dir}/{checkpoints[-1]:020d}.checkpoint.json"))
+                self._base = {"seq": point["seq"], "files": {i["path"]: i for i in point["files"]},
+                              "txids": set(point["txids"])}
+        for seq in entries:
+            if seq > self._base["seq"] and seq not in self._log_cache:
+                self._log_cache[seq] = json.loads(self.fs.cat_file(f"{log_dir}/{seq:020d}.json"))
+
+    def log_entries(self) -> list[dict]:
+        """The committed log entries after the newest checkpoint read (all of them if none), in seq order."""
+        self._load_log()
         return [self._log_cache[s] for s in sorted(self._log_cache)]
 
     def version(self) -> int:
         """The seq of the newest committed transaction (-1: none)."""
         entries = self.log_entries()
-        return entries[-1]["seq"] if entries else -1
+        return entries[-1]["seq"] if entries else self._base["seq"]
+
+    def _committed_txid(self, txid: str) -> bool:
+        entries = self.log_entries()  # loads self._base first
+        return txid in self._base["txids"] or any(e["txid"] == txid for e in entries)
 
     def committed_files(self) -> dict[str, dict]:
         """Relative path -> {table, path, rows, bytes, sha256} of every file the log names now."""
-        live: dict[str, dict] = {}
-        for entry in self.log_entries():
+        entries = self.log_entries()
+        live = dict(self._base["files"])
+        for entry in entries:
             for rel in entry.get("removes", []):
                 live.pop(rel, None)
             for info in entry["files"]:
                 live[info["path"]] = info
         return live
+
+    def _checkpoint(self, seq: int) -> None:
+        """Every CHECKPOINT_EVERY commits: the live file list as of `seq` (and every txid so far), so a new
+        reader reads one checkpoint and at most CHECKPOINT_EVERY - 1 entries instead of the whole log."""
+        live = self.committed_files()  # loads self._base first
+        txids = sorted(self._base["txids"] | {e["txid"] for e in self.log_entries()})
+        body = {"format": "prefcurate-log-checkpoint", "version": LAKE_VERSION, "seq": seq,
+                "files": sorted(live.values(), key=lambda i: i["path"]), "txids": txids}
+        self.atomic_write_bytes(self.join(LOG, f"{seq:020d}.checkpoint.json"), json.dumps(body).encode())
 
     def _uses_log(self) -> bool:
         if self.version_on_disk < LAKE_VERSION:
@@ -553,7 +580,7 @@ class Lake:
                 self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
                 self.fs.mv(staged, final)
                 fault_point("after_move")
-        if not any(e["txid"] == txid for e in self.log_entries()):
+        if not self._committed_txid(txid):
             fault_point("before_log")
             self._append_log(txid, plan["files"], plan.get("removes", []))
             fault_point("after_log")
@@ -575,6 +602,8 @@ class Lake:
             except FileExistsError:
                 continue  # another writer took this seq (a lock that lapsed): re-read the log, take the next
             self._log_cache[seq] = entry
+            if seq % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                self._checkpoint(seq)
             return seq
 
     def _apply_legacy(self, txid: str, plan: dict) -> None:
@@ -590,7 +619,7 @@ class Lake:
 
     def _migrate_v1(self) -> str:
         """Version 1 -> 2: one log entry naming every Parquet file in the table folders, each hashed."""
-        if not any(e["txid"] == _MIGRATION_TXID for e in self.log_entries()):
+        if not self._committed_txid(_MIGRATION_TXID):
             files = []
             for table in TABLES:
                 for path in self._listed_parquet(table):
@@ -607,11 +636,10 @@ class Lake:
     def committed_keys(self, table: str) -> set:
         """The UNIQUE_KEYS of every committed row of `table` (tuples), read incrementally and cached."""
         key = UNIQUE_KEYS[table]
-        seq_seen, keys = self._key_cache.get(table, (-1, set()))
-        new = [i for e in self.log_entries() if e["seq"] > seq_seen
-               for i in e["files"] if i["table"] == table]
-        if any(rel.startswith(table + "/") for e in self.log_entries() if e["seq"] > seq_seen
-               for rel in e.get("removes", [])):
+        seq_seen, keys = self._key_cache.get(table, (None, set()))
+        later = [e for e in self.log_entries() if seq_seen is not None and e["seq"] > seq_seen]
+        new = [i for e in later for i in e["files"] if i["table"] == table]
+        if seq_seen is None or any(rel.startswith(table + "/") for e in later for rel in e.get("removes", [])):
             new, keys = [i for i in self.committed_files().values() if i["table"] == table], set()
         for info in new:
             part = pq.read_table(self.join(info["path"]), columns=list(key), filesystem=self.fs)
