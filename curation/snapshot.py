@@ -127,7 +127,17 @@ class SnapshotInfo:
         head = "snapshot exists, nothing written:" if self.reused else "snapshot written:"
         return (f"{head} {self.name} = {self.snapshot_id} at {self.path}: {c['pairs']} pairs in {c['shards']} "
                 f"shard(s); left out: {c['ties']} ties, {c['no_label']} without a label, {c['filtered']} "
-                f"filtered, {c['no_images']} without images, {c['other_splits']} of other splits")
+                f"filtered, {c['no_images']} without images, {c.get('unscorable_images', 0)} with an undecodable image, "
+                f"{c['other_splits']} of other splits")
+
+
+def _failed_image_ids(lake: Lake) -> pl.Series:
+    """Ids of images with a NaN score from any scorer: scoring's record of an image that failed to decode."""
+    files = lake.files("scores")
+    if not files:
+        return pl.Series("image_id", [], dtype=pl.String)
+    return (pl.scan_parquet(files).filter(pl.col("score").is_nan()).select("image_id").unique()
+            .collect()["image_id"])
 
 
 def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict]:
@@ -191,6 +201,12 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
     counts["flipped"] = int(frame["_flipped"].sum())
     counts["no_images"] = int((~frame["images_available"]).sum())
     frame = frame.filter(pl.col("images_available"))
+    # Scoring stores NaN for an image whose bytes do not decode (or whose score is NaN): such a pair would
+    # crash or poison training, so it is left out here and counted.
+    failed = _failed_image_ids(lake).to_list()
+    unscorable = frame["image_0_id"].is_in(failed) | frame["image_1_id"].is_in(failed)
+    counts["unscorable_images"] = int(unscorable.sum())
+    frame = frame.filter(~unscorable)
 
     # Per-pair loss weight and soft target, normalised over the final rows (trusted pairs average 1).
     weight, smoothing = np.ones(frame.height), np.zeros(frame.height)

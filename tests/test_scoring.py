@@ -172,6 +172,11 @@ def test_image_that_does_not_decode_gets_nan_and_is_not_retried(tmp_path, tiny_h
         scores = {r["image_id"]: r["score"] for r in lake.read("scores").to_pylist() if r["scorer"] == name}
         assert np.isnan(scores[content_id(broken)]) and np.isfinite(scores[content_id(BLUE)])
         assert run_scoring(lake, [name], tiny_hps, workers=0, scorer_options=options).scorers[0].n_scores == 0
+    # The pair holding the broken image never reaches training: the snapshot leaves it out and counts it.
+    from curation.snapshot import SnapshotPolicy, write_snapshot
+    info = write_snapshot(lake, "after-scoring", SnapshotPolicy(kind="plain"), str(tmp_path / "snaps"))
+    assert (info.counts["pairs"], info.counts["unscorable_images"]) == (1, 1)
+    assert "1 with an undecodable image" in info.line()
 
 
 def test_a_decompression_bomb_already_in_a_lake_is_refused_before_decoding(tmp_path):
