@@ -120,22 +120,23 @@ def preflight(snapshot: str | None, model: str, output: str | None, options: lis
     before torch is imported: a mistake is one line (exit 3) in well under a second. `snapshot` None (serve:
     not written yet) checks the model and packages only."""
     import argparse
+    from types import SimpleNamespace
 
     from flows.cli import UserError
-    from training.preflight import PreflightError, check_model, check_packages, check_train_inputs
+    from training.preflight import PreflightError, check_config, check_model, check_packages
 
     wanted = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the options preflight needs, no torch
     wanted.add_argument("--resume-from")
     wanted.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=False)
     wanted.add_argument("--report-to")
+    wanted.add_argument("--overwrite-output", action=argparse.BooleanOptionalAction, default=False)
     known, _ = wanted.parse_known_args(options)
     try:
         if snapshot is None:
             check_packages(use_8bit_adam=known.use_8bit_adam, report_to=known.report_to)
             check_model(model)
-        else:
-            check_train_inputs(model=model, snapshot=snapshot, output=output, resume_from=known.resume_from,
-                               use_8bit_adam=known.use_8bit_adam, report_to=known.report_to)
+        else:  # the trainer's own check of its config, given the same fields
+            check_config(SimpleNamespace(model=model, snapshot=snapshot, output=output, **vars(known)))
     except PreflightError as exc:
         raise UserError(str(exc)) from None
 
