@@ -183,6 +183,8 @@ def dawid_skene_pairs(
     pattern_of_item = np.full(n_items, -1, dtype=np.int64)
     pattern_of_item[patterns["representative"].to_numpy()] = np.arange(n_patterns)
     entry_rows = np.flatnonzero(pattern_of_item[item] >= 0)  # (E,) the labels of the representative items
+    # ordered by (pattern, type), so that the EM's float sums over them do not depend on the row order
+    entry_rows = entry_rows[np.lexsort((label_type[entry_rows], pattern_of_item[item[entry_rows]]))]
     entry_pattern = pattern_of_item[item[entry_rows]]
     entry_type = label_type[entry_rows]
     pattern_prior = patterns["prior"].to_numpy()  # (P,)

@@ -168,8 +168,10 @@ def current_run(lake: Lake) -> dict | None:
     return json.loads(lake.fs.cat_file(path)) if lake.fs.exists(path) else None
 
 
-def curate(lake: Lake, config: CurateConfig = CurateConfig(), *, chunk_pairs: int = CHUNK_PAIRS) -> CurateResult:
-    """Recompute votes, consensus, pair metrics and annotator statistics, unless nothing changed."""
+def curate(lake: Lake, config: CurateConfig = CurateConfig(), *, chunk_pairs: int = CHUNK_PAIRS,
+           duckdb_threads: int | None = None) -> CurateResult:
+    """Recompute votes, consensus, pair metrics and annotator statistics, unless nothing changed.
+    `duckdb_threads`: DuckDB's worker threads (None: one per core); the tables do not depend on it."""
     import duckdb
 
     started = time.perf_counter()
@@ -191,7 +193,8 @@ def curate(lake: Lake, config: CurateConfig = CurateConfig(), *, chunk_pairs: in
         scratch = (lake.join(STAGING, f"curate-{run_id}-{uuid.uuid4().hex[:8]}") if lake.is_local
                    else tempfile.mkdtemp(prefix="prefcurate-curate-"))
         os.makedirs(scratch, exist_ok=True)
-        con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": f"{scratch}/spill"})
+        con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": f"{scratch}/spill",
+                                     **({"threads": int(duckdb_threads)} if duckdb_threads else {})})
         try:
             scores_sql = (f"SELECT image_id, prompt_id, scorer, score FROM read_parquet({lake.sql_file_list(files['scores'])})"
                           if files["scores"] else None)
@@ -231,12 +234,16 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
     if scorers:
         create_score_tables(con, scores_sql, scorers, prompt_free)
         # The pairs with their scores, materialised once (DuckDB spills beyond its memory limit): the
-        # spreads are an aggregate over it, then it is streamed in chunks.
-        con.execute(f"CREATE TEMP TABLE _wide AS {score_lookup_sql(pairs_sql, scorers, prompt_free, PAIR_COLUMNS)}")
-        spreads = rms_spreads(con, "SELECT * FROM _wide", traits)
-        query = "SELECT * FROM _wide"
+        # spreads are an aggregate over it, then it is streamed in chunks. Sorted by pair_id (unique),
+        # because the joins emit rows in an order that varies between runs, and every later step (the
+        # float sums of the spreads, annotator statistics and label model; the files' row order) would
+        # inherit it: the same lake must give byte-identical tables.
+        con.execute(f"CREATE TEMP TABLE _wide AS {score_lookup_sql(pairs_sql, scorers, prompt_free, PAIR_COLUMNS)} "
+                    "ORDER BY pair_id")
+        spreads = rms_spreads(con, "SELECT * FROM _wide", traits, deterministic=True)
+        query = "SELECT * FROM _wide"  # insertion order (DuckDB's preserve_insertion_order): by pair_id
     else:
-        query = f"SELECT {', '.join(PAIR_COLUMNS)} FROM ({pairs_sql})"
+        query = f"SELECT {', '.join(PAIR_COLUMNS)} FROM ({pairs_sql}) ORDER BY pair_id"
 
     sinks = {name: _ParquetSink(lake, f"{run_dir}/{name}.parquet") for name in ("votes", "consensus")}
     staged_metrics: list[str] = []  # pair_metrics chunks, completed by the label model at the end
@@ -265,17 +272,20 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             staged_metrics.append(f"{scratch}/pair_metrics-{len(staged_metrics):05d}.arrow")
             metrics.write_ipc(staged_metrics[-1])
             label_rows.append(annotator_rows(wide, agreed, metrics))
-            # The joint label model gets short surrogate pair ids (the global row number), hashed image ids
+            # The joint label model gets short surrogate pair ids (the global row number, zero-padded so that
+            # they sort like the pair ids: the pairs stream in pair_id order), hashed image ids
             # and categorical scorer names: the same model at a fraction of the memory of the lake's
             # strings. Staged on disk, it is read only when the model runs, after the annotator table.
             offset = counts["pairs"]
             model_files["pairs"].append(f"{scratch}/model-pairs-{len(model_files['pairs']):05d}.arrow")
-            wide.select(pair_id=(pl.col("_r") + offset).cast(pl.String), user_id="user_id", label_0="label_0",
+            wide.select(pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String).str.zfill(12),
+                        user_id="user_id", label_0="label_0",
                         image_0_id=pl.col("image_0_id").hash(),
                         image_1_id=pl.col("image_1_id").hash()).write_ipc(model_files["pairs"][-1])
             model_files["votes"].append(f"{scratch}/model-votes-{len(model_files['votes']):05d}.arrow")
             votes.filter(pl.col("vote") != 0.5).select(
-                pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String), scorer=pl.col("scorer").cast(pl.Categorical),
+                pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String).str.zfill(12),
+                scorer=pl.col("scorer").cast(pl.Categorical),
                 vote="vote").write_ipc(model_files["votes"][-1])
             counts["pairs"] += wide.height
             counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())

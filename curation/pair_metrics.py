@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
 from curation.votes import as_lazy
@@ -170,14 +171,22 @@ def pair_metrics(
     pair_frame = pair_frame.with_columns(_direction=direction)
 
     scale = config.rho / math.sqrt(config.reference_batch_size)  # s = scale * (normalized margin toward label)
-    margin = pl.col("normalized_margin")
-    # Per-pair sums over the scorer annotators, toward image_0; the direction is applied after the
-    # join using sigmoid(-x) = 1 - sigmoid(x), so the votes need no join before the group_by.
-    per_pair = (
-        as_lazy(votes, "votes", ["pair_id", "normalized_margin"])
-        .group_by("pair_id").agg(_k=pl.len(), _sig0=(1.0 / (1.0 + (-scale * margin).exp())).sum(),
-                                 _m=margin.sum(), _t2=(margin**2).sum())
-    )
+    # Per-pair sums over the scorer annotators, toward image_0; the direction is applied afterwards
+    # using sigmoid(-x) = 1 - sigmoid(x). Summed by np.bincount in the order of the votes: polars'
+    # parallel group_by sums vary in the last bits from run to run, and curate must be reproducible.
+    pair_frame = pair_frame.with_row_index("_row").collect()
+    voted = (as_lazy(votes, "votes", ["pair_id", "normalized_margin"])
+             .select(pl.col("pair_id").cast(pl.String), pl.col("normalized_margin").cast(pl.Float64))
+             .join(pair_frame.lazy().select("pair_id", "_row"), on="pair_id", how="inner", maintain_order="left")
+             .collect())
+    row, n_rows = voted["_row"].to_numpy().astype(np.int64), pair_frame.height  # (V,) the pair of each vote
+    margin = voted["normalized_margin"].fill_null(np.nan).to_numpy()  # (V,); a null adds nothing to the sums
+    given = ~np.isnan(margin)
+    sums = {"_k": np.bincount(row, minlength=n_rows).astype(np.uint32),
+            "_sig0": np.bincount(row, np.where(given, 1.0 / (1.0 + np.exp(-scale * margin)), 0.0), n_rows),
+            "_m": np.bincount(row, np.where(given, margin, 0.0), n_rows),
+            "_t2": np.bincount(row, np.where(given, margin**2, 0.0), n_rows)}
+    pair_frame = pair_frame.with_columns(**{name: pl.Series(name, value) for name, value in sums.items()}).lazy()
     direction = pl.col("_direction")
     k = pl.col("_k").fill_null(0)
     sig = pl.when(direction > 0).then(pl.col("_sig0")).otherwise(k - pl.col("_sig0")).fill_null(0.0)
@@ -201,7 +210,7 @@ def pair_metrics(
     else:
         offset = 0.0
     return (
-        pair_frame.join(per_pair, on="pair_id", how="left", maintain_order="left")
+        pair_frame
         .with_columns(n_annotators=k.cast(pl.Int64), _sig=sig, _t=t, _t2=t2)
         .with_columns(confidence=pl.when(decided).then(pl.col("_sig") / pl.col("n_annotators")),
                       stability=pl.when(decided & (pl.col("n_annotators") >= 2)).then(

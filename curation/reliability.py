@@ -162,12 +162,25 @@ def label_reliability(
     vote_0 = (vote_frame["vote"] == 1.0).to_numpy().astype(bool)
     known = vote_row >= 0
     vote_row, scorer_code, vote_0 = vote_row[known], scorer_code[known], vote_0[known]
-    _, first = np.unique(pair_item[vote_row] * max(len(scorers), 1) + scorer_code, return_index=True)
-    first.sort()  # keep the first vote in input order
-    s_row, s_code, s_vote0 = vote_row[first], scorer_code[first], vote_0[first]
+    # One vote per (item, scorer): the vote on the item's pair with the smallest pair_id. The pairs of an
+    # item may show its images either way round, and the two-coin model reads (vote, orientation) as
+    # different labels, so "the first vote in input order" made the fit depend on the order of the
+    # pairs. Only pairs whose item has several pairs need their id's rank (a sort of those ids alone).
+    repeated = np.flatnonzero(np.bincount(pair_item, minlength=n_items)[pair_item] > 1)  # (P',) pair rows
+    id_rank = np.zeros(n_pairs, np.int64)
+    id_rank[repeated] = labels["pair_id"][repeated].rank("ordinal").to_numpy().astype(np.int64)
+    vote_key = pair_item[vote_row] * max(len(scorers), 1) + scorer_code  # (V,)
+    by_key = np.lexsort((id_rank[vote_row], vote_key))
+    first = by_key[np.r_[True, vote_key[by_key[1:]] != vote_key[by_key[:-1]]]] if by_key.size else by_key
+    s_row, s_code, s_vote0 = vote_row[first], scorer_code[first], vote_0[first]  # ordered by (item, scorer)
 
+    # Decisive human labels ordered by (item, orientation, choice, user): the float sums over them (the
+    # EM's statistics, each item's evidence) then do not depend on the order of the pairs.
     human_rows = np.flatnonzero(is_decisive)
-    user_code = _dense_codes(labels.select("user_id").filter(pl.Series(is_decisive)))
+    user_of_row = _dense_codes(labels.select("user_id"))  # (P,) order-free codes, like pair_item
+    human_rows = human_rows[np.lexsort((user_of_row[human_rows], label_0[human_rows] == 1.0,
+                                        pair_flip[human_rows], pair_item[human_rows]))]
+    user_code = np.unique(user_of_row[human_rows], return_inverse=True)[1].astype(np.int64)  # annotators with a decisive label
     n_users = int(user_code.max()) + 1 if user_code.size else 0
     worker = np.concatenate([user_code, n_users + s_code]).astype(np.int64)
     item = np.concatenate([pair_item[human_rows], pair_item[s_row]]).astype(np.int64)

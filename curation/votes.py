@@ -171,10 +171,23 @@ def rms_spreads_sql(lookup_sql: str, scorers: Mapping[str, bool]) -> str:
     return f"SELECT {', '.join(columns)} FROM ({lookup_sql})"
 
 
-def rms_spreads(con, lookup_sql: str, scorers: Mapping[str, bool]) -> dict[str, float]:
+def rms_spreads(con, lookup_sql: str, scorers: Mapping[str, bool], *, deterministic: bool = False) -> dict[str, float]:
     """scorer -> sqrt(mean(margin^2)) over `lookup_sql`, in one DuckDB aggregate (no rows leave DuckDB);
-    0 for a scorer without votes. The same value as SpreadAccumulator(..., "rms") up to summation order."""
-    row = con.sql(rms_spreads_sql(lookup_sql, scorers)).fetchall()[0]
+    0 for a scorer without votes. The same value as SpreadAccumulator(..., "rms") up to summation order.
+
+    DuckDB's threads each sum a share of the rows and the partial sums are added in the order the
+    threads finish, so the last bits vary between runs. `deterministic`: the aggregate runs on one
+    thread, summing in the scan order of `lookup_sql` (give it a fixed order, e.g. a table inserted
+    in sorted order); the connection's thread count is restored afterwards."""
+    if not deterministic:
+        row = con.sql(rms_spreads_sql(lookup_sql, scorers)).fetchall()[0]
+    else:
+        threads = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
+        con.execute("SET threads = 1")
+        try:
+            row = con.sql(rms_spreads_sql(lookup_sql, scorers)).fetchall()[0]
+        finally:
+            con.execute(f"SET threads = {int(threads)}")
     return {name: math.sqrt(row[2 * i] / row[2 * i + 1]) if row[2 * i + 1] else 0.0 for i, name in enumerate(scorers)}
 
 
