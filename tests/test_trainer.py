@@ -454,6 +454,10 @@ def test_preflight_imports_no_torch_and_the_cli_refuses_bad_input_in_one_line(as
     assert helped.returncode == 0
     checkpointing = helped.stdout[helped.stdout.index("  --gradient-checkpointing"):].split("\n  --")[0]
     assert "30% slower" in " ".join(checkpointing.split()) and "{" not in checkpointing
+    # The parser (names, recipes, β conventions) needs no torch: --help answers without the slow imports.
+    probe = "import sys, training.config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 def test_resolution_defaults_to_the_models_own(assets):

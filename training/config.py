@@ -16,7 +16,7 @@ import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from training.losses import LOSS_TYPES, beta_from_adaptive_dpo
+from training.conventions import LOSS_TYPES, beta_from_adaptive_dpo
 from training.recipes import RECIPES, apply_recipe, recipe_help
 
 

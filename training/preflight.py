@@ -313,7 +313,7 @@ def cli_prelude(argv: list[str]) -> None:
     """The trainer CLI's first steps, before diffusers and peft are imported (~15 s on a loaded machine): parse
     (``--help`` exits 0, a usage error 2), check the inputs (one line on stderr, exit 3), and when this is the
     one process of ``accelerate launch --cpu --num_processes N``, run N ranks and exit with their status."""
-    from training.config import parse_args  # imports torch through training.losses, nothing heavier
+    from training.config import parse_args  # no torch: names and β conventions come from training.conventions
 
     try:
         config = parse_args(argv)
