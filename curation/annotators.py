@@ -157,6 +157,8 @@ def dawid_skene_pairs(
 
     Returns:
         sensitivity a (W,), specificity b (W,), posterior P(item's first image is better) (I,).
+        a and b do not depend on the order of the labels (bit for bit); the posterior sums each item's
+        labels in their order, so it does up to rounding.
     """
     if n_workers is None:
         n_workers = int(worker.max()) + 1 if worker.size else 0

@@ -166,11 +166,15 @@ def label_reliability(
     # item may show its images either way round, and the two-coin model reads (vote, orientation) as
     # different labels, so "the first vote in input order" made the fit depend on the order of the
     # pairs. Only pairs whose item has several pairs need their id's rank (a sort of those ids alone).
-    repeated = np.flatnonzero(np.bincount(pair_item, minlength=n_items)[pair_item] > 1)  # (P',) pair rows
-    id_rank = np.zeros(n_pairs, np.int64)
-    id_rank[repeated] = labels["pair_id"][repeated].rank("ordinal").to_numpy().astype(np.int64)
+    # (Pairs given in pair_id order, as curate gives them, need no sort: the rank is the row.)
+    if labels["pair_id"].is_sorted():
+        id_rank = np.arange(n_pairs, dtype=np.int64)
+    else:
+        repeated = np.flatnonzero(np.bincount(pair_item, minlength=n_items)[pair_item] > 1)  # (P',) pair rows
+        id_rank = np.zeros(n_pairs, np.int64)
+        id_rank[repeated] = labels["pair_id"][repeated].rank("ordinal").to_numpy().astype(np.int64)
     vote_key = pair_item[vote_row] * max(len(scorers), 1) + scorer_code  # (V,)
-    by_key = np.lexsort((id_rank[vote_row], vote_key))
+    by_key = _argsort_by(vote_key, id_rank[vote_row])
     first = by_key[np.r_[True, vote_key[by_key[1:]] != vote_key[by_key[:-1]]]] if by_key.size else by_key
     s_row, s_code, s_vote0 = vote_row[first], scorer_code[first], vote_0[first]  # ordered by (item, scorer)
 
@@ -178,8 +182,8 @@ def label_reliability(
     # EM's statistics, each item's evidence) then do not depend on the order of the pairs.
     human_rows = np.flatnonzero(is_decisive)
     user_of_row = _dense_codes(labels.select("user_id"))  # (P,) order-free codes, like pair_item
-    human_rows = human_rows[np.lexsort((user_of_row[human_rows], label_0[human_rows] == 1.0,
-                                        pair_flip[human_rows], pair_item[human_rows]))]
+    human_rows = human_rows[_argsort_by(4 * pair_item[human_rows] + 2 * pair_flip[human_rows]
+                                        + (label_0[human_rows] == 1.0), user_of_row[human_rows])]
     user_code = np.unique(user_of_row[human_rows], return_inverse=True)[1].astype(np.int64)  # annotators with a decisive label
     n_users = int(user_code.max()) + 1 if user_code.size else 0
     worker = np.concatenate([user_code, n_users + s_code]).astype(np.int64)
@@ -241,6 +245,17 @@ def label_reliability(
                                                      where=n_judged > 0)).fill_nan(None),
     }).cast(SCORER_RELIABILITY_SCHEMA)
     return per_pair, per_scorer
+
+
+def _argsort_by(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """(n,) order of the rows by (major, minor), two non-negative int64 arrays: one sort of a combined
+    key when it fits in 63 bits, else np.lexsort."""
+    if major.size == 0:
+        return np.zeros(0, np.int64)
+    span = int(minor.max()) + 1
+    if (int(major.max()) + 1) * span < 2**62:
+        return np.argsort(major.astype(np.int64) * span + minor, kind="stable")
+    return np.lexsort((minor, major))
 
 
 def _dense_codes(keys: pl.DataFrame) -> np.ndarray:
