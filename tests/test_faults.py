@@ -85,11 +85,10 @@ def content(lake: Lake) -> dict[str, str]:
         digests[table] = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
     from curation.curate import current_run
 
-    # The run id names the score files, whose txids are random: compare its tables. Only `consensus`: two
-    # uninterrupted curations of one lake give votes that differ in the last bits and pair_metrics and
-    # annotators that differ more (seen while writing this suite; curation's own tests own that).
+    # The run id names the score files, whose txids are random: compare its tables, every one of them
+    # (curation is deterministic: tests/test_curate_reproducible.py).
     run = current_run(lake)
-    for name in ("consensus",):
+    for name in ("votes", "consensus", "pair_metrics", "annotators", "scorer_reliability"):
         path = lake.join("curation", run["run_id"], f"{name}.parquet") if run else None
         if path and os.path.exists(path):
             rows = pq.read_table(path)
