@@ -485,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Exception as exc:
+        stages = sys.modules.get("flows.stages")
+        if stages is not None and isinstance(exc, stages.TrainingFailed) and not args.debug:
+            print(f"prefcurate {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_INTERNAL
         if args.debug or not _is_input_error(exc, args.command):
             raise
         text = str(exc).splitlines() if args.command != "sql" else str(exc).splitlines()[:1]

@@ -175,6 +175,10 @@ def launch_argv(num_processes: int, argv: list[str]) -> list[str]:
             "--main_process_port", str(_free_port()), "-m", "training.trainer", *argv]
 
 
+class TrainingFailed(RuntimeError):
+    """The training processes ended with an error they reported themselves: one line from the CLI, exit 1."""
+
+
 def run_train(snapshot: str, model: str, output: str, loss: str = "dpo", options: list[str] | None = None,
               num_processes: int = 1) -> dict:
     """Train on a snapshot folder. One process: the trainer's own entry point in this process; N > 1:
@@ -200,7 +204,8 @@ def run_train(snapshot: str, model: str, output: str, loss: str = "dpo", options
                 pass
         print(line)
     if done.returncode != 0 or last is None:
-        raise RuntimeError(f"accelerate launch of {num_processes} training processes exited {done.returncode}")
+        raise TrainingFailed(f"accelerate launch of {num_processes} training processes exited {done.returncode} "
+                             "(the ranks' own messages are above)")
     metrics = os.path.join(output, "metrics.jsonl")
     losses = []
     if os.path.isfile(metrics):
