@@ -317,11 +317,21 @@ def assemble(c, runs, data, base, base_summary, pairs, crowd, timings, partial) 
     return result
 
 
+def complete_blocks(c: ExperimentConfig, runs: list[dict]) -> list[dict]:
+    """The runs of the (condition, training seed) blocks in which every method of the config finished: methods are
+    compared on the same seeds only (a stopped run leaves its last block incomplete; its runs stay in results.json)."""
+    done: dict[tuple, set] = {}
+    for r in runs:
+        done.setdefault((r["scenario"], r["noise"], r["seed"]), set()).add(r["method"])
+    return [r for r in runs if done[(r["scenario"], r["noise"], r["seed"])] >= set(c.methods)]
+
+
 def summarise(c: ExperimentConfig, runs: list[dict]) -> list[dict]:
     """One row per method x condition (with at least one finished seed): seed-averaged gain with a 95 % CI over
     training seeds and held-out captions (``bootstrap_ci``), and the same for the paired difference to DPO in that
-    condition (same seeds, captions); share of the clean-DPO gain."""
+    condition (same seeds, captions); share of the clean-DPO gain. Complete (condition, seed) blocks only."""
     caption_of = np.repeat(np.arange(c.eval_captions), c.eval_seeds)
+    runs = complete_blocks(c, runs)
 
     def mine(method: str, condition) -> list[dict]:
         return sorted((r for r in runs if r["method"] == method and (r["scenario"], r["noise"]) == tuple(condition)),
@@ -369,8 +379,9 @@ def bootstrap_ratio_ci(num: np.ndarray, den: np.ndarray, n: int, seed: int) -> t
 
 def verdicts(c: ExperimentConfig, runs: list[dict], data: dict, table: list[dict]) -> list[dict]:
     """The claims of issue 11, each with its number, interval and verdict (holds / does not hold / not resolved:
-    the 95 % interval straddles the threshold)."""
+    the 95 % interval straddles the threshold). Complete (condition, seed) blocks only."""
     caption_of = np.repeat(np.arange(c.eval_captions), c.eval_seeds)
+    runs = complete_blocks(c, runs)
 
     def gains(method: str, condition) -> dict[int, np.ndarray]:  # seed -> (C,) mean gain per caption
         return {r["seed"]: np.bincount(caption_of, r["gain"]["reward"]) / np.bincount(caption_of) for r in runs
@@ -471,6 +482,9 @@ def resummarise(out: Path, merge: tuple[Path, ...] = ()) -> dict:
         result["progress"]["runs_done"] = len(result["runs"])
     c = config_from_dict({**result["config"], "only": ()})
     result["config"]["only"] = []
+    order = [tag(k) for k in c.conditions()]
+    result["data"] = {k: result["data"][k] for k in sorted(result["data"], key=lambda k: order.index(k)
+                                                           if k in order else len(order))}
     result["table"] = summarise(c, result["runs"])
     result["verdicts"] = verdicts(c, result["runs"], result["data"], result["table"])
     write_report(out, result)
@@ -480,16 +494,18 @@ def resummarise(out: Path, merge: tuple[Path, ...] = ()) -> dict:
 def markdown(result: dict) -> str:
     c, t = result["config"], result["timings_s"]
     progress = result["progress"]
-    done = sorted({r["seed"] for r in result["runs"]})
+    used = complete_blocks(config_from_dict(c), result["runs"])
+    done = sorted({r["seed"] for r in used})
     partial = "" if progress["runs_done"] == progress["runs_planned"] else (
         f"**PARTIAL: {progress['runs_done']} of {progress['runs_planned']} runs finished (training seeds "
-        f"{c['train_seeds']} planned; complete seeds: {progress['seeds_done']}).** ")
+        f"{c['train_seeds']} planned); the table uses the {len(used)} runs of (condition, seed) blocks that every "
+        f"method finished.** ")
     lines = [
         "# Small world v2: structured crowd noise", "",
         partial + f"True-reward gain over the base model on {c['eval_captions']} held-out captions x "
         f"{c['eval_seeds']} seeds (paired: same initial noise); mean over training seeds {list(done)}; 95 % CI = "
         f"two-level bootstrap (training seeds, then held-out captions); 'vs DPO' = paired difference to DPO in the "
-        f"same condition (same seeds and captions). Base true reward {result['base_eval']['reward']:.4f}. "
+        f"same condition (same seeds and captions); per seed: the seeds of that row. Base true reward {result['base_eval']['reward']:.4f}. "
         f"{result['pairs']['n']} pairs, {result['pairs']['labels']} labels from {c['n_annotators']} annotators; "
         f"{c['steps']} steps x {c['batch_size']} labels, lr {c['learning_rate']}, β {c['beta']}, LoRA rank "
         f"{c['lora_rank']}. Runtime {t['total_s']:.0f} s on {result['cpu_count']} cores, load average at the end "
