@@ -281,26 +281,10 @@ def test_latent_cache_gives_the_same_loss_as_encoding_every_step(assets):
 
 def test_sdxl_layout_trains_and_its_lora_loads(assets, tmp_path):
     """Two text encoders, pooled embeddings and time ids: a tiny SDXL pipeline from configuration."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import StableDiffusionXLPipeline
 
-    from training.components import CLIP_TOKENIZER_DIR
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=64,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 32, use_linear_projection=True)
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8)
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
-    StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer, tokenizer_2=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)), unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-    ).save_pretrained(tmp_path / "sdxl")
+    from training.components import build_tiny_sdxl_pipeline
+    build_tiny_sdxl_pipeline(tmp_path / "sdxl", seed=0)
     assert load_components(tmp_path / "sdxl").is_sdxl
     for loss in ("dpo", "ncp-dpo"):
         result = train(config(assets, f"sdxl-{loss}", model=str(tmp_path / "sdxl"), loss=loss,
