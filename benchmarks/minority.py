@@ -113,6 +113,7 @@ class ExperimentConfig:
     bootstrap: int = 2000
     seed: int = 0
     threads: int = 1  # tiny tensors: one thread is faster than two on 2 shared cores
+    curate_only: bool = False  # stop after curation: print each condition's label quality and detection (no training)
     only: tuple[str, ...] = ()  # condition tags (e.g. minority40) to curate and train; empty = all. Splits a run
     #                             across processes; ``--resummarise --merge`` joins their results.json
     pretrain: dict = field(default_factory=dict)  # PretrainConfig overrides when the model must be built
@@ -265,6 +266,10 @@ def run(c: ExperimentConfig) -> dict:
     timings["curation_s"] = time.perf_counter() - t0
     print(f"[{time.perf_counter() - started:7.0f} s] {len(pairs.captions)} pairs, {crowd.n_labels} labels, "
           f"{len(data)} conditions curated", file=sys.stderr, flush=True)
+
+    if c.curate_only:
+        return {"config": asdict(c), "data": {tag(k): v for k, v in data.items()},
+                "timings_s": {k: round(v, 1) for k, v in timings.items()}}
 
     # held-out evaluation set: captions never in a pair, seeds disjoint from the pair seeds
     eval_caps = [cap for cap in heldout for _ in range(c.eval_seeds)]
@@ -585,6 +590,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig | None, 
         if f.name == "pretrain":
             continue
         value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=None)
+            continue
         kind = (type(value[0]) if value else str) if isinstance(value, tuple) else type(value)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             nargs="+" if isinstance(value, tuple) else None)
@@ -617,7 +625,10 @@ if __name__ == "__main__":
     quiet_libraries()
     try:
         config, report_only = parse_args(sys.argv[1:])
-        print(markdown(resummarise(*report_only) if report_only else run(config)))
+        if config is not None and config.curate_only:
+            print(json.dumps(run(config)["data"], indent=1, default=str))
+        else:
+            print(markdown(resummarise(*report_only) if report_only else run(config)))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
