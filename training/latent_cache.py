@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +57,8 @@ def build_cache(components: Components, snapshot: Snapshot, root: Path, resoluti
     """Encode the whole snapshot into ``root`` unless ``root/complete.json`` exists; returns ``root``."""
     if (root / COMPLETE).is_file():
         return root
-    partial = root.with_name(root.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # a folder of this process's own: two runs (or ranks) building the same cache at once must not share it
+    partial = root.with_name(f"{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     partial.mkdir(parents=True)
     dtype = components.unet.dtype
     empty, empty_pooled = encode_prompts(components, [""], device, dtype)
@@ -84,8 +86,14 @@ def build_cache(components: Components, snapshot: Snapshot, root: Path, resoluti
             name = f"shard-{s:05d}-rg-{g:05d}.safetensors"
             save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, partial / name)
     (partial / COMPLETE).write_text(json.dumps({"snapshot_id": snapshot.snapshot_id, "resolution": resolution}))
-    shutil.rmtree(root, ignore_errors=True)
-    partial.rename(root)
+    if root.exists() and not (root / COMPLETE).is_file():
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished cache of an older layout
+    try:
+        partial.rename(root)
+    except OSError:
+        if not (root / COMPLETE).is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished the same cache first: keep its copy
     return root
 
 
