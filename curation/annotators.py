@@ -249,6 +249,7 @@ def annotator_stats(
     consensus: pl.DataFrame | pl.LazyFrame,
     pair_metrics: pl.DataFrame | pl.LazyFrame,
     config: AnnotatorStatsConfig = AnnotatorStatsConfig(),
+    label_model: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """One row per annotator (non-null user_id of `pairs`), sorted by user_id.
 
@@ -258,6 +259,10 @@ def annotator_stats(
         pair_metrics: output of `curation.pair_metrics.pair_metrics` with label_source="human", so
             that minority_score measures this annotator's label.
         config: see `AnnotatorStatsConfig`.
+        label_model: the per-annotator frame of `curation.reliability.label_model` (the joint crowd
+            model with the scorers as learned features). Given, its sensitivity, specificity and
+            leave-one-out reliability fill the Dawid-Skene columns; None: a two-coin Dawid-Skene
+            with the scorers' equal-vote majority as each item's prior (`dawid_skene_pairs`).
 
     Returns columns (rates are null when their denominator is 0):
         n_labels, n_ties, tie_rate (label_0 = 0.5), n_decisive, left_rate (share of decisive labels
@@ -272,10 +277,11 @@ def annotator_stats(
         reliability_method. A spammer has sensitivity + specificity ~ 1, a position-biased clicker
         a high sensitivity and a low specificity, a reliable annotator both high.
     """
-    return annotator_table(annotator_rows(pairs, consensus, pair_metrics), config)
+    return annotator_table(annotator_rows(pairs, consensus, pair_metrics), config, label_model)
 
 
-def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = AnnotatorStatsConfig()) -> pl.DataFrame:
+def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = AnnotatorStatsConfig(),
+                    label_model: pl.DataFrame | None = None) -> pl.DataFrame:
     """`annotator_stats` from the compact rows of `annotator_rows` (which the curate stage gathers one
     chunk of pairs at a time and concatenates)."""
     excess = pl.col("votes_for_0") / pl.col("n_scorers") - 0.5  # null/NaN when no scorer voted
@@ -346,20 +352,23 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
     reliability_bb = (agreement_shrunk - config.left_penalty * np.abs(left_shrunk - population_left)
                       - config.tie_penalty * np.maximum(tie_shrunk - population_tie, 0.0))
 
-    # Dawid-Skene over decisive labels; the prior on each item's winner comes from the scorer votes:
-    # (mean votes for the item's first image + a) / (mean n_scorers + 2a) over its decisive rows.
-    n_scorers = rows["n_scorers"].cast(pl.Float64).fill_null(0.0).to_numpy()
-    votes_for_0 = rows["votes_for_0"].cast(pl.Float64).fill_null(0.0).to_numpy()
-    votes_first = np.where(flip, n_scorers - votes_for_0, votes_for_0)
-    item_rows = np.maximum(np.bincount(item, decisive, n_items), 1.0)  # (I,)
-    a = config.ds_prior_pseudo_votes
-    prior_first = ((np.bincount(item, np.where(decisive, votes_first, 0.0), n_items) / item_rows + a)
-                   / (np.bincount(item, np.where(decisive, n_scorers, 0.0), n_items) / item_rows + 2 * a))
-    sens, spec, _ = dawid_skene_pairs(
-        worker[decisive], item[decisive], flip[decisive], label[decisive] == 1.0, np.clip(prior_first, 1e-6, 1 - 1e-6),
-        n_workers=n_workers, accuracy_prior_strength=config.ds_accuracy_prior_strength,
-        max_iter=config.ds_max_iter, tol=config.ds_tol)
-    reliability_ds = (sens + spec) / 2
+    if label_model is not None:
+        sens, spec, reliability_ds = _joint_columns(user_names, label_model)
+    else:
+        # Dawid-Skene over decisive labels; the prior on each item's winner comes from the scorer votes:
+        # (mean votes for the item's first image + a) / (mean n_scorers + 2a) over its decisive rows.
+        n_scorers = rows["n_scorers"].cast(pl.Float64).fill_null(0.0).to_numpy()
+        votes_for_0 = rows["votes_for_0"].cast(pl.Float64).fill_null(0.0).to_numpy()
+        votes_first = np.where(flip, n_scorers - votes_for_0, votes_for_0)
+        item_rows = np.maximum(np.bincount(item, decisive, n_items), 1.0)  # (I,)
+        a = config.ds_prior_pseudo_votes
+        prior_first = ((np.bincount(item, np.where(decisive, votes_first, 0.0), n_items) / item_rows + a)
+                       / (np.bincount(item, np.where(decisive, n_scorers, 0.0), n_items) / item_rows + 2 * a))
+        sens, spec, _ = dawid_skene_pairs(
+            worker[decisive], item[decisive], flip[decisive], label[decisive] == 1.0,
+            np.clip(prior_first, 1e-6, 1 - 1e-6), n_workers=n_workers,
+            accuracy_prior_strength=config.ds_accuracy_prior_strength, max_iter=config.ds_max_iter, tol=config.ds_tol)
+        reliability_ds = (sens + spec) / 2
 
     def ratio(num: np.ndarray, den: np.ndarray) -> pl.Series:  # (W,), null where den is 0
         return pl.Series(np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)).fill_nan(None)
@@ -415,6 +424,20 @@ def annotator_rows(pairs: pl.DataFrame | pl.LazyFrame, consensus: pl.DataFrame |
                     n_scorers=pl.col("n_scorers"), votes_for_0=pl.col("votes_for_0"),
                     consensus_label=pl.col("consensus_label"), minority_score=pl.col("minority_score"))
             .cast(ANNOTATOR_ROWS_SCHEMA).collect())
+
+
+def _joint_columns(user_names: pl.Series, label_model: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sensitivity, specificity, reliability) (W,) of the sorted `user_names` from the label model's
+    per-annotator frame; an annotator without a decisive label (absent there) gets the label-weighted
+    means, as a Dawid-Skene worker without labels gets the pooled values."""
+    model = label_model.select("user_id", "n_decisive", "sensitivity", "specificity", "reliability")
+    joined = pl.DataFrame({"user_id": user_names}).join(model, on="user_id", how="left", maintain_order="left")
+    n = model["n_decisive"].cast(pl.Float64)
+    out = []
+    for column in ("sensitivity", "specificity", "reliability"):
+        pooled = float((model[column] * n).sum() / n.sum()) if n.sum() > 0 else 0.5
+        out.append(joined[column].fill_null(pooled).to_numpy().astype(np.float64))
+    return out[0], out[1], out[2]
 
 
 def _mix64(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ from curation.annotators import AnnotatorStatsConfig, annotator_rows, annotator_
 from curation.consensus import TiePolicy, consensus
 from curation.lake import STAGING, Lake
 from curation.pair_metrics import PairMetricsConfig, pair_metrics
-from curation.reliability import LabelModelConfig, label_reliability
+from curation.reliability import LabelModelConfig, label_model
 from curation.votes import VOTES_SCHEMA, compute_votes, create_score_tables, rms_spreads, score_lookup_sql, vote_rows
 
 
@@ -286,7 +286,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             votes.filter(pl.col("vote") != 0.5).select(
                 pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String).str.zfill(12),
                 scorer=pl.col("scorer").cast(pl.Categorical),
-                vote="vote").write_ipc(model_files["votes"][-1])
+                vote="vote", normalized_margin="normalized_margin").write_ipc(model_files["votes"][-1])
             counts["pairs"] += wide.height
             counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())
             counts["minority_pairs"] += int((metrics["minority_score"] > threshold).sum())
@@ -301,10 +301,10 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             return None
         rows = pl.concat(label_rows, rechunk=False)  # the chunks' buffers, not a copy
         label_rows.clear()
-        annotators = annotator_table(rows, config.annotators)
+        posterior, scorer_reliability, joint = label_model(pl.scan_ipc(model_files["pairs"]),
+                                                           pl.scan_ipc(model_files["votes"]), config.label_model)
+        annotators = annotator_table(rows, config.annotators, joint)
         del rows
-        posterior, scorer_reliability = label_reliability(pl.scan_ipc(model_files["pairs"]),
-                                                          pl.scan_ipc(model_files["votes"]), config.label_model)
         metrics_sink, offset = _ParquetSink(lake, f"{run_dir}/pair_metrics.parquet"), 0
         for path in staged_metrics:
             chunk = pl.read_ipc(path)
@@ -396,8 +396,8 @@ def compute_tables(pairs: pl.DataFrame, scores: pl.DataFrame, scorers: list[str]
     else:
         votes = pl.DataFrame(schema=VOTES_SCHEMA)
     agreed, metrics = pair_tables(votes, pairs, scorers, config)
-    annotators = annotator_stats(pairs, agreed, metrics, config.annotators)
-    posterior, scorer_reliability = label_reliability(pairs, votes, config.label_model)
+    posterior, scorer_reliability, joint = label_model(pairs, votes, config.label_model)
+    annotators = annotator_stats(pairs, agreed, metrics, config.annotators, joint)
     metrics = metrics.join(posterior, on="pair_id", how="left", maintain_order="left")
     return {"votes": votes, "consensus": agreed, "pair_metrics": metrics, "annotators": annotators,
             "scorer_reliability": scorer_reliability}

@@ -40,12 +40,12 @@ snapshot of the minority annotators keeps all 265, of which 84 % point at the mi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import polars as pl
 
-from curation.annotators import dawid_skene_pairs
 from curation.votes import as_lazy
 
 
@@ -58,30 +58,52 @@ LABEL_RELIABILITY_SCHEMA = {
 SCORER_RELIABILITY_SCHEMA = {
     "scorer": pl.String, "n_votes": pl.Int64, "sensitivity": pl.Float64, "specificity": pl.Float64,
     "reliability": pl.Float64, "log_odds_for_0": pl.Float64, "log_odds_for_1": pl.Float64,
-    "agreement_with_humans": pl.Float64,
+    "agreement_with_humans": pl.Float64, "weight": pl.Float64,
+}
+LABEL_MODEL_ANNOTATORS_SCHEMA = {
+    "user_id": pl.String, "n_decisive": pl.Int64, "sensitivity": pl.Float64, "specificity": pl.Float64,
+    "loo_sensitivity": pl.Float64, "loo_specificity": pl.Float64, "majority_taste": pl.Float64,
+    "reliability": pl.Float64,
 }
 
 
 @dataclass(frozen=True)
 class LabelModelConfig:
     prior_first: float = 0.5
-    """Prior P(an item's first image is better). Items order their images by id, which carries no
-    information about quality, so the prior is flat."""
+    """Prior P(an item's first image is better) without scorer evidence. Items order their images by
+    id, which carries no information about quality, so the prior is flat."""
     accuracy_prior_strength: float = 4.0
-    """Pseudo-labels shrinking each voter's a, b toward the pooled values (as the annotators table):
-    an annotator with 3 labels cannot get a = 1; a scorer with thousands of votes is unaffected."""
+    """Pseudo-labels shrinking each annotator's a, b toward the pooled values (as the annotators
+    table): an annotator with 3 labels cannot get a = 1."""
+    ridge: float = 1.0
+    """Gaussian prior N(0, 1 / ridge) on each scorer weight (per unit of normalised margin). Against
+    thousands of items it is negligible; it keeps w finite when a scorer separates the labels."""
+    newton_steps: int = 2
+    """Newton steps on w per M-step: w starts from the previous M-step's, so a few steps track the
+    optimum (the EM converges all the same, as a generalised EM)."""
+    max_abs_margin: float = 5.0
+    """Clip of each normalised margin (units: a typical margin of that scorer) before the logistic: a
+    linear log-odds would otherwise let one outlier pair's margin decide it outright."""
+    truth_direction: Literal["majority_taste", "pooled"] = "majority_taste"
+    """Direction of the scorer weights. "median_taste": the label-weighted coordinate-wise median of the
+    annotators' own tastes (`annotator_tastes`), scaled by the EM: the taste of the annotators who give
+    most labels, which a minority group cannot move. "pooled": Raykar's w fitted on all labels, a
+    compromise between tastes, which leans toward a minority whose taste the scorers measure more
+    precisely (measured in the module docstring)."""
     use_peers: bool = True
     """Other annotators' labels on the same two images count as evidence (Pick-a-Pic repeats pairs)."""
     max_abs_log_odds: float = 12.0
-    """Clip of every log-odds (sigmoid(12) = 1 - 6e-6): a and b are clipped at 1e-4 by the fit, and a
-    sum over several near-perfect voters would otherwise make posteriors of exactly 0 or 1."""
+    """Clip of every log-odds (sigmoid(12) = 1 - 6e-6): a sum over several near-perfect voters would
+    otherwise make posteriors of exactly 0 or 1."""
     max_iter: int = 100
     tol: float = 1e-5
+    """Stop when no a, b or w moves more than this in one iteration."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.prior_first < 1 or self.accuracy_prior_strength < 0 or self.max_abs_log_odds <= 0:
-            raise ValueError(f"need 0 < prior_first < 1, accuracy_prior_strength >= 0 and max_abs_log_odds > 0; got "
-                             f"{self.prior_first}, {self.accuracy_prior_strength}, {self.max_abs_log_odds}")
+        if not 0 < self.prior_first < 1 or self.accuracy_prior_strength < 0 or self.max_abs_log_odds <= 0 \
+                or self.ridge <= 0 or self.newton_steps < 1 or self.max_abs_margin <= 0:
+            raise ValueError(f"need 0 < prior_first < 1, accuracy_prior_strength >= 0, ridge > 0, newton_steps >= 1, "
+                             f"max_abs_margin > 0 and max_abs_log_odds > 0; got {self}")
 
 
 def log_likelihood_ratio(sensitivity: np.ndarray, specificity: np.ndarray, chose_0: np.ndarray) -> np.ndarray:
@@ -115,26 +137,253 @@ def normalise_weights(weight: np.ndarray, trusted: np.ndarray) -> np.ndarray:
     return weight / mean if mean > 0 else weight
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass(frozen=True)
+class CrowdFit:
+    """What `fit_crowd_model` returns (W annotators, M scorers, I items)."""
+    sensitivity: np.ndarray  # (W,) a_j = P(picks image_0 | image_0 better)
+    specificity: np.ndarray  # (W,) b_j = P(picks image_1 | image_1 better)
+    weight: np.ndarray  # (M,) logistic weight per unit of normalised margin (nats)
+    prior_log_odds: np.ndarray  # (I,) w . x_i: the scorers' log-odds that the item's first image is better
+    log_odds: np.ndarray  # (I,) posterior log-odds: prior + every label's lambda, toward the first image
+    loo_sensitivity: np.ndarray  # (W,) a_j against the posterior without the annotator's own labels
+    loo_specificity: np.ndarray  # (W,) b_j likewise
+    n_iter: int
+
+
+def fit_crowd_model(
+    worker: np.ndarray, item: np.ndarray, flipped: np.ndarray, chose_0: np.ndarray, features: np.ndarray, *,
+    n_workers: int | None = None, ridge: float = 1.0, newton_steps: int = 2, accuracy_prior_strength: float = 4.0,
+    prior_log_odds: float = 0.0, max_iter: int = 100, tol: float = 1e-5,
+) -> CrowdFit:
+    """Learning from crowds (Raykar et al. 2010, JMLR 11:1297-1322, §2): a logistic model of the
+    truth on item features, fitted jointly with each annotator's two-coin confusion by EM.
+
+    Args (R decisive labels, I items = unordered image pairs, M features, W annotators):
+        worker: (R,) int annotator index in [0, W); item: (R,) int item index in [0, I).
+        flipped: (R,) bool, the label's image_0 is its item's second image.
+        chose_0: (R,) bool, the label picked its own image_0.
+        features: (I, M) float x_i, each scorer's normalised margin toward the item's first image (0
+            where the scorer did not vote). M = 0: no scorers, plain two-coin Dawid-Skene.
+        prior_log_odds: constant added to every item's prior log-odds (0 = a flat prior).
+
+    Model. P(item i's first image is better | x_i) = p_i = sigmoid(w . x_i) (Raykar eq. 1; no
+    intercept: swapping the two images negates x_i, and must negate the log-odds). Annotator j picks
+    image_0 with probability a_j when image_0 is better and image_1 with probability b_j when image_1
+    is (Raykar §2.1's sensitivity alpha and specificity beta, read on the shown order so that a
+    position bias shows as a_j >> b_j). EM (Raykar §2.3):
+        E-step  mu_i = sigmoid(w . x_i + sum over the item's labels of lambda_j(y) * orient)
+                (lambda_j as in the module docstring; orient = -1 for a flipped label), Raykar's
+                mu_i = a_i p_i / (a_i p_i + b_i (1 - p_i)) in log-odds form;
+        M-step  a_j = sum_r q_r [chose_0] / sum_r q_r, b_j = sum_r (1 - q_r) [not chose_0] / sum_r (1 - q_r)
+                with q_r = P(label r's image_0 better) (Raykar's closed form, here shrunk toward the
+                pooled a, b with `accuracy_prior_strength` pseudo-labels, a MAP estimate);
+                w: `newton_steps` Newton-Raphson steps on the cross-entropy of sigmoid(X w) against
+                mu over the labelled items, with a ridge (Raykar's Hessian H = -X^T diag(p(1-p)) X).
+    The majority of the labels thus defines the truth: scorers are not voters but features whose
+    weights are learned against the crowd, and an annotator whose taste departs from the majority's
+    disagrees with mu where tastes differ (a_j + b_j falls below that of a reliable annotator).
+
+    The leave-one-out confusion loo_* is the same M-step formula with q_r computed from the item's
+    log-odds minus the annotator's own labels on it (w and the others' a, b are not refitted): on an
+    item labelled once it is the agreement with the scorers' learned prior, which the annotator's
+    own label cannot confirm.
+    """
+    worker = np.asarray(worker, dtype=np.int64)
+    item = np.asarray(item, dtype=np.int64)
+    flipped, chose_0 = np.asarray(flipped, dtype=bool), np.asarray(chose_0, dtype=bool)
+    features = np.asarray(features, dtype=np.float64)
+    n_items, n_features = features.shape
+    if n_workers is None:
+        n_workers = int(worker.max()) + 1 if worker.size else 0
+    orient = np.where(flipped, -1.0, 1.0)  # (R,) label's image_0 log-odds -> its item's first image
+    label_type = 2 * worker + chose_0  # (R,) index into the (W, 2) table of lambdas
+    labelled = np.flatnonzero(np.bincount(item, minlength=n_items) > 0)  # items the logistic is fitted on
+    x = features[labelled]  # (I', M)
+    sens, spec, w = np.full(n_workers, 0.7), np.full(n_workers, 0.7), np.zeros(n_features)
+    eps, strength = 1e-4, accuracy_prior_strength
+
+    def lambdas(sens: np.ndarray, spec: np.ndarray) -> np.ndarray:  # (2W,): label image_1, label image_0
+        return np.stack([np.log1p(-sens) - np.log(spec), np.log(sens) - np.log1p(-spec)], axis=1).ravel()
+
+    def confusion(q: np.ndarray, rows: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        # q (R',) P(label's image_0 better) of the labels `rows`; the shrunk M-step of a_j, b_j
+        worker_, chose_ = worker[rows], chose_0[rows]
+        n_labels = np.bincount(worker_, minlength=n_workers).astype(float)
+        n_chose_0 = np.bincount(worker_, chose_, minlength=n_workers)
+        q_sum = np.bincount(worker_, q, n_workers)
+        q_agree = np.bincount(worker_, np.where(chose_, q, 0.0), n_workers)
+        not_q_sum = n_labels - q_sum
+        not_q_agree = (n_labels - n_chose_0) - (q_sum - q_agree)
+        pooled_a = q_agree.sum() / max(q_sum.sum(), eps)
+        pooled_b = not_q_agree.sum() / max(not_q_sum.sum(), eps)
+        return (((q_agree + strength * pooled_a) / (q_sum + strength)).clip(eps, 1 - eps),
+                ((not_q_agree + strength * pooled_b) / (not_q_sum + strength)).clip(eps, 1 - eps))
+
+    prior = prior_log_odds + features @ w
+    evidence = np.bincount(item, lambdas(sens, spec)[label_type] * orient, n_items)  # (I,)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        mu = _sigmoid(prior + evidence)  # E-step, (I,)
+        new_sens, new_spec = confusion(_sigmoid((prior + evidence)[item] * orient))
+        new_w = w.copy()
+        if n_features:
+            target = mu[labelled]
+            for _ in range(newton_steps):
+                p = _sigmoid(prior_log_odds + x @ new_w)
+                gradient = x.T @ (target - p) - ridge * new_w
+                hessian = (x * (p * (1 - p))[:, None]).T @ x + ridge * np.eye(n_features)
+                new_w = new_w + np.linalg.solve(hessian, gradient)
+        change = max(np.abs(new_sens - sens).max(initial=0.0), np.abs(new_spec - spec).max(initial=0.0),
+                     np.abs(new_w - w).max(initial=0.0))
+        sens, spec, w = new_sens, new_spec, new_w
+        prior = prior_log_odds + features @ w
+        evidence = np.bincount(item, lambdas(sens, spec)[label_type] * orient, n_items)
+        if change < tol:
+            break
+    log_odds = prior + evidence
+    # Leave-one-out: subtract the annotator's own labels on the item (all of them: an annotator may label
+    # the same two images twice). Only items with several labels need the (item, annotator) sums.
+    row_evidence = lambdas(sens, spec)[label_type] * orient  # (R,) toward the item's first image
+    own = row_evidence.copy()
+    shared = np.flatnonzero(np.bincount(item, minlength=n_items)[item] > 1)
+    if shared.size:
+        _, key = np.unique(item[shared] * max(n_workers, 1) + worker[shared], return_inverse=True)
+        own[shared] = np.bincount(key, row_evidence[shared])[key]
+    # Labels with no evidence at all once their own are left out (flat prior, no scorer, no peer) say
+    # nothing about their annotator: they are left out rather than counted as coin flips.
+    loo = (log_odds[item] - own) * orient
+    informed = np.flatnonzero(loo != 0)
+    loo_sens, loo_spec = confusion(_sigmoid(loo[informed]), informed)
+    return CrowdFit(sens, spec, w, prior, log_odds, loo_sens, loo_spec, n_iter)
+
+
+def annotator_tastes(worker: np.ndarray, chose_0: np.ndarray, x: np.ndarray, *, n_workers: int,
+                     ridge: float = 1.0, newton_steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Each annotator's own taste: a ridge logistic regression of its choices on the scorers' margins,
+    P(annotator j picks image_0) = sigmoid(c_j + t_j . x_r) (the Bradley-Terry model with a linear
+    reward, Bradley & Terry 1952, Biometrika 39(3/4), eq. 1, plus a position intercept c_j so that a
+    left-clicker's bias does not enter its taste t_j).
+
+    Args: worker (R,) in [0, W); chose_0 (R,) bool; x (R, M) margins toward the label's image_0.
+    Returns (t (W, M), c (W,)). All annotators' Newton steps at once: per annotator the gradient and
+    the (M + 1)^2 Hessian entries are sums over its labels (np.bincount), then one batched solve.
+    """
+    n, m = x.shape
+    z = np.concatenate([np.ones((n, 1)), x], axis=1)  # (R, M + 1)
+    theta = np.zeros((n_workers, m + 1))
+    y = np.asarray(chose_0, dtype=float)
+    upper = [(i, j) for i in range(m + 1) for j in range(i, m + 1)]
+    for _ in range(newton_steps):
+        p = _sigmoid(np.einsum("rk,rk->r", z, theta[worker]))
+        gradient = np.stack([np.bincount(worker, z[:, k] * (y - p), n_workers) for k in range(m + 1)], 1) - ridge * theta
+        d = p * (1 - p)
+        hessian = np.zeros((n_workers, m + 1, m + 1))
+        for i, j in upper:
+            hessian[:, i, j] = hessian[:, j, i] = np.bincount(worker, d * z[:, i] * z[:, j], n_workers)
+        hessian += ridge * np.eye(m + 1)
+        theta = theta + np.linalg.solve(hessian, gradient[..., None])[..., 0]
+    return theta[:, 1:], theta[:, 0]
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(M,) coordinate-wise weighted median of values (W, M) with weights (W,) >= 0: the smallest value
+    whose cumulative weight reaches half the total. Its breakdown point is 1/2 (Huber 1981, Robust
+    Statistics, §3.2): as long as more than half the weight lies in one group, the median lies
+    within that group's range, whatever the rest does."""
+    if values.shape[0] == 0:
+        return np.zeros(values.shape[1])
+    order = np.argsort(values, axis=0, kind="stable")  # (W, M)
+    cumulative = np.cumsum(np.asarray(weights, dtype=float)[order], axis=0)
+    at = np.argmax(cumulative >= cumulative[-1] / 2, axis=0)  # (M,)
+    columns = np.arange(values.shape[1])
+    return values[order[at, columns], columns]
+
+
+def _label_log_likelihood(worker: np.ndarray, chose_0: np.ndarray, logit: np.ndarray, n_workers: int) -> np.ndarray:
+    """(W,) sum over each annotator's labels of log P(its choice), P(image_0) = sigmoid(logit)."""
+    return np.bincount(worker, -np.logaddexp(0.0, -np.where(chose_0, logit, -logit)), n_workers)
+
+
+def majority_taste(worker: np.ndarray, chose_0: np.ndarray, x: np.ndarray, *, n_workers: int, ridge: float = 1.0,
+                   n_rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The taste of the majority and, per annotator, the probability that it shares it.
+
+    Each annotator either labels by the common taste w (P(image_0) = sigmoid(c_j + s_j w . x), its own
+    position intercept c_j and scale s_j) or by a taste t_j of its own (`annotator_tastes`). The
+    posterior probability of the first is computed with the BIC approximation of each model's
+    marginal likelihood (Schwarz 1978, Ann. Statist. 6(2), eq. 2.1): with D_j = 2 (log L_own -
+    log L_common) and n_j labels, rho_j = sigmoid(-D_j / 2 + (M - 1) / 2 log n_j). w is then refitted
+    on every label weighted by its annotator's rho (a weighted ridge logistic regression, no
+    intercept), starting from the label-weighted coordinate-wise median of the t_j, for n_rounds.
+    A group below half of the labels cannot pull w toward its taste: its members get a small rho.
+
+    Args: worker (R,); chose_0 (R,) bool; x (R, M) margins toward the label's image_0.
+    Returns (w (M,), rho (W,)).
+    """
+    n, m = x.shape
+    n_labels = np.bincount(worker, minlength=n_workers)
+    tastes, intercepts = annotator_tastes(worker, chose_0, x, n_workers=n_workers, ridge=ridge)
+    own = _label_log_likelihood(worker, chose_0, intercepts[worker] + np.einsum("rk,rk->r", x, tastes[worker]),
+                                n_workers)
+    w = weighted_median(tastes, n_labels)
+    y = np.asarray(chose_0, dtype=float)
+    rho = np.ones(n_workers)
+    for _ in range(n_rounds):
+        z = x @ w  # (R,)
+        scale, c = annotator_tastes(worker, chose_0, z[:, None], n_workers=n_workers, ridge=ridge)
+        common = _label_log_likelihood(worker, chose_0, c[worker] + scale[worker, 0] * z, n_workers)
+        deviance = np.maximum(2.0 * (own - common), 0.0)
+        rho = _sigmoid(-deviance / 2 + (m - 1) / 2 * np.log(np.maximum(n_labels, 1)))
+        weight = rho[worker]  # (R,)
+        for _ in range(4):  # Newton steps of the weighted ridge logistic regression of the choices on x
+            p = _sigmoid(x @ w)
+            gradient = x.T @ (weight * (y - p)) - ridge * w
+            hessian = (x * (weight * p * (1 - p))[:, None]).T @ x + ridge * np.eye(m)
+            w = w + np.linalg.solve(hessian, gradient)
+    return w, rho
+
+
 def label_reliability(
     pairs: pl.DataFrame | pl.LazyFrame,
     votes: pl.DataFrame | pl.LazyFrame,
     config: LabelModelConfig = LabelModelConfig(),
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Fit the joint Dawid-Skene model; return (per-pair frame, per-scorer frame).
+    """(per-pair frame, per-scorer frame) of `label_model`."""
+    per_pair, per_scorer, _ = label_model(pairs, votes, config)
+    return per_pair, per_scorer
+
+
+def label_model(
+    pairs: pl.DataFrame | pl.LazyFrame,
+    votes: pl.DataFrame | pl.LazyFrame,
+    config: LabelModelConfig = LabelModelConfig(),
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Fit the joint crowd model (`fit_crowd_model`); return (per pair, per scorer, per annotator).
 
     Args:
         pairs: columns pair_id, user_id, label_0, image_0_id, image_1_id (lake pairs, ids resolved).
-        votes: output of `curation.votes.compute_votes` (pair_id, scorer, vote).
+        votes: output of `curation.votes.compute_votes` (pair_id, scorer, vote and, when present,
+            normalized_margin: the scorer's feature; without it the vote's sign, +-1).
 
     Returns:
-        per pair, in the order of `pairs` (LABEL_RELIABILITY_SCHEMA): scorer_log_odds L0 + S toward
-        image_0 (null without a decisive scorer vote), calibrated_label (1 / 0 / null), peer_log_odds
-        (the other humans' evidence on the same images, 0 when none or use_peers is off),
-        label_log_odds (the label's own lambda toward its chosen image) and label_posterior (P(label
-        right); null for ties and missing labels);
+        per pair, in the order of `pairs` (LABEL_RELIABILITY_SCHEMA): scorer_log_odds (the fitted
+        logistic's log-odds w . x toward image_0, null without a decisive scorer vote),
+        calibrated_label (1 / 0 / null), peer_log_odds (the other humans' evidence on the same
+        images, 0 when none or use_peers is off), label_log_odds (the label's own lambda toward its
+        chosen image) and label_posterior (P(label right); null for ties and missing labels);
         per scorer, sorted by name (SCORER_RELIABILITY_SCHEMA): n_votes (decisive, one per item),
-        sensitivity, specificity, reliability (a + b) / 2, log_odds_for_0 / _for_1 (the weight of a
-        vote either way) and agreement_with_humans (share of decisive human labels it agrees with).
+        weight (w_m, nats per typical margin), sensitivity / specificity of its votes against the
+        posterior truth, reliability (a + b) / 2, log_odds_for_0 / _for_1 (the mean evidence w_m x
+        its votes for image_0 / for image_1 carry, each toward the image voted for) and
+        agreement_with_humans (share of decisive human labels it agrees with);
+        per annotator with a decisive label, sorted by user_id (LABEL_MODEL_ANNOTATORS_SCHEMA;
+        labels without a user_id are one pseudo-annotator, ANONYMOUS): the fitted a, b, the
+        leave-one-out loo_sensitivity / loo_specificity and reliability = their mean (balanced
+        accuracy against the posterior truth without the annotator's own labels).
     """
     labels = as_lazy(pairs, "pairs", ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]).select(
         pl.col("pair_id").cast(pl.String), pl.col("user_id").cast(pl.String).fill_null(ANONYMOUS),
@@ -142,8 +391,12 @@ def label_reliability(
         _flip=pl.col("image_0_id") > pl.col("image_1_id"),
         _lo=pl.min_horizontal("image_0_id", "image_1_id"), _hi=pl.max_horizontal("image_0_id", "image_1_id"),
     ).collect()
-    vote_frame = as_lazy(votes, "votes", ["pair_id", "scorer", "vote"]).select(
-        pl.col("pair_id").cast(pl.String), "scorer", "vote").filter(pl.col("vote").is_in([0.0, 1.0])).collect()
+    vote_lazy = as_lazy(votes, "votes", ["pair_id", "scorer", "vote"])
+    margin = (pl.col("normalized_margin") if "normalized_margin" in vote_lazy.collect_schema().names()
+              else 2.0 * pl.col("vote") - 1.0)
+    vote_frame = vote_lazy.select(pl.col("pair_id").cast(pl.String), "scorer", "vote",
+                                  _margin=margin.cast(pl.Float64).fill_null(0.0).fill_nan(0.0)).filter(
+        pl.col("vote").is_in([0.0, 1.0])).collect()
     n_pairs = labels.height
     pair_item = _dense_codes(labels.select("_lo", "_hi"))  # (P,) unordered image pair of each pair row
     n_items = int(pair_item.max()) + 1 if n_pairs else 0
@@ -156,17 +409,18 @@ def label_reliability(
     row_of_id = np.full(int(ids.max()) + 1 if ids.size else 0, -1, dtype=np.int64)
     row_of_id[ids[:n_pairs]] = np.arange(n_pairs)
     vote_row = row_of_id[ids[n_pairs:]] if ids.size else np.zeros(0, np.int64)
-    scorers = sorted(vote_frame["scorer"].unique().to_list())
-    scorer_code = vote_frame["scorer"].replace_strict({m: k for k, m in enumerate(scorers)},
-                                                      return_dtype=pl.Int64).to_numpy().astype(np.int64)
+    scorers = sorted(vote_frame["scorer"].cast(pl.String).unique().to_list())
+    scorer_code = vote_frame["scorer"].cast(pl.String).replace_strict(
+        {m: k for k, m in enumerate(scorers)}, return_dtype=pl.Int64).to_numpy().astype(np.int64)
     vote_0 = (vote_frame["vote"] == 1.0).to_numpy().astype(bool)
+    vote_margin = vote_frame["_margin"].to_numpy().clip(-config.max_abs_margin, config.max_abs_margin)
     known = vote_row >= 0
-    vote_row, scorer_code, vote_0 = vote_row[known], scorer_code[known], vote_0[known]
+    vote_row, scorer_code, vote_0, vote_margin = vote_row[known], scorer_code[known], vote_0[known], vote_margin[known]
     # One vote per (item, scorer): the vote on the item's pair with the smallest pair_id. The pairs of an
-    # item may show its images either way round, and the two-coin model reads (vote, orientation) as
-    # different labels, so "the first vote in input order" made the fit depend on the order of the
-    # pairs. Only pairs whose item has several pairs need their id's rank (a sort of those ids alone).
-    # (Pairs given in pair_id order, as curate gives them, need no sort: the rank is the row.)
+    # item may show its images either way round (or with prompts that move a prompt-aware scorer), so
+    # "the first vote in input order" would make the fit depend on the order of the pairs. Only pairs
+    # whose item has several pairs need their id's rank (a sort of those ids alone). (Pairs given in
+    # pair_id order, as curate gives them, need no sort: the rank is the row.)
     if labels["pair_id"].is_sorted():
         id_rank = np.arange(n_pairs, dtype=np.int64)
     else:
@@ -176,7 +430,10 @@ def label_reliability(
     vote_key = pair_item[vote_row] * max(len(scorers), 1) + scorer_code  # (V,)
     by_key = _argsort_by(vote_key, id_rank[vote_row])
     first = by_key[np.r_[True, vote_key[by_key[1:]] != vote_key[by_key[:-1]]]] if by_key.size else by_key
-    s_row, s_code, s_vote0 = vote_row[first], scorer_code[first], vote_0[first]  # ordered by (item, scorer)
+    s_row, s_code = vote_row[first], scorer_code[first]  # ordered by (item, scorer)
+    s_orient = np.where(pair_flip[s_row], -1.0, 1.0)
+    features = np.zeros((n_items, len(scorers)))  # (I, M) normalised margin toward the item's first image
+    features[pair_item[s_row], s_code] = vote_margin[first] * s_orient
 
     # Decisive human labels ordered by (item, orientation, choice, user): the float sums over them (the
     # EM's statistics, each item's evidence) then do not depend on the order of the pairs.
@@ -184,37 +441,35 @@ def label_reliability(
     user_of_row = _dense_codes(labels.select("user_id"))  # (P,) order-free codes, like pair_item
     human_rows = human_rows[_argsort_by(4 * pair_item[human_rows] + 2 * pair_flip[human_rows]
                                         + (label_0[human_rows] == 1.0), user_of_row[human_rows])]
-    user_code = np.unique(user_of_row[human_rows], return_inverse=True)[1].astype(np.int64)  # annotators with a decisive label
-    n_users = int(user_code.max()) + 1 if user_code.size else 0
-    worker = np.concatenate([user_code, n_users + s_code]).astype(np.int64)
-    item = np.concatenate([pair_item[human_rows], pair_item[s_row]]).astype(np.int64)
-    flipped = np.concatenate([pair_flip[human_rows], pair_flip[s_row]])
-    chose_0 = np.concatenate([label_0[human_rows] == 1.0, s_vote0])
-    n_workers = n_users + len(scorers)  # annotators first, then the scorers
-    n_human = human_rows.size
-    if worker.size:
-        sens, spec, _ = dawid_skene_pairs(
-            worker, item, flipped, chose_0, np.full(n_items, config.prior_first), n_workers=n_workers,
-            accuracy_prior_strength=config.accuracy_prior_strength, max_iter=config.max_iter, tol=config.tol)
-    else:
-        sens = spec = np.zeros(0)
+    user_names = labels["user_id"].gather(human_rows).unique().sort()  # annotators with a decisive label
+    worker = user_names.search_sorted(labels["user_id"].gather(human_rows)).cast(pl.Int64).to_numpy()
+    n_users = user_names.len()
+    item = pair_item[human_rows]
+    flipped = pair_flip[human_rows]
+    chose_0 = label_0[human_rows] == 1.0
+    prior = float(np.log(config.prior_first) - np.log1p(-config.prior_first))
+    direction, shares = None, np.ones(n_users)
+    if config.truth_direction == "majority_taste" and len(scorers) and worker.size:
+        direction, shares = majority_taste(worker, chose_0, features[item] * np.where(flipped, -1.0, 1.0)[:, None],
+                                           n_workers=n_users, ridge=config.ridge)
+    fit = fit_crowd_model(worker, item, flipped, chose_0, features if direction is None else features @ direction[:, None],
+                          n_workers=n_users, ridge=config.ridge,
+                          newton_steps=config.newton_steps, accuracy_prior_strength=config.accuracy_prior_strength,
+                          prior_log_odds=prior, max_iter=config.max_iter, tol=config.tol)
+    if direction is not None:
+        fit = replace(fit, weight=fit.weight[0] * direction)
 
-    # Evidence toward each item's first image: orient = +1 when a row's image_0 is its item's first.
-    orient = np.where(flipped, -1.0, 1.0)
-    llr = log_likelihood_ratio(sens[worker], spec[worker], chose_0) if worker.size else np.zeros(0)  # (R,)
-    prior = np.log(config.prior_first) - np.log1p(-config.prior_first)
-    n_scored = np.bincount(item[n_human:], minlength=n_items)
-    scorer_first = prior + np.bincount(item[n_human:], (llr * orient)[n_human:], minlength=n_items)  # (I,)
-    human_first = np.bincount(item[:n_human], (llr * orient)[:n_human], minlength=n_items)  # (I,)
-
+    # Evidence toward each item's first image (orient = +1 when a row's image_0 is its item's first).
+    llr = log_likelihood_ratio(fit.sensitivity[worker], fit.specificity[worker], chose_0)  # (R,) toward image_0
+    human_first = np.bincount(item, llr * np.where(flipped, -1.0, 1.0), minlength=n_items)  # (I,)
+    has_scorer = (np.bincount(pair_item[s_row], minlength=n_items) > 0)[pair_item]  # (P,)
     clip = config.max_abs_log_odds
     pair_orient = np.where(pair_flip, -1.0, 1.0)
-    scorer_0 = np.clip(scorer_first[pair_item] * pair_orient, -clip, clip)  # (P,) toward the pair's image_0
-    has_scorer = n_scored[pair_item] > 0
+    scorer_0 = np.clip(fit.prior_log_odds[pair_item] * pair_orient, -clip, clip)  # (P,) toward the pair's image_0
     own_0 = np.zeros(n_pairs)  # the pair's own label's evidence toward its image_0
-    own_0[human_rows] = llr[:n_human]
+    own_0[human_rows] = llr
     peer_0 = (human_first[pair_item] * pair_orient - own_0) if config.use_peers else np.zeros(n_pairs)
-    total_0 = np.clip(np.where(has_scorer, scorer_0, prior) + peer_0 + own_0, -clip, clip)
+    total_0 = np.clip(scorer_0 + peer_0 + own_0, -clip, clip)
     toward_label = np.where(label_0 == 1.0, total_0, -total_0)
     per_pair = pl.DataFrame({
         "pair_id": labels["pair_id"],
@@ -228,23 +483,40 @@ def label_reliability(
         .fill_nan(None),
     }).cast(LABEL_RELIABILITY_SCHEMA)
 
-    # Per scorer: its confusion, and how often its votes (all of them) agree with decisive human labels.
-    k = n_users + np.arange(len(scorers))
-    a, b = (sens[k], spec[k]) if k.size else (np.zeros(0), np.zeros(0))
+    # Per scorer: its weight; its (one per item) votes' confusion against the posterior truth mu and the
+    # mean evidence they carry; how often its votes (all of them) agree with decisive human labels.
+    n_scorers = len(scorers)
+    mu_0 = _sigmoid(fit.log_odds[pair_item[s_row]] * s_orient)  # (V',) P(the voted pair's image_0 is better)
+    s_vote0 = vote_0[first]
+    q_sum, q_agree = np.bincount(s_code, mu_0, n_scorers), np.bincount(s_code, np.where(s_vote0, mu_0, 0.0), n_scorers)
+    n_votes = np.bincount(s_code, minlength=n_scorers).astype(float)
+    n_for_0 = np.bincount(s_code, s_vote0, minlength=n_scorers)
+    sens_m = np.divide(q_agree, q_sum, out=np.full(n_scorers, np.nan), where=q_sum > 0)
+    spec_m = np.divide((n_votes - n_for_0) - (q_sum - q_agree), n_votes - q_sum, out=np.full(n_scorers, np.nan),
+                       where=n_votes - q_sum > 0)
+    evidence_0 = fit.weight[s_code] * vote_margin[first]  # (V',) toward the pair's image_0
+    mean = lambda x, n: np.divide(x, n, out=np.full(n_scorers, np.nan), where=n > 0)  # noqa: E731
     judged = is_decisive[vote_row]
-    agree = np.bincount(scorer_code[judged], vote_0[judged] == (label_0[vote_row[judged]] == 1.0),
-                        minlength=len(scorers))
-    n_judged = np.bincount(scorer_code[judged], minlength=len(scorers))
+    agree = np.bincount(scorer_code[judged], vote_0[judged] == (label_0[vote_row[judged]] == 1.0), minlength=n_scorers)
     per_scorer = pl.DataFrame({
-        "scorer": pl.Series(scorers, dtype=pl.String),
-        "n_votes": np.bincount(s_code, minlength=len(scorers)).astype(np.int64),
-        "sensitivity": a, "specificity": b, "reliability": (a + b) / 2,
-        "log_odds_for_0": log_likelihood_ratio(a, b, np.ones(a.size, bool)),
-        "log_odds_for_1": -log_likelihood_ratio(a, b, np.zeros(a.size, bool)),
-        "agreement_with_humans": pl.Series(np.divide(agree, n_judged, out=np.full(len(scorers), np.nan),
-                                                     where=n_judged > 0)).fill_nan(None),
-    }).cast(SCORER_RELIABILITY_SCHEMA)
-    return per_pair, per_scorer
+        "scorer": pl.Series(scorers, dtype=pl.String), "n_votes": n_votes.astype(np.int64),
+        "sensitivity": sens_m, "specificity": spec_m, "reliability": (sens_m + spec_m) / 2,
+        "log_odds_for_0": mean(np.bincount(s_code, np.where(s_vote0, evidence_0, 0.0), n_scorers), n_for_0),
+        "log_odds_for_1": mean(np.bincount(s_code, np.where(s_vote0, 0.0, -evidence_0), n_scorers), n_votes - n_for_0),
+        "agreement_with_humans": mean(agree, np.bincount(scorer_code[judged], minlength=n_scorers).astype(float)),
+        "weight": fit.weight,
+    }).with_columns(pl.exclude("scorer", "n_votes").fill_nan(None)).cast(SCORER_RELIABILITY_SCHEMA)
+
+    per_annotator = pl.DataFrame({
+        "user_id": user_names, "n_decisive": np.bincount(worker, minlength=n_users).astype(np.int64),
+        "sensitivity": fit.sensitivity, "specificity": fit.specificity,
+        "loo_sensitivity": fit.loo_sensitivity, "loo_specificity": fit.loo_specificity,
+        "majority_taste": shares,
+        # expected balanced accuracy for the majority's taste: with probability 1 - rho the annotator labels
+        # by a taste of its own, taken as uninformative (1/2) about the majority's
+        "reliability": 0.5 + ((fit.loo_sensitivity + fit.loo_specificity) / 2 - 0.5) * shares,
+    }).cast(LABEL_MODEL_ANNOTATORS_SCHEMA)
+    return per_pair, per_scorer, per_annotator
 
 
 def _argsort_by(major: np.ndarray, minor: np.ndarray) -> np.ndarray:

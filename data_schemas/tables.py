@@ -154,8 +154,8 @@ CURATION_TABLES: dict[str, pa.Schema] = {
         _field("consensus_label", _F, "as in the consensus table"),
         _field("vote_fraction", _F, "as in the consensus table"),
         _field("human_agrees", _B, "as in the consensus table"),
-        _field("scorer_log_odds", _F, "calibrated consensus: log-odds that image_0 is better from the scorer "
-                                      "votes weighted by their Dawid-Skene reliability (null without votes)"),
+        _field("scorer_log_odds", _F, "calibrated consensus: log-odds that image_0 is better from the scorers' "
+                                      "margins, weights learned against the crowd (null without votes)"),
         _field("calibrated_label", _F, "1 if scorer_log_odds > 0, 0 if < 0, else null"),
         _field("peer_log_odds", _F, "evidence toward image_0 from other annotators' labels on the same images"),
         _field("label_log_odds", _F, "evidence of the pair's own label toward its chosen image, from its "
@@ -179,12 +179,13 @@ CURATION_TABLES: dict[str, pa.Schema] = {
     "scorer_reliability": _schema("scorer_reliability", [
         _field("scorer", _S, "scorer name"),
         _field("n_votes", _I, "decisive votes, one per unordered image pair"),
-        _field("sensitivity", _F, "P(votes image_0 | image_0 better): joint Dawid-Skene with the annotators"),
+        _field("sensitivity", _F, "P(votes image_0 | image_0 better), against the crowd model's posterior truth"),
         _field("specificity", _F, "P(votes image_1 | image_1 better)"),
         _field("reliability", _F, "(sensitivity + specificity) / 2: 0.5 = no information"),
-        _field("log_odds_for_0", _F, "weight of a vote for image_0 in the calibrated consensus, log a/(1-b)"),
-        _field("log_odds_for_1", _F, "weight of a vote for image_1, log b/(1-a)"),
+        _field("log_odds_for_0", _F, "mean evidence (nats) of its votes for image_0 in the calibrated consensus"),
+        _field("log_odds_for_1", _F, "mean evidence (nats) of its votes for image_1, toward image_1"),
         _field("agreement_with_humans", _F, "share of decisive human labels the scorer's vote agrees with"),
+        _field("weight", _F, "learned logistic weight per unit of normalised margin (Raykar et al. 2010)"),
     ]),
 }
 
