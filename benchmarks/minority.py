@@ -28,8 +28,10 @@ Writes ``results.json`` (config, truth, every run's per-image gains), ``results.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -113,6 +115,7 @@ class ExperimentConfig:
     bootstrap: int = 2000
     seed: int = 0
     threads: int = 1  # tiny tensors: one thread is faster than two on 2 shared cores
+    workers: int = 1  # processes, each with its own conditions (`--only`), merged at the end; 2 on a 2-core machine
     curate_only: bool = False  # stop after curation: print each condition's label quality and detection (no training)
     only: tuple[str, ...] = ()  # condition tags (e.g. minority40) to curate and train; empty = all. Splits a run
     #                             across processes; ``--resummarise --merge`` joins their results.json
@@ -234,6 +237,51 @@ def train_run(c: ExperimentConfig, method: str, snapshot: str, seed: int, output
     return train(config).last_checkpoint
 
 
+def training_digest(snapshot: str, method: str) -> str:
+    """sha256 of what ``method``'s training reads from a snapshot (its rows' meta columns and image bytes, in
+    order): two conditions whose snapshots train alike (BalancedDPO's scorer-only labels ignore the crowd) share
+    one run. The offline minority score counts only for Adaptive-DPO with an offline u (the trainer's only use)."""
+    train = METHODS[method][1]
+    skip = {"pair_id"} | ({"minority_score"} if train["loss"] != "adaptive-dpo" or train.get("u_source") == "online"
+                          else set())
+    import pyarrow.parquet as pq
+    from training.snapshot import IMAGE_COLUMNS, META_COLUMNS, OPTIONAL_COLUMNS
+
+    digest = hashlib.sha256()
+    for shard in sorted(Path(snapshot, "shards").glob("*.parquet")):
+        table = pq.read_table(shard)
+        for name in (*META_COLUMNS, *OPTIONAL_COLUMNS, *IMAGE_COLUMNS):
+            if name in table.column_names and name not in skip:
+                digest.update(name.encode())
+                digest.update(repr(table.column(name).to_pylist()).encode())
+    return digest.hexdigest()
+
+
+def run_workers(c: ExperimentConfig, argv: list[str]) -> dict:
+    """``c.workers`` processes, each running ``argv`` on its share of the conditions (``--only``), then one merged
+    report in ``c.out`` (``resummarise``). Conditions are dealt round-robin, the clean one first."""
+    tags = [tag(k) for k in c.conditions()]
+    groups = [tags[k::c.workers] for k in range(c.workers) if tags[k::c.workers]]
+    started, out = time.perf_counter(), Path(c.out)
+    parts = [out / f"part-{k}" for k in range(len(groups))]
+    procs = []
+    for group, part in zip(groups, parts, strict=True):
+        part.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, __file__, *argv, "--workers", "1", "--out", str(part), "--only", *group]
+        procs.append(subprocess.Popen(cmd, stdout=(part / "stdout.md").open("w"), stderr=(part / "log.txt").open("w")))
+    failed = [str(part) for proc, part in zip(procs, parts, strict=True) if proc.wait() != 0]
+    if failed:
+        raise RuntimeError(f"worker(s) failed, see their log.txt: {', '.join(failed)}")
+    merged = json.loads((parts[0] / "results.json").read_text())
+    merged["timings_s"]["total_s"] = round(time.perf_counter() - started, 1)
+    merged["timings_s"]["workers"] = len(parts)
+    merged["timings_s"]["worker_totals_s"] = [json.loads((p / "results.json").read_text())["timings_s"]["total_s"]
+                                              for p in parts]
+    merged["load_average"] = list(os.getloadavg())
+    write_report(out, merged)
+    return resummarise(out, tuple(parts[1:]))
+
+
 def run(c: ExperimentConfig) -> dict:
     torch.set_num_threads(c.threads)
     started, timings = time.perf_counter(), {}
@@ -282,10 +330,17 @@ def run(c: ExperimentConfig) -> dict:
 
     base = evaluate()
     runs, t_train, t_eval = [], 0.0, 0.0
+    digests = {k: {m: training_digest(v[METHODS[m][0]], m) for m in c.methods} for k, v in snapshots.items()}
+    done: dict[tuple, dict] = {}  # (training digest, method, seed) -> the run that trained it
     for seed in c.train_seeds:  # seed-major: a run stopped early still has every condition for its first seeds
         for condition in c.conditions():
             for method in c.methods:
                 name = f"{method}-{tag(condition)}-seed{seed}"
+                key = (digests[condition][method], method, seed)
+                if key in done:  # the same training data, method and seed as a finished run: its result holds
+                    runs.append({**done[key], "run": name, "scenario": condition[0], "noise": condition[1],
+                                 "reused_from": done[key]["run"], "train_s": 0.0})
+                    continue
                 t0 = time.perf_counter()
                 checkpoint = train_run(c, method, snapshots[condition][METHODS[method][0]], seed,
                                        work / "runs" / name, work / "latent_cache")
@@ -298,9 +353,10 @@ def run(c: ExperimentConfig) -> dict:
                 print(f"[{time.perf_counter() - started:7.0f} s] {name}: train {t1 - t0:.0f} s, eval "
                       f"{time.perf_counter() - t1:.0f} s, gain {float(np.mean(tuned['reward'] - base['reward'])):+.4f}",
                       file=sys.stderr, flush=True)
-                runs.append({"method": method, "scenario": condition[0], "noise": condition[1], "seed": seed,
+                runs.append({"run": name, "method": method, "scenario": condition[0], "noise": condition[1], "seed": seed,
                              "train_s": round(t1 - t0, 2), "loss_last_10_steps": float(np.mean(losses[-10:])),
                              "gain": {k: np.round(tuned[k] - base[k], 6).tolist() for k in base}})
+                done[key] = runs[-1]
             progress = {"runs_done": len(runs), "runs_planned": len(c.train_seeds) * len(c.conditions()) * len(c.methods),
                         "seeds_done": list(c.train_seeds[:c.train_seeds.index(seed) + (condition == c.conditions()[-1])])}
             timings.update(train_s=t_train, eval_s=t_eval, total_s=time.perf_counter() - started)
@@ -625,7 +681,9 @@ if __name__ == "__main__":
     quiet_libraries()
     try:
         config, report_only = parse_args(sys.argv[1:])
-        if config is not None and config.curate_only:
+        if config is not None and config.workers > 1 and not config.only:
+            print(markdown(run_workers(config, [a for a in sys.argv[1:]])))
+        elif config is not None and config.curate_only:
             print(json.dumps(run(config)["data"], indent=1, default=str))
         else:
             print(markdown(resummarise(*report_only) if report_only else run(config)))
