@@ -22,6 +22,7 @@ from PIL import Image
 
 from curation.ids import content_id, pair_id
 from curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader
+from curation.ingest.engine import _jpeg_walk, _jpeg_walk_many
 from curation.lake import Lake
 from data_schemas import PAIRS, validate
 
@@ -147,6 +148,74 @@ def test_damaged_images_are_ones_pillow_cannot_decode():
     for fmt in ("JPEG", "PNG"):
         with pytest.raises(OSError), Image.open(io.BytesIO(damaged_middle(noise(fmt)))) as im:
             im.load()
+
+
+def jpeg_variants() -> list[bytes]:
+    """Real JPEGs of several encodings and, for each, the kinds of damage a scraped file shows: cut at
+    every byte, single bytes changed, stray markers, padding and junk between segments."""
+    rng = np.random.default_rng(3)
+    variants, rnd = [], random.Random(3)
+    for i, options in enumerate([dict(quality=90), dict(progressive=True), dict(optimize=True, quality=40),
+                                 dict(restart_marker_blocks=1), dict(subsampling=0, quality=100)]):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8 + 4 * i, 12, 3), dtype=np.uint8)).save(buffer, "JPEG", **options)
+        good = buffer.getvalue()
+        scan = good.index(b"\xff\xda") + 20  # inside the entropy-coded data of the first scan
+        variants += [good, good + b"trailing bytes", good[:2] + b"\xff\xfe\x00\x05abc" + good[2:],
+                     good[:2] + b"\xff\xff\xff" + good[2:], good[:2] + b"\x00\x00" + good[2:],
+                     good[:2] + b"\xff\x01" + good[2:],  # TEM: a marker without a length
+                     good[:2] + b"\xff\xfe\x00\x00" + good[2:], good[:2] + b"\xff\xfe\x00\x01" + good[2:],
+                     good[:2] + b"\xff\xfe\xff\xff" + good[2:], good[:2] + b"\xff\xd9" + good[2:],
+                     good[:scan] + b"\xff\x02" + good[scan:], good[:scan] + b"\xff\xd8" + good[scan:],
+                     good[:scan] + b"\xff\xd8\x00\x02" + good[scan:],
+                     good[:scan] + b"\xff\xd9", good[:scan] + b"\xff"]
+        variants += [good[:cut] for cut in range(2, len(good))]
+        for _ in range(150):
+            at = rnd.randrange(2, len(good))
+            variants.append(good[:at] + bytes([rnd.randrange(256)]) + good[at + 1:])
+            variants.append(good[:at] + b"\xff" + bytes([rnd.randrange(256)]) + good[at + 2:])
+    variants += [b"\xff\xd8", b"\xff\xd8\xff", b"\xff\xd8\xff\xd9", b"\xff\xd8\xff\x01\xff\xd9",
+                 b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x10" + bytes(10) + b"\xff\xd9"]
+    return variants
+
+
+def test_the_vectorised_jpeg_walk_agrees_with_the_scalar_walk_on_every_file():
+    """_jpeg_walk_many accepts exactly the files _jpeg_walk accepts, with the same size, and nothing else
+    (the ingest runs the scalar walk, which names the damage, on whatever it does not accept)."""
+    variants = jpeg_variants()
+    # In the ingest the buffer also holds other images: a PNG after each JPEG, so no JPEG's last byte is
+    # followed by the next JPEG's FF D8 (0xFF 0x89 is a marker, 0xFF 0xFF is not).
+    array = pa.array([data for jpeg in variants for data in (jpeg, b"\x89PNG")], pa.binary())
+    offsets = np.frombuffer(array.buffers()[1], np.int32).astype(np.int64)
+    starts, ends = offsets[:-1:2], offsets[1::2]
+    ok, width, height = _jpeg_walk_many(np.frombuffer(array.buffers()[2], np.uint8), starts, ends)
+    expected = []
+    for data in variants:
+        try:
+            expected.append(_jpeg_walk(data))
+        except ValueError:
+            expected.append(None)
+    got = [(int(w), int(h)) if accepted else None for accepted, w, h in zip(ok, width, height)]
+    assert got == expected
+    assert 100 < sum(e is not None for e in expected) < len(variants) - 1000  # both outcomes well exercised
+    # With a step limit too small for any file, nothing is accepted: the scalar walk gets them all.
+    assert not _jpeg_walk_many(np.frombuffer(array.buffers()[2], np.uint8), starts, ends, max_steps=3)[0].any()
+
+
+def test_a_batch_of_damaged_jpegs_is_quarantined_as_one_at_a_time(tmp_path):
+    """The same rows ingested in one batch (vectorised checks) and one row per batch give the same lake."""
+    variants = jpeg_variants()[::40]
+    rows = [row(i, jpg_0=RED, jpg_1=data, uid1=f"v{i}") for i, data in enumerate(variants)]
+    shard = write_shard(tmp_path / "train-0.parquet", rows)
+    tables = []
+    for name, batch_rows in (("one", len(rows)), ("each", 1)):
+        lake = Lake(str(tmp_path / name), create=True)
+        result = ingest_file(lake, shard, IngestConfig("pickapic", "pickapic"), make_reader("pickapic",
+                                                                                            batch_rows=batch_rows))
+        assert result.n_accepted > 10 and result.reasons["corrupt_image"] > 50
+        tables.append({t: lake.read(t).drop_columns(["ingest_id"]).sort_by(key).to_pylist()
+                       for t, key in (("pairs", "pair_id"), ("quarantine", "row_identity"), ("images", "image_id"))})
+    assert tables[0] == tables[1]
 
 
 def test_limits_are_configurable_and_quarantine_rows_stay_small(tmp_path, lake):

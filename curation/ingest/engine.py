@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import itertools
 import math
 import re
 import struct
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -171,6 +173,89 @@ def _jpeg_walk(data: bytes) -> tuple[int, int]:
             pos = found.start()
 
 
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# Lookup tables by the byte after 0xFF (index 0-255).
+_NOT_A_MARKER = np.zeros(256, bool)   # stuffed byte, restart marker or fill byte: _JPEG_MARKER skips these
+_NOT_A_MARKER[[0x00, *range(0xD0, 0xD8), 0xFF]] = True
+_IS_SOF = np.zeros(256, bool)
+_IS_SOF[sorted(_SOF_MARKERS)] = True
+
+
+def _jpeg_walk_many(data: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                    max_steps: int = 96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_jpeg_walk over many JPEGs at once, as numpy steps over all of them: (ok, width, height).
+
+    data: uint8, the bytes of all images back to back (an Arrow binary array's data buffer); image k is
+    data[starts[k]:ends[k]] and begins with SOI (FF D8). Step s advances every image by its s-th marker
+    segment (or scan), so the cost is ~20 array operations per segment of the longest header, not Python
+    per image. The markers that end entropy-coded data are found once for the whole buffer (every 0xFF
+    whose next byte is not in _NOT_A_MARKER: exactly where _JPEG_MARKER matches) and looked up with
+    searchsorted. ok[k] is True only where _jpeg_walk(image k) returns (width[k], height[k]); where it
+    would raise, or the image has more than `max_steps` segments, ok[k] is False and the caller runs the
+    scalar walk, which names the damage. So the results never differ from the scalar walk's."""
+    n, size = len(starts), len(data)
+    width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    ok, have_size = np.zeros(n, bool), np.zeros(n, bool)
+    if n == 0 or size < 2:
+        return ok, width, height
+    ff_at = np.flatnonzero(data[:-1] == 0xFF)
+    markers = ff_at[~_NOT_A_MARKER[data[ff_at + 1]]]
+    last = size - 1
+
+    def byte(at: np.ndarray) -> np.ndarray:  # data[at] as int64, reads past the end clamped (masked by callers)
+        return data[np.minimum(at, last)].astype(np.int64)
+
+    def next_marker(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position, found) of the first marker at or after `start` with its second byte before `end`."""
+        i = np.searchsorted(markers, start)
+        found = i < len(markers)
+        at = markers[np.minimum(i, len(markers) - 1)] if len(markers) else np.zeros_like(start)
+        found &= at + 1 < end
+        return at, found
+
+    pos = starts.astype(np.int64) + 2
+    ends = ends.astype(np.int64)
+    active = np.arange(n)
+    for _ in range(max_steps):
+        if active.size == 0:
+            break
+        p, e = pos[active], ends[active]
+        ff, marker = byte(p), byte(p + 1)
+        whole_header = p + 4 <= e
+        length = np.where(whole_header, (byte(p + 2) << 8) | byte(p + 3), 0)
+        fail = p + 2 > e
+        skip = ~fail & ((ff != 0xFF) | _NOT_A_MARKER[marker])  # between segments or inside a scan
+        segment = ~fail & ~skip
+        eoi = segment & (marker == 0xD9)
+        done = eoi & have_size[active]
+        fail |= eoi & ~have_size[active]
+        tem = segment & (marker == 0x01)
+        segment &= ~eoi & ~tem
+        bad = segment & ((marker == 0xD8) | (marker <= 0xBF) | ~whole_header | (length < 2) | (p + 2 + length > e))
+        fail |= bad
+        segment &= ~bad
+        sof = segment & ~have_size[active] & _IS_SOF[marker] & (length >= 7)
+        h, w = (byte(p + 5) << 8) | byte(p + 6), (byte(p + 7) << 8) | byte(p + 8)
+        zero = sof & ((w == 0) | (h == 0))
+        fail |= zero
+        segment &= ~zero
+        sof &= ~zero
+        height[active[sof]], width[active[sof]] = h[sof], w[sof]
+        have_size[active[sof]] = True
+        new = np.where(tem, p + 2, np.where(segment, p + 2 + length, p))
+        search = skip | (segment & (marker == 0xDA))  # a scan's entropy-coded data follows SOS
+        if search.any():
+            at, found = next_marker(np.where(skip, p + (ff == 0xFF), new)[search], e[search])
+            new[search] = at
+            lost = np.zeros_like(search)
+            lost[search] = ~found
+            fail |= lost
+        ok[active[done]] = True
+        pos[active] = new
+        active = active[~(done | fail)]
+    return ok, width, height
+
+
 def _jpeg_problem(data: bytes) -> str | None:
     """Why JPEG bytes are damaged (see _jpeg_walk), or None."""
     try:
@@ -215,9 +300,6 @@ def _complete(fmt: str, data: bytes) -> str | None:
         complete = bytes(data[-64:]).rstrip(b"\x00").endswith(b"\x3b")
         return None if complete else "GIF ends without its trailer (truncated)"
     return "unchecked"
-
-
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 def _fast_header(data: bytes) -> tuple[str, int, int] | None:
@@ -341,6 +423,41 @@ def _binary_views(array: pa.Array) -> list[memoryview]:
     return [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
+_PAIR_COLUMNS = ["split", "prompt", "image_0_uid", "image_1_uid", "label_0", "user_id", "created_at", "model_0",
+                 "model_1", "ranking_id"]  # the RAW columns `pairs` keeps as they are
+
+
+def _int64_array(values: np.ndarray) -> pa.Array:
+    """An Arrow int64 array over a numpy array's memory. (pa.array(ndarray) would import numpy.ma, ~40 ms,
+    the first time it runs in a process.)"""
+    values = np.ascontiguousarray(values, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def _repeat(value: str, n: int) -> pa.Array:
+    """A string array of `n` copies of `value` (the per-batch constant columns)."""
+    return pa.repeat(pa.scalar(value, pa.string()), n)
+
+
+class _BatchImages:
+    """The distinct images of one batch: `dictionary` (a binary array, each image once), their content ids
+    (`hashes`, hex, aligned with it), and memoryviews of each one's bytes into its buffer (`views`).
+    `data`/`offsets` are the same buffer as numpy (uint8 bytes; int64 offsets, image k at
+    data[offsets[k]:offsets[k + 1]]) for the vectorised checks."""
+
+    def __init__(self, dictionary: pa.Array, hashes: list[str], views: list[memoryview]):
+        self.dictionary, self.hashes, self.views = dictionary, hashes, views
+        if len(dictionary):
+            self.offsets = np.frombuffer(dictionary.buffers()[1], np.int32)[
+                dictionary.offset:dictionary.offset + len(dictionary) + 1].astype(np.int64)
+            self.data = np.frombuffer(dictionary.buffers()[2] or b"", np.uint8)
+        else:
+            self.offsets, self.data = np.zeros(1, np.int64), np.zeros(0, np.uint8)
+
+    def index(self) -> dict[str, int]:
+        return dict(zip(self.hashes, range(len(self.hashes))))
+
+
 class _Batcher:
     """Per-ingest state: what is already known, and the decode pool."""
 
@@ -356,15 +473,33 @@ class _Batcher:
         self.bad_images: dict[str, tuple[str, str]] = {}
         self.pool = ThreadPoolExecutor(max(1, config.decode_threads))
 
-    def _decode_new(self, blobs: dict[str, bytes]) -> dict[str, tuple[str, int, int]]:
-        """Decode the images not seen before; remember failures. Returns id -> (format, w, h)."""
-        todo = [(i, b) for i, b in blobs.items() if i not in self.known_images and i not in self.bad_images]
+    def _decode_new(self, images: "_BatchImages") -> dict[str, tuple[str, int, int]]:
+        """Check the images not seen before; remember failures. Returns id -> (format, w, h).
+
+        JPEGs within the byte limit go through the vectorised walk (_jpeg_walk_many) together; the rest,
+        and every JPEG it does not accept, through the scalar inspect_image (which names the damage)."""
+        todo = [k for k, image_id in enumerate(images.hashes)
+                if image_id not in self.known_images and image_id not in self.bad_images]
         results = {}
-
         config = self.config
+        if todo and not config.full_decode:
+            k = np.asarray(todo, np.int64)
+            starts, ends = images.offsets[k], images.offsets[k + 1]
+            data = images.data
+            jpeg = (ends - starts >= 2) & (ends - starts <= config.max_image_bytes)
+            at = np.minimum(starts, max(len(data) - 2, 0))
+            jpeg &= (data[at] == 0xFF) & (data[at + 1] == 0xD8) if len(data) >= 2 else False
+            walked, width, height = _jpeg_walk_many(data, starts[jpeg], ends[jpeg])
+            accepted = np.zeros(len(k), bool)
+            accepted[jpeg] = walked & (width * height <= config.max_image_pixels)
+            hashes = images.hashes
+            for j, w, h in zip(k[accepted].tolist(), width[accepted[jpeg]].tolist(),
+                               height[accepted[jpeg]].tolist()):
+                results[hashes[j]] = ("JPEG", w, h)
+            todo = k[~accepted].tolist()
 
-        def run(item):
-            image_id, data = item
+        def run(index):
+            image_id, data = images.hashes[index], images.views[index]
             if len(data) > config.max_image_bytes:
                 return image_id, None, ("image_too_large", f"{len(data)} bytes, more than the limit of "
                                                            f"{config.max_image_bytes}")
@@ -377,7 +512,7 @@ class _Batcher:
 
         # Threads pay for full decodes and for big images (hashlib and zlib.crc32 release the GIL on large
         # buffers); the structure walk of small images is GIL-bound Python, faster in this thread.
-        big = bool(todo) and sum(len(b) for _, b in todo) > len(todo) * _THREADED_MEAN_BYTES
+        big = bool(todo) and sum(len(images.views[k]) for k in todo) > len(todo) * _THREADED_MEAN_BYTES
         mapper = self.pool.map if self.config.full_decode or big else map
         for image_id, meta, error in mapper(run, todo):
             if error is None:
@@ -395,8 +530,8 @@ class _Batcher:
         n = raw.num_rows
         result.n_read += n
         source = self.config.source
-        content, blobs = self._hash_images(raw)
-        decoded = self._decode_new(blobs)
+        content, images = self._hash_images(raw)
+        decoded = self._decode_new(images)
 
         suspect = np.asarray(self._suspect_rows(raw, content), dtype=bool)
         ok = ~suspect
@@ -418,70 +553,87 @@ class _Batcher:
                 quarantine.append({"source": source, "source_file": self.source_file,
                                    "row_identity": str(cols["row_identity"][i]), "reason": reason,
                                    "detail": detail, "raw": raw_summary(row), "ingest_id": self.ingest_id})
-        ok_rows = pa.array(np.flatnonzero(ok), pa.int64())
+        all_ok = bool(ok.all())
+        ok_rows = _int64_array(np.flatnonzero(ok))
 
         # A duplicate pair may still bring images the lake lacks (the with-images shard of pairs
         # first ingested metadata-only), so images and refs are stored for every valid row.
-        new_images, new_refs = self._new_images_and_refs(raw, ok_rows, content, blobs, decoded)
-        accepted, pair_ids = [], []
-        identity = raw.column("row_identity").take(ok_rows).to_pylist()
-        prefix = f"{source}|"
-        for i, row_identity in zip(ok_rows.to_pylist(), identity):
-            # ids.pair_id, inlined: this loop runs once per row
-            pid = hashlib.blake2b((prefix + row_identity).encode("utf-8"), digest_size=16).hexdigest()
-            if pid in self.known_pairs:
-                result.n_duplicates += 1
-                continue
-            self.known_pairs.add(pid)
-            accepted.append(i)
-            pair_ids.append(pid)
-        result.n_accepted += len(accepted)
+        new_images, new_refs = self._new_images_and_refs(raw, ok_rows, all_ok, content, images, decoded)
+        identity = raw.column("row_identity")
+        if not all_ok:
+            identity = identity.take(ok_rows)
+        # ids.pair_id, inlined: this runs once per row
+        prefix, blake2b = f"{source}|", hashlib.blake2b
+        pair_ids = [blake2b((prefix + r).encode("utf-8"), digest_size=16).hexdigest() for r in identity.to_pylist()]
+        known, distinct = self.known_pairs, set(pair_ids)
+        if len(distinct) == len(pair_ids) and known.isdisjoint(distinct):
+            accepted = None  # every valid row is new (the common case): no per-row loop
+            known.update(distinct)
+        else:
+            rows, accepted, fresh = ok_rows.to_pylist(), [], []
+            for i, pid in zip(rows, pair_ids):
+                if pid in known:
+                    result.n_duplicates += 1
+                    continue
+                known.add(pid)
+                accepted.append(i)
+                fresh.append(pid)
+            pair_ids = fresh
+        m = len(pair_ids)
+        result.n_accepted += m
         result.n_images_new += len(new_images)
 
-        take = pa.array(accepted, pa.int64())
-        kept = raw.take(take)
-        m = len(accepted)
+        # Only the columns `pairs` keeps are taken (the image bytes stay where they are).
+        kept = raw.select(_PAIR_COLUMNS)
+        hashes = content
+        if accepted is not None or not all_ok:
+            take = pa.array(accepted, pa.int64()) if accepted is not None else ok_rows
+            kept, hashes = kept.take(take), [c.take(take) for c in content]
         image_ids = []
         for side in (0, 1):
-            hashes = content[side].take(take)
             refs = pc.binary_join_element_wise(source, kept.column(f"image_{side}_uid"), ":")
-            image_ids.append(pc.coalesce(hashes, refs))  # metadata-only: the source's own id stands in
-        prompts = kept.column("prompt").to_pylist()
-        for prompt in set(prompts) - self.prompt_ids.keys():
-            self.prompt_ids[prompt] = ids.prompt_id(prompt)
+            image_ids.append(pc.coalesce(hashes[side], refs))  # metadata-only: the source's own id stands in
+        prompts = pc.dictionary_encode(kept.column("prompt").combine_chunks())
+        distinct_prompts = prompts.dictionary.to_pylist()
+        for prompt in distinct_prompts:
+            if prompt not in self.prompt_ids:
+                self.prompt_ids[prompt] = ids.prompt_id(prompt)
+        prompt_ids = pa.array([self.prompt_ids[p] for p in distinct_prompts], pa.string()).take(prompts.indices)
         pairs = pa.table({
-            "pair_id": pa.array(pair_ids, pa.string()), "source": pa.array([source] * m, pa.string()),
+            "pair_id": pa.array(pair_ids, pa.string()), "source": _repeat(source, m),
             "split": pc.fill_null(kept.column("split"), "train"), "prompt": kept.column("prompt"),
-            "prompt_id": pa.array([self.prompt_ids[p] for p in prompts], pa.string()),
+            "prompt_id": prompt_ids,
             "image_0_id": image_ids[0], "image_1_id": image_ids[1],
             "image_0_uid": kept.column("image_0_uid"), "image_1_uid": kept.column("image_1_uid"),
             "label_0": kept.column("label_0"), "user_id": kept.column("user_id"),
             "created_at": kept.column("created_at"), "model_0": kept.column("model_0"),
             "model_1": kept.column("model_1"), "ranking_id": kept.column("ranking_id"),
-            "ingest_id": pa.array([self.ingest_id] * m, pa.string()),
+            "ingest_id": _repeat(self.ingest_id, m),
         })
         return {"pairs": pairs, "quarantine": pa.Table.from_pylist(quarantine), "images": new_images,
                 "image_refs": new_refs}
 
-    def _hash_images(self, raw: pa.Table) -> tuple[list[pa.Array], dict[str, memoryview]]:
+    def _hash_images(self, raw: pa.Table) -> tuple[list[pa.Array], "_BatchImages"]:
         """Content ids (string arrays, null where a row has no bytes) of image_0_bytes and image_1_bytes,
-        and the bytes of each distinct image by id (memoryviews into the batch's Arrow buffers: no copy).
-        Each column is dictionary-encoded (Arrow hashes and compares the bytes in C), so an image is
-        hashed once per column however many rows show it; big images are hashed in threads (hashlib
-        releases the GIL on large buffers)."""
-        content, blobs = [], {}
+        and the batch's distinct images (_BatchImages: their bytes, ids and memoryviews).
+        Both columns are dictionary-encoded together (Arrow hashes and compares the bytes in C), so an
+        image is hashed once per batch however many rows, on either side, show it; big images are hashed
+        in threads (hashlib releases the GIL on large buffers)."""
+        # One array of both sides (a copy in C): dictionary_encode of a ChunkedArray is ~10x slower.
+        both = pa.concat_arrays([*raw.column("image_0_bytes").chunks, *raw.column("image_1_bytes").chunks])
+        encoded = pc.dictionary_encode(both)
+        dictionary, indices = encoded.dictionary, encoded.indices
+        views = _binary_views(dictionary)
 
         def digest(data: memoryview) -> str:
             return hashlib.blake2b(data, digest_size=16).hexdigest()
 
-        for side in (0, 1):
-            encoded = pc.dictionary_encode(raw.column(f"image_{side}_bytes").combine_chunks())
-            views = _binary_views(encoded.dictionary)
-            big = bool(views) and encoded.dictionary.nbytes > len(views) * _THREADED_MEAN_BYTES
-            hashes = list(self.pool.map(digest, views) if big else map(digest, views))
-            blobs.update(zip(hashes, views))
-            content.append(pa.array(hashes, pa.string()).take(encoded.indices))
-        return content, blobs
+        big = bool(views) and dictionary.nbytes > len(views) * _THREADED_MEAN_BYTES
+        hashes = list(self.pool.map(digest, views) if big else map(digest, views))
+        by_hash = pa.array(hashes, pa.string())
+        n = raw.num_rows
+        content = [by_hash.take(indices.slice(0, n)), by_hash.take(indices.slice(n))]
+        return content, _BatchImages(dictionary, hashes, views)
 
     def _suspect_rows(self, raw: pa.Table, content: list[pa.Array]) -> np.ndarray:
         """True for every row that fails at least one check (vectorised); False rows are valid."""
@@ -508,32 +660,42 @@ class _Batcher:
             suspect = pc.or_(suspect, pc.fill_null(check, True))
         return suspect.to_numpy(zero_copy_only=False)
 
-    def _new_images_and_refs(self, raw: pa.Table, rows: pa.Array, content: list[pa.Array], blobs: dict,
-                             decoded: dict) -> tuple[pa.Table, pa.Table]:
-        """The images and image_refs rows that the valid `rows` bring and the lake lacks, in first-seen order
-        (image_0 of every row, then image_1)."""
-        image_ids = pa.concat_arrays([content[side].take(rows) for side in (0, 1)])
-        uids = pa.concat_arrays([raw.column(f"image_{side}_uid").combine_chunks().take(rows) for side in (0, 1)])
-        new_ids = [i for i in pc.unique(image_ids.drop_null()).to_pylist() if i not in self.known_images]
-        self.known_images.update(new_ids)
+    def _new_images_and_refs(self, raw: pa.Table, rows: pa.Array, all_rows: bool, content: list[pa.Array],
+                             images: "_BatchImages", decoded: dict) -> tuple[pa.Table, pa.Table]:
+        """The images and image_refs rows that the valid `rows` (all of them if `all_rows`) bring and the
+        lake lacks, in first-seen order (image_0 of every row, then image_1). The bytes are taken from
+        the batch's dictionary of distinct images by Arrow (one copy in C, no Python bytes objects)."""
+        sides = [content[side] if all_rows else content[side].take(rows) for side in (0, 1)]
+        image_ids = pa.concat_arrays(sides)
+        uids = []
+        for side in (0, 1):
+            column = raw.column(f"image_{side}_uid")
+            column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            uids.append(column if all_rows else column.take(rows))
+        uids = pa.concat_arrays(uids)
+        known_images = self.known_images
+        new_ids = [i for i in pc.unique(image_ids.drop_null()).to_pylist() if i not in known_images]
+        known_images.update(new_ids)
+        index = images.index()
         meta = [decoded[i] for i in new_ids]
         images = pa.table({
-            "image_id": pa.array(new_ids, pa.string()), "bytes": pa.array([blobs[i] for i in new_ids], pa.binary()),
+            "image_id": pa.array(new_ids, pa.string()),
+            "bytes": images.dictionary.take(pa.array([index[i] for i in new_ids], pa.int64())),
             "format": pa.array([m[0] for m in meta], pa.string()),
             "width": pa.array([m[1] for m in meta], pa.int32()), "height": pa.array([m[2] for m in meta], pa.int32()),
-            "ingest_id": pa.array([self.ingest_id] * len(new_ids), pa.string())})
+            "ingest_id": _repeat(self.ingest_id, len(new_ids))})
         with_ref = pc.and_(pc.is_valid(image_ids), pc.is_valid(uids))
-        refs = pc.binary_join_element_wise(self.config.source, uids.filter(with_ref), ":").to_pylist()
-        ref_images = image_ids.filter(with_ref).to_pylist()
-        new_refs, new_ref_images = [], []
-        for ref, image_id in zip(refs, ref_images):
-            if ref not in self.known_refs:
-                self.known_refs.add(ref)
-                new_refs.append(ref)
-                new_ref_images.append(image_id)
-        image_refs = pa.table({"ref_id": pa.array(new_refs, pa.string()),
-                               "image_id": pa.array(new_ref_images, pa.string()),
-                               "ingest_id": pa.array([self.ingest_id] * len(new_refs), pa.string())})
+        refs = pc.dictionary_encode(pc.binary_join_element_wise(self.config.source, uids.filter(with_ref), ":"))
+        # The dictionary holds each ref once, in first-seen order; np.unique's return_index gives the row
+        # of each one's first occurrence, whose image is the one recorded (as a row-by-row pass would).
+        _, first = np.unique(refs.indices.to_numpy(zero_copy_only=False), return_index=True)
+        known_refs = self.known_refs
+        fresh = [k for k, ref in enumerate(refs.dictionary.to_pylist()) if ref not in known_refs]
+        new_refs = refs.dictionary.take(pa.array(fresh, pa.int64()))
+        known_refs.update(new_refs.to_pylist())
+        image_refs = pa.table({"ref_id": new_refs,
+                               "image_id": image_ids.filter(with_ref).take(_int64_array(first[fresh])),
+                               "ingest_id": _repeat(self.ingest_id, len(fresh))})
         return images, image_refs
 
     def _check_row(self, cols: dict, blob_ids: list, i: int) -> tuple[str | None, str | None]:
@@ -570,6 +732,33 @@ class _Batcher:
         return None, None
 
 
+class _ReadAhead:
+    """Iterates `batches`, each read in a thread while the caller works on the one before: the Parquet
+    decode (pyarrow releases the GIL) overlaps the checks. Reading starts at construction; one batch is
+    read ahead, so memory holds at most one beyond the one in use. The reader's exceptions are raised
+    in the caller's thread, by __next__. close() waits for a read in flight and stops the thread."""
+
+    def __init__(self, batches: Iterator[pa.Table]):
+        self._batches = batches
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-read")
+        self._ahead = self._pool.submit(next, batches, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pa.Table:
+        batch = self._ahead.result() if self._ahead is not None else None
+        if batch is None:
+            self._ahead = None
+            raise StopIteration
+        self._ahead = self._pool.submit(next, self._batches, None)
+        return batch
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True)
+
+
 def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestResult:
     """Ingest one source file into `lake`, atomically and idempotently (see module docstring).
     Raises UnreadableSourceError, writing nothing, if the file as a whole cannot be read."""
@@ -584,35 +773,38 @@ def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestRe
         started = dt.datetime.now(dt.timezone.utc)
         stream = reader.batches(fs_path, fs)
         first = next(stream, None)  # the reader raises UnreadableSourceError here, before any write
-        result = IngestResult(ingest_id, path, False)
-        batcher = _Batcher(lake, config, ingest_id, path)
-        tx = lake.begin(ingest_id)
-        bar = tqdm(desc=f"ingest {path.rsplit('/', 1)[-1]}", unit="rows", disable=None)  # terminal only
+        rest = _ReadAhead(stream)  # the second batch is read while the known ids load
+        batcher = None
         try:
-            batch = first
-            while batch is not None:
-                out = batcher.process(batch, result)
-                tx.write("pairs", out["pairs"], partition=config.source, max_file_bytes=config.max_file_bytes)
-                tx.write("images", out["images"], max_file_bytes=config.max_file_bytes)
-                tx.write("image_refs", out["image_refs"], max_file_bytes=config.max_file_bytes)
-                tx.write("quarantine", out["quarantine"], partition=config.source,
-                         max_file_bytes=config.max_file_bytes)
-                bar.update(batch.num_rows)
-                batch = next(stream, None)
-            bar.close()
-            result.check()
-            record = {"ingest_id": ingest_id, "source": config.source, "format": config.format,
-                      "source_file": path, "fingerprint": fingerprint, "n_read": result.n_read,
-                      "n_accepted": result.n_accepted, "n_duplicates": result.n_duplicates,
-                      "n_quarantined": result.n_quarantined, "n_images_new": result.n_images_new,
-                      "started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),
-                      "prefcurate_version": VERSION}
-            tx.commit({"ingests": [record]})
-        except BaseException:
-            tx.abort()
-            raise
+            result = IngestResult(ingest_id, path, False)
+            batcher = _Batcher(lake, config, ingest_id, path)
+            tx = lake.begin(ingest_id)
+            bar = tqdm(desc=f"ingest {path.rsplit('/', 1)[-1]}", unit="rows", disable=None)  # terminal only
+            try:
+                for batch in itertools.chain([first] if first is not None else [], rest):
+                    out = batcher.process(batch, result)
+                    tx.write("pairs", out["pairs"], partition=config.source, max_file_bytes=config.max_file_bytes)
+                    tx.write("images", out["images"], max_file_bytes=config.max_file_bytes)
+                    tx.write("image_refs", out["image_refs"], max_file_bytes=config.max_file_bytes)
+                    tx.write("quarantine", out["quarantine"], partition=config.source,
+                             max_file_bytes=config.max_file_bytes)
+                    bar.update(batch.num_rows)
+                bar.close()
+                result.check()
+                record = {"ingest_id": ingest_id, "source": config.source, "format": config.format,
+                          "source_file": path, "fingerprint": fingerprint, "n_read": result.n_read,
+                          "n_accepted": result.n_accepted, "n_duplicates": result.n_duplicates,
+                          "n_quarantined": result.n_quarantined, "n_images_new": result.n_images_new,
+                          "started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),
+                          "prefcurate_version": VERSION}
+                tx.commit({"ingests": [record]})
+            except BaseException:
+                tx.abort()
+                raise
         finally:
-            batcher.pool.shutdown()
+            rest.close()  # waits for a batch still being read
+            if batcher is not None:
+                batcher.pool.shutdown()
     return result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -80,7 +81,7 @@ class PickAPicReader:
                    for rg in [meta.row_group(r)] for c in range(rg.num_columns)
                    if rg.column(c).path_in_schema in wanted)
         per_row = max(1, size // meta.num_rows)
-        return int(min(8192, max(16, self.batch_bytes // per_row)))
+        return int(min(65_536, max(16, self.batch_bytes // per_row)))
 
     def batches(self, path: str, fs) -> Iterator[pa.Table]:
         try:
@@ -103,6 +104,7 @@ class PickAPicReader:
             offset += batch.num_rows
 
     def _to_raw(self, batch: pa.RecordBatch, split: str, offset: int) -> pa.Table:
+        """The batch in the RAW schema, column-wise (Arrow kernels; Python only for rows with a problem)."""
         n = batch.num_rows
         cols, bad_rows = {}, {}
         for name in batch.schema.names:
@@ -111,26 +113,32 @@ class PickAPicReader:
             for i in bad:
                 bad_rows.setdefault(i, f"column {name!r}: value of type {batch.column(name).type} "
                                        f"cannot be read as {_WANTED[name]}")
-        uid0 = cols.get("image_0_uid", pa.nulls(n, pa.string())).to_pylist()
-        uid1 = cols.get("image_1_uid", pa.nulls(n, pa.string())).to_pylist()
-        ranking = cols.get("ranking_id", pa.nulls(n, pa.int64())).to_pylist()
-        # Identity: the ranking event plus the two images; rows lacking a ranking id use their position.
-        identity = [f"{r if r is not None else f'row{offset + i}'}:{a}:{b}"
-                    for i, (r, a, b) in enumerate(zip(ranking, uid0, uid1))]
-        reasons, details = [None] * n, [None] * n
-        has_label = cols.get("has_label")
-        are_different = cols.get("are_different")
-        for i in range(n):
-            if i in bad_rows:
-                reasons[i], details[i] = "wrong_type", bad_rows[i]
-            elif has_label is not None and has_label[i].as_py() is False:
-                reasons[i], details[i] = "unlabelled", "has_label is false"
-            elif are_different is not None and are_different[i].as_py() is False:
-                reasons[i], details[i] = "identical_images", "are_different is false"
+        uid0 = cols.get("image_0_uid", pa.nulls(n, pa.string()))
+        uid1 = cols.get("image_1_uid", pa.nulls(n, pa.string()))
+        ranking = pc.cast(cols.get("ranking_id", pa.nulls(n, pa.int64())), pa.string())
+        # Identity: the ranking event plus the two images ('<ranking_id>:<uid0>:<uid1>', a missing uid
+        # written 'None'); rows lacking a ranking id use their position in the file ('row<n>').
+        event = ranking
+        if ranking.null_count:
+            event = pc.coalesce(ranking, pa.array([f"row{offset + i}" for i in range(n)], pa.string()))
+        identity = pc.binary_join_element_wise(event, pc.fill_null(uid0, "None"), pc.fill_null(uid1, "None"), ":")
+        # Reader reasons, first match wins: a value of the wrong type, has_label false, are_different false.
+        flagged = {}
+        for name, reason, detail in (("are_different", "identical_images", "are_different is false"),
+                                     ("has_label", "unlabelled", "has_label is false")):
+            if name in cols:
+                for i in np.flatnonzero(pc.fill_null(pc.invert(cols[name]), False).to_numpy(zero_copy_only=False)):
+                    flagged[int(i)] = (reason, detail)
+        flagged.update((i, ("wrong_type", detail)) for i, detail in bad_rows.items())
+        reasons = details = None
+        if flagged:
+            reasons, details = [None] * n, [None] * n
+            for i, (reason, detail) in flagged.items():
+                reasons[i], details[i] = reason, detail
         user = cols.get("user_id")
         return raw_table({
             "row_identity": identity,
-            "split": cols["split"] if "split" in cols else [split] * n,
+            "split": cols["split"] if "split" in cols else pa.repeat(pa.scalar(split, pa.string()), n),
             "prompt": cols["caption"],
             "image_0_bytes": cols.get("jpg_0"), "image_1_bytes": cols.get("jpg_1"),
             "image_0_uid": uid0, "image_1_uid": uid1,
@@ -138,6 +146,6 @@ class PickAPicReader:
             "user_id": user.cast(pa.string()) if user is not None else None,
             "created_at": cols.get("created_at"),
             "model_0": cols.get("model_0"), "model_1": cols.get("model_1"),
-            "ranking_id": [str(r) if r is not None else None for r in ranking],
+            "ranking_id": ranking,
             "reader_reason": reasons, "reader_detail": details,
         })
