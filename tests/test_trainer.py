@@ -369,6 +369,29 @@ def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(assets, l
         torch.testing.assert_close(grads_on[k], grads_off[k], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["dpo", "balanced-dpo"])
+def test_a_step_does_only_the_lora_work(assets, loss):
+    """What the design saves over a full fine-tune: the reference is one batched UNet pass (2B latents) that
+    records no autograd graph, gradients reach only the policy's LoRA tensors (clipped and updated alone),
+    and with the latent cache built no VAE or text encoder is kept for the steps."""
+    trainer = Trainer(config(assets, f"work-{loss}", loss=loss, ref_update_every=1))
+    assert trainer.components.vae is None and trainer.components.text_encoders == []
+    calls = []
+
+    def record(module, args, kwargs, output):
+        calls.append((torch.is_grad_enabled(), args[0].shape[0], output.sample.requires_grad))
+
+    handle = trainer.unet.register_forward_hook(record, with_kwargs=True)
+    value, _ = trainer.loss(next(trainer._batches()))
+    handle.remove()
+    assert calls == [(False, 4, False), (True, 4, True)]  # reference pass, then the policy pass
+    value.backward()
+    with_grad = {n for n, p in trainer.unet.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in trainer.unet.named_parameters() if any(p is q for q in trainer.trainable)}
+    assert len(trainable) == len(lora_tensors(trainer.unet, POLICY)) > 0
+    assert with_grad == trainable == {n for n, p in trainer.unet.named_parameters() if p.requires_grad}
+
+
 def test_bf16_on_the_cpu_runs_under_autocast_and_is_recorded(assets):
     cfg = config(assets, "bf16", loss="dpo", mixed_precision="bf16", max_steps=1, report_to="none")
     trainer = Trainer(cfg)

@@ -130,7 +130,8 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         unet.train()
         self.emas = [LoraEMA(unet, d) for d in (c.ema_decay_long, c.ema_decay_short)] if c.needs_online_u else []
-        params = list(policy.values())
+        # the only tensors with gradients: clipping and the optimiser touch these, never the 860M frozen weights
+        self.trainable = params = list(policy.values())
         opt_kw = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
                       eps=c.adam_epsilon)
         if c.use_8bit_adam:
@@ -450,7 +451,7 @@ class Trainer:
                 self._check_finite(loss)
                 acc.backward(loss)
                 if acc.sync_gradients and c.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                    acc.clip_grad_norm_(self.trainable, c.max_grad_norm)
                 for group in self.optimizer.param_groups:  # linear warm-up, then constant
                     group["lr"] = c.learning_rate * min(1.0, (self.global_step + 1) / max(1, c.lr_warmup_steps))
                 self.optimizer.step()
