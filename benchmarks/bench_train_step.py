@@ -7,7 +7,9 @@ Designs, each measured in its own subprocess (clean peak memory), on the same mo
                   VAE encode and text encoding every step, AdamW over every UNet weight
   ncp-ours        NCP-DPO with our trainer (the frozen-encoder perceptual loss), beside DPO's cost
 
-Time per step: mean over ``--steps`` steps after ``--warmup`` (policy fwd + reference fwd + backward + AdamW).
+Time per step: mean over ``--steps`` steps after ``--warmup`` (policy fwd + reference fwd + backward + AdamW),
+as wall-clock time and as the process's CPU time (user + system, all threads: with ``--threads 1`` the work
+itself, which other jobs on a shared machine slow down far less than they slow the wall clock).
 Peak memory: CUDA ``max_memory_allocated`` after resetting it before the timed steps; on the CPU the process's
 peak RSS (VmHWM) after resetting it via /proc/self/clear_refs before the timed steps (weights, optimizer state
 and the step's activations), and the whole process's VmHWM (model loading included) as ``vmhwm_total_mib``.
@@ -17,6 +19,9 @@ and the step's activations), and the whole process's VmHWM (model loading includ
   python benchmarks/bench_train_step.py --sd15-cpu      # the real SD1.5 architecture on the CPU, fp32, 1 pair,
                                                         # 128 px (latent 4x16x16); about 20 GB for the reference
   python benchmarks/bench_train_step.py --loss-sweep    # every loss with gradient checkpointing off and on
+  python benchmarks/bench_train_step.py --sd15-cpu --rounds 2 --threads 1   # ours, reference, ours, reference:
+                                                        # per-round ratios, then their min and median
+  python benchmarks/bench_train_step.py --profile       # + each design's top operators (torch.profiler, 1 step)
 
 The SD1.5 configurations below are written from the public runwayml/stable-diffusion-v1-5 unet/, vae/ and
 text_encoder/ config.json files; weights are random (the step's cost does not depend on their values). A child
@@ -292,27 +297,41 @@ def current_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
+def top_operators(step, torch, n: int = 10) -> list[dict]:
+    """One more step under torch.profiler: the ``n`` operators with the most self CPU time (ms, calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 1), "calls": e.count} for e in rows]
+
+
 def measure(step, args, trainable: int, torch) -> dict:
     def sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    load_before = os.getloadavg()[0]
     for _ in range(args.warmup):
         step()
     if not torch.cuda.is_available():
         TOTAL_HWM_MIB[0] = _status_kib("VmHWM") / 1024
     reset_peak()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # user + system seconds of every thread of this process
     peak = peak_mib()
-    return {"step_s": sum(times) / len(times), "min_step_s": min(times), "peak_mib": peak,
-            "peak_above_baseline_mib": peak - BASELINE_MIB, "trainable_params": trainable,
-            "vmhwm_total_mib": max(TOTAL_HWM_MIB[0], peak) if not torch.cuda.is_available() else None}
+    return {"step_s": sum(times) / len(times), "min_step_s": min(times), "cpu_s": sum(cpu) / len(cpu),
+            "min_cpu_s": min(cpu), "peak_mib": peak, "peak_above_baseline_mib": peak - BASELINE_MIB,
+            "trainable_params": trainable, "threads": torch.get_num_threads(),
+            "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before warm-up, after
+            "vmhwm_total_mib": max(TOTAL_HWM_MIB[0], peak) if not torch.cuda.is_available() else None,
+            **({"top_operators": top_operators(step, torch)} if args.profile else {})}
 
 
 def child(args) -> None:
@@ -345,7 +364,7 @@ def run_child(work: Path, design: str, args, resolution: int, loss: str | None =
            "--model", str(work / "model"), "--cache-dir", str(work / "cache"), "--resolution", str(resolution),
            "--pairs", str(args.pairs), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--rank", str(args.rank), "--threads", str(args.threads), "--mixed-precision", args.mixed_precision,
-           "--min-free-gb", str(args.min_free_gb),
+           "--min-free-gb", str(args.min_free_gb), *(["--profile"] if args.profile else []),
            "--gradient-checkpointing" if ckpt else "--no-gradient-checkpointing"] + (["--loss", loss] if loss else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     guard = next((x for x in out.stdout.splitlines() if x.startswith("MEMORY-GUARD")), None)
@@ -360,8 +379,13 @@ def run_child(work: Path, design: str, args, resolution: int, loss: str | None =
 
 def describe(name: str, r: dict) -> str:
     total = f", process VmHWM {r['vmhwm_total_mib']:,.0f} MiB" if r.get("vmhwm_total_mib") else ""
-    return (f"{name:13s} step {r['step_s']:8.3f} s (min {r['min_step_s']:8.3f})  peak {r['peak_mib']:9,.0f} MiB "
-            f"({r['peak_above_baseline_mib']:8,.0f} above imports{total})  trainable {r['trainable_params']:,}")
+    load = f"  load {r['load_avg_1min'][0]:.1f}->{r['load_avg_1min'][1]:.1f}" if r.get("load_avg_1min") else ""
+    text = (f"{name:13s} step {r['step_s']:8.3f} s (min {r['min_step_s']:8.3f}), CPU {r['cpu_s']:8.3f} s  "
+            f"peak {r['peak_mib']:9,.0f} MiB ({r['peak_above_baseline_mib']:8,.0f} above imports{total})  "
+            f"trainable {r['trainable_params']:,}{load}")
+    for op in r.get("top_operators", []):
+        text += f"\n{'':15s}{op['self_cpu_ms']:10.1f} ms {op['calls']:6d} calls  {op['op']}"
+    return text
 
 
 def loss_sweep(work: Path, args, resolution: int) -> dict:
@@ -411,11 +435,18 @@ def main() -> None:
                    help="when the whole reference design does not fit, time and size it in two processes")
     p.add_argument("--min-free-gb", type=float, default=1.5,
                    help="a child exits when the machine's available memory falls below this (0: no guard)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the designs this many times, interleaved (A, B, A, B, ...), each in its own process, "
+                        "so that other jobs' load hits them alike; prints min and median of the per-round ratios")
+    p.add_argument("--profile", action="store_true",
+                   help="one extra step of each design under torch.profiler: its top operators by self CPU time")
     p.add_argument("--design", help=argparse.SUPPRESS)
     p.add_argument("--loss", help=argparse.SUPPRESS)
     for hidden in ("--snapshot", "--model", "--cache-dir", "--resolution"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.pairs is None:
         args.pairs = 1 if args.sd15_cpu else 2
     if args.design:
@@ -442,42 +473,87 @@ def main() -> None:
         return
     designs = args.designs or (["ours", "reference"] if args.sd15_cpu else
                                ["ours", "lora-nocache", "reference", "ncp-ours"])
-    results = {}
-    for design in designs:
-        r = run_child(work, design, args, resolution)
-        results[design] = r
-        if r is not None:
-            print(describe(design, r), flush=True)
-    if results.get("reference") is None and "reference" in designs and args.split_reference:
-        print("the whole reference design does not fit: measuring it in two processes (the step without the "
-              "AdamW update, and the update alone)", flush=True)
-        for design in ("reference-no-opt", "reference-opt-only"):
-            results[design] = r = run_child(work, design, args, resolution)
-            if r is not None:
-                print(describe(design, r), flush=True)
-    a_part, b_part = results.get("reference-no-opt"), results.get("reference-opt-only")
-    if results.get("reference") is None and a_part and b_part:
-        moments_mib = 2 * 4 * b_part["trainable_params"] / 2**20  # AdamW exp_avg + exp_avg_sq, fp32
-        results["reference"] = ref = {
-            "step_s": a_part["step_s"] + b_part["step_s"], "min_step_s": a_part["min_step_s"] + b_part["min_step_s"],
+    rounds, whole_fits = [], True
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {k + 1} of {args.rounds}", flush=True)
+        results, whole_fits = run_round(work, designs, args, resolution, whole_fits)
+        rounds.append(results)
+    if args.rounds > 1:
+        summarise_rounds(rounds, designs)
+    print(json.dumps({"sd15": sd15, "resolution": resolution, "pairs": args.pairs, "threads": args.threads,
+                      **(rounds[0] if args.rounds == 1 else {"rounds": rounds})}))
+
+
+def combine_reference(a_part: dict, b_part: dict) -> dict:
+    """The whole public step from its two measured parts: times add; memory = the no-update part's peak plus
+    the AdamW moments the update part holds (2 fp32 tensors per weight), a lower bound of the whole peak."""
+    moments_mib = 2 * 4 * b_part["trainable_params"] / 2**20  # AdamW exp_avg + exp_avg_sq, fp32
+    return {"step_s": a_part["step_s"] + b_part["step_s"], "min_step_s": a_part["min_step_s"] + b_part["min_step_s"],
+            "cpu_s": a_part["cpu_s"] + b_part["cpu_s"], "min_cpu_s": a_part["min_cpu_s"] + b_part["min_cpu_s"],
             "peak_mib": a_part["peak_mib"] + moments_mib,
             "peak_above_baseline_mib": a_part["peak_above_baseline_mib"] + moments_mib,
             "vmhwm_total_mib": (a_part["vmhwm_total_mib"] or 0) + moments_mib,
-            "trainable_params": b_part["trainable_params"], "combined": True}
-        print(f"reference     = no-opt step + AdamW update: {ref['step_s']:.3f} s; memory at least "
-              f"{ref['peak_mib']:,.0f} MiB (no-opt peak + {moments_mib:,.0f} MiB of AdamW moments)", flush=True)
+            "trainable_params": b_part["trainable_params"], "combined": True, "moments_mib": moments_mib}
+
+
+def run_round(work: Path, designs: list[str], args, resolution: int, whole_fits: bool) -> tuple[dict, bool]:
+    """Each design once, in order, each in its own process. When the whole reference design did not fit
+    (this round or an earlier one), it is measured in two processes: the step without the AdamW update, and
+    the update alone. Returns the results and whether the whole reference fitted."""
+    results = {}
+    for design in designs:
+        if design == "reference" and not whole_fits and args.split_reference:
+            r = None
+        else:
+            r = results[design] = run_child(work, design, args, resolution)
+            if r is not None:
+                print(describe(design, r), flush=True)
+        if design == "reference" and r is None and args.split_reference:
+            if whole_fits:
+                print("the whole reference design does not fit: measuring it in two processes (the step without "
+                      "the AdamW update, and the update alone)", flush=True)
+            whole_fits = False
+            for part in ("reference-no-opt", "reference-opt-only"):
+                results[part] = p = run_child(work, part, args, resolution)
+                if p is not None:
+                    print(describe(part, p), flush=True)
+            a_part, b_part = results.get("reference-no-opt"), results.get("reference-opt-only")
+            if a_part and b_part:
+                results["reference"] = ref = combine_reference(a_part, b_part)
+                print(f"reference     = no-opt step + AdamW update: {ref['step_s']:.3f} s, CPU {ref['cpu_s']:.3f} s; "
+                      f"memory at least {ref['peak_mib']:,.0f} MiB (no-opt peak + {ref['moments_mib']:,.0f} MiB of "
+                      f"AdamW moments)", flush=True)
     ref = results.get("reference")
     if ref:
         for design, r in results.items():
-            if design != "reference" and r:
+            if design != "reference" and not design.startswith("reference-") and r:
                 total = (f", process VmHWM {r['vmhwm_total_mib'] / ref['vmhwm_total_mib']:.2f}x"
                          if r.get("vmhwm_total_mib") and ref.get("vmhwm_total_mib") else "")
                 print(f"{design:13s} / reference: time {r['step_s'] / ref['step_s']:.2f}x, "
+                      f"CPU time {r['cpu_s'] / ref['cpu_s']:.2f}x, "
                       f"peak memory {r['peak_mib'] / ref['peak_mib']:.2f}x "
-                      f"({r['peak_above_baseline_mib'] / ref['peak_above_baseline_mib']:.2f}x above imports{total})")
+                      f"({r['peak_above_baseline_mib'] / ref['peak_above_baseline_mib']:.2f}x above imports{total})",
+                      flush=True)
     if results.get("ncp-ours") and results.get("ours"):
         print(f"ncp-dpo / dpo (ours): time {results['ncp-ours']['step_s'] / results['ours']['step_s']:.2f}x")
-    print(json.dumps({"sd15": sd15, "resolution": resolution, "pairs": args.pairs, **results}))
+    return results, whole_fits
+
+
+def summarise_rounds(rounds: list[dict], designs: list[str]) -> None:
+    """Min and median over the rounds of each design's ratios to the reference of the same round."""
+    import statistics
+    for design in designs:
+        if design == "reference":
+            continue
+        pairs = [(r[design], r["reference"]) for r in rounds if r.get(design) and r.get("reference")]
+        if not pairs:
+            print(f"{design}: no round measured both it and the reference")
+            continue
+        for label, key in (("time", "step_s"), ("CPU time", "cpu_s"), ("peak memory", "peak_mib")):
+            ratios = [ours[key] / ref[key] for ours, ref in pairs]
+            print(f"{design} / reference over {len(pairs)} rounds: {label} min {min(ratios):.2f}x, median "
+                  f"{statistics.median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
 
 
 if __name__ == "__main__":
