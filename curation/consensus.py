@@ -120,7 +120,23 @@ def consensus(
         rule["_rule"] = (pl.when(pl.col("_std") > 0).then(pl.col("margin") / pl.col("_std")).otherwise(0.0)).sum()
 
     per_pair = vote_frame.group_by("pair_id").agg(n_scorers=pl.len().cast(pl.Int64), votes_for_0=pl.col("vote").sum(),
-                                                  _mean_margin=pl.col("normalized_margin").mean(), **rule)
+                                                  mean_margin=pl.col("normalized_margin").mean(), **rule)
+    counts = pair_frame.join(per_pair, on="pair_id", how="left", maintain_order="left")
+    return consensus_from_counts(counts, tie_policy, method=method)
+
+
+def consensus_from_counts(counts: pl.DataFrame | pl.LazyFrame, tie_policy: TiePolicy = "drop", *,
+                          method: Method = "majority") -> pl.DataFrame:
+    """The consensus rule (module docstring) on per-pair vote counts: CONSENSUS_SCHEMA, one row per row
+    of `counts`, in its order. `consensus` aggregates the long votes into these counts; the curate stage
+    sums them over a chunk's wide score columns (`curation.votes.WideVotes`) and calls this directly.
+
+    counts: pair_id (optional: without it the result has no pair_id column either, and the caller adds
+    the ids it already holds), human_label (label_0), n_scorers (null or 0: no scorer vote), votes_for_0 (sum of
+    the votes, 0/0.5/1 each), mean_margin (mean normalized margin of the votes, used only through its
+    sign, by "scorer_margin") and, for a baseline `method`, _rule (> 0: image_0 wins)."""
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"unknown tie_policy {tie_policy!r}; expected one of {TIE_POLICIES}")
     human = pl.col("human_label")
     human_decisive = human.is_in([0.0, 1.0])
     human_vote = tie_policy == "human_vote"
@@ -130,7 +146,7 @@ def consensus(
     # the scorers' own label: the rule without the human, then their margin under "scorer_margin"
     scorer_rule = (_sign_label(pl.col("votes_for_0") / pl.col("n_scorers") - 0.5) if method == "majority"
                    else _sign_label(pl.col("_rule")))
-    by_margin = _sign_label(pl.col("_mean_margin")) if tie_policy == "scorer_margin" else pl.lit(None, pl.Float64)
+    by_margin = _sign_label(pl.col("mean_margin")) if tie_policy == "scorer_margin" else pl.lit(None, pl.Float64)
     scorer_label = pl.when(pl.col("n_scorers") > 0).then(pl.coalesce(scorer_rule, by_margin))
     source_decided = "majority" if method == "majority" else method
     human_breaks_ties = pl.lit(tie_policy in ("human_fallback", "human_vote")) & human_decisive
@@ -149,13 +165,15 @@ def consensus(
         .when(human_breaks_ties).then(pl.lit("human_fallback"))
         .otherwise(pl.lit("split"))
     )
+    counts = counts.lazy()
+    schema = {k: v for k, v in CONSENSUS_SCHEMA.items() if k != "pair_id" or "pair_id" in counts.collect_schema()}
     return (
-        pair_frame.join(per_pair, on="pair_id", how="left", maintain_order="left")
+        counts
         .with_columns(pl.col("n_scorers").fill_null(0), pl.col("votes_for_0").fill_null(0.0))
         .with_columns(vote_fraction=pl.when(n_voters > 0).then(for_0 / n_voters))
         .with_columns(consensus_label=label, consensus_source=source, scorer_label=scorer_label)
         .with_columns(human_agrees=pl.when(human_decisive).then(pl.col("scorer_label") == human))
-        .select(list(CONSENSUS_SCHEMA))
-        .cast(CONSENSUS_SCHEMA)
+        .select(list(schema))
+        .cast(schema)
         .collect()
     )

@@ -34,15 +34,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.annotators import AnnotatorStatsConfig, annotator_rows, annotator_stats, annotator_table
-from curation.consensus import TiePolicy, consensus
+from curation.consensus import TiePolicy, consensus, consensus_from_counts
 from curation.lake import STAGING, Lake
-from curation.pair_metrics import PairMetricsConfig, pair_metrics
+from curation.pair_metrics import PairMetricsConfig, pair_metrics, pair_metrics_from_sums, wide_sums
 from curation.reliability import LabelModelConfig, label_model
-from curation.votes import VOTES_SCHEMA, compute_votes, create_score_tables, rms_spreads, score_lookup_sql, vote_rows
+from curation.votes import VOTES_SCHEMA, WideVotes, compute_votes, create_score_tables, rms_spreads, score_lookup_sql
 
 
 # name -> (higher_is_better, prompt_free) of every registered scorer, kept here so the curate stage
@@ -61,7 +64,8 @@ work is vectorised, so larger chunks mainly cost memory."""
 DUCKDB_MEMORY_LIMIT = "1GB"
 """DuckDB's memory cap during curate (score lookup hash tables, image resolution); beyond it DuckDB
 spills to the run's staging folder instead of growing."""
-PAIR_COLUMNS = ["pair_id", "source", "prompt_id", "image_0_id", "image_1_id", "label_0", "user_id", "images_available"]
+PAIR_COLUMNS = ["pair_id", "image_0_id", "image_1_id", "label_0", "user_id", "images_available"]
+"""The pair columns the chunk loop reads (with the scores): what the tables and the later phases use."""
 
 
 @dataclass(frozen=True)
@@ -254,46 +258,51 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
     threshold = config.annotators.minority_threshold
     try:
         for batch in con.sql(query).to_arrow_reader(chunk_pairs):
-            wide = pl.from_arrow(batch).with_row_index("_r")
-            if wide.height == 0:
+            if batch.num_rows == 0:
                 continue
-            votes = (vote_rows(wide, traits, spreads, keep=("_r",)) if scorers else
-                     pl.DataFrame(schema=VOTES_SCHEMA).with_columns(_r=pl.lit(0, pl.UInt32)).clear())
-            # consensus and pair metrics (per pair, in the order of the pairs) on short ids, the row
-            # number in the chunk: hashing and joining 32-character pair ids cost more than their maths
-            short = wide.select("label_0", pair_id=pl.col("_r").cast(pl.String))
-            agreed, metrics = pair_tables(votes.with_columns(pair_id=pl.col("_r").cast(pl.String)), short, scorers,
-                                          config)
-            if not (agreed["pair_id"].equals(short["pair_id"]) and metrics["pair_id"].equals(short["pair_id"])):
-                raise RuntimeError("consensus / pair_metrics did not keep the order of the pairs")
-            agreed, metrics = agreed.with_columns(pair_id=wide["pair_id"]), metrics.with_columns(pair_id=wide["pair_id"])
-            sinks["votes"].write(votes.drop("_r"))
-            sinks["consensus"].write(agreed)
+            # Votes, consensus and pair metrics of the chunk as column-wise sums over its wide score
+            # columns (M scorers x P pairs): no group-by or join on the 32-character pair ids.
+            wide = WideVotes.from_arrow(batch, traits, spreads)
+            pair_id = batch.column("pair_id").cast(pa.large_string())
+            human = pl.from_arrow(batch.column("label_0")).cast(pl.Float64)  # NULL stays null (no label)
+            agreed = consensus_from_counts(pl.DataFrame({"human_label": human, **wide.counts()}), config.tie_policy)
+            label = human if config.pair_metrics.label_source == "human" else agreed["consensus_label"]
+            metrics = pair_metrics_from_sums(pl.DataFrame({
+                "human": human, "label": label,
+                **wide_sums(wide.normalized_margin, wide.voted, config.pair_metrics)}), config.pair_metrics)
+            metrics = pl.concat([metrics, agreed.select("consensus_label", "vote_fraction", "human_agrees")],
+                                how="horizontal")
+            sinks["votes"].write(wide.table(pair_id))
+            sinks["consensus"].write(_with_pair_id(pair_id, agreed))
             staged_metrics.append(f"{scratch}/pair_metrics-{len(staged_metrics):05d}.arrow")
-            metrics.write_ipc(staged_metrics[-1])
-            label_rows.append(annotator_rows(wide, agreed, metrics))
+            _write_ipc(staged_metrics[-1], _with_pair_id(pair_id, metrics))
+            frame = pl.from_arrow(batch.select(["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]))
+            ids = frame["pair_id"]
+            label_rows.append(annotator_rows(frame, agreed.with_columns(pair_id=ids), metrics.with_columns(pair_id=ids)))
             # The joint label model gets short surrogate pair ids (the global row number, zero-padded so that
             # they sort like the pair ids: the pairs stream in pair_id order), hashed image ids
             # and categorical scorer names: the same model at a fraction of the memory of the lake's
             # strings. Staged on disk, it is read only when the model runs, after the annotator table.
             offset = counts["pairs"]
+            row_id = (pl.int_range(pl.len(), dtype=pl.Int64) + offset).cast(pl.String).str.zfill(12)
             model_files["pairs"].append(f"{scratch}/model-pairs-{len(model_files['pairs']):05d}.arrow")
-            wide.select(pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String).str.zfill(12),
-                        user_id="user_id", label_0="label_0",
-                        image_0_id=pl.col("image_0_id").hash(),
-                        image_1_id=pl.col("image_1_id").hash()).write_ipc(model_files["pairs"][-1])
+            frame.select(pair_id=row_id, user_id="user_id", label_0="label_0",
+                         image_0_id=pl.col("image_0_id").hash(),
+                         image_1_id=pl.col("image_1_id").hash()).write_ipc(model_files["pairs"][-1])
             model_files["votes"].append(f"{scratch}/model-votes-{len(model_files['votes']):05d}.arrow")
-            votes.filter(pl.col("vote") != 0.5).select(
-                pair_id=(pl.col("_r").cast(pl.Int64) + offset).cast(pl.String).str.zfill(12),
-                scorer=pl.col("scorer").cast(pl.Categorical),
-                vote="vote", normalized_margin="normalized_margin").write_ipc(model_files["votes"][-1])
-            counts["pairs"] += wide.height
+            scorer_of_row, pair_of_row = np.nonzero(wide.voted & (wide.vote != 0.5))  # decisive votes
+            pl.DataFrame({
+                "pair_id": (pl.Series(pair_of_row, dtype=pl.Int64) + offset).cast(pl.String).str.zfill(12),
+                "scorer": pl.Series(np.array(wide.names, dtype=object)[scorer_of_row], dtype=pl.Categorical),
+                "vote": wide.vote[scorer_of_row, pair_of_row],
+                "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row]}).write_ipc(model_files["votes"][-1])
+            counts["pairs"] += batch.num_rows
             counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())
             counts["minority_pairs"] += int((metrics["minority_score"] > threshold).sum())
-            counts["pairs_without_images"] += int((~wide["images_available"]).sum())
+            counts["pairs_without_images"] += int(pc.sum(pc.invert(batch.column("images_available"))).as_py() or 0)
             judged = agreed.filter(pl.col("human_agrees").is_not_null() & (pl.col("n_scorers") > 0))["human_agrees"]
             agree, decided = agree + int(judged.sum()), decided + judged.len()
-            del wide, votes, agreed, metrics
+            del wide, agreed, metrics, frame
         con.close()  # DuckDB's buffers (up to DUCKDB_MEMORY_LIMIT) go before the whole-lake models start
         if not counts["pairs"]:
             for sink in sinks.values():
@@ -307,7 +316,8 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
         del rows
         metrics_sink, offset = _ParquetSink(lake, f"{run_dir}/pair_metrics.parquet"), 0
         for path in staged_metrics:
-            chunk = pl.read_ipc(path)
+            with pa.memory_map(path) as source:
+                chunk = pl.from_arrow(pa.ipc.open_file(source).read_all())
             metrics_sink.write(pl.concat([chunk, posterior.slice(offset, chunk.height).drop("pair_id")],
                                          how="horizontal"))
             offset += chunk.height
@@ -336,8 +346,8 @@ class _ParquetSink:
         self.writer: pq.ParquetWriter | None = None
         self.handle = None
 
-    def write(self, frame: pl.DataFrame) -> None:
-        table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())  # large_string, as the readers expect
+    def write(self, frame: pl.DataFrame | pa.Table) -> None:
+        table = frame if isinstance(frame, pa.Table) else _arrow(frame)
         if self.writer is None:
             self.lake.fs.makedirs(self.dest.rsplit("/", 1)[0], exist_ok=True)
             self.handle = self.lake.fs.open(self.tmp, "wb")
@@ -358,6 +368,21 @@ class _ParquetSink:
             self.handle.close()
             if self.lake.fs.exists(self.tmp):
                 self.lake.fs.rm(self.tmp)
+
+
+def _arrow(frame: pl.DataFrame) -> pa.Table:
+    return frame.to_arrow(compat_level=pl.CompatLevel.oldest())  # large_string, as the readers expect
+
+
+def _with_pair_id(pair_id: pa.Array, frame: pl.DataFrame) -> pa.Table:
+    """`frame` (row-aligned with pair_id) as Arrow, with the chunk's pair ids as its first column."""
+    table = _arrow(frame)
+    return pa.Table.from_arrays([pair_id, *table.columns], names=["pair_id", *table.column_names])
+
+
+def _write_ipc(path: str, table: pa.Table) -> None:
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _write_tables(lake: Lake, run_dir: str, tables: dict[str, pl.DataFrame], config: CurateConfig) -> dict:

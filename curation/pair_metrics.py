@@ -166,27 +166,66 @@ def pair_metrics(
             label=pl.col("consensus_label"))
     else:
         pair_frame = pair_frame.with_columns(label=pl.col("human"))
-    # +1: the labelled winner is image_0, -1: image_1, null: tie or no label (excluded).
-    direction = pl.when(pl.col("label") == 1.0).then(1.0).when(pl.col("label") == 0.0).then(-1.0)
-    pair_frame = pair_frame.with_columns(_direction=direction)
-
-    scale = config.rho / math.sqrt(config.reference_batch_size)  # s = scale * (normalized margin toward label)
-    # Per-pair sums over the scorer annotators, toward image_0; the direction is applied afterwards
-    # using sigmoid(-x) = 1 - sigmoid(x). Summed by np.bincount in the order of the votes: polars'
-    # parallel group_by sums vary in the last bits from run to run, and curate must be reproducible.
-    pair_frame = pair_frame.with_row_index("_row").collect()
+    pair_frame = pair_frame.select("pair_id", "human", "label").with_row_index("_row").collect()
     voted = (as_lazy(votes, "votes", ["pair_id", "normalized_margin"])
              .select(pl.col("pair_id").cast(pl.String), pl.col("normalized_margin").cast(pl.Float64))
              .join(pair_frame.lazy().select("pair_id", "_row"), on="pair_id", how="inner", maintain_order="left")
              .collect())
-    row, n_rows = voted["_row"].to_numpy().astype(np.int64), pair_frame.height  # (V,) the pair of each vote
+    row = voted["_row"].to_numpy().astype(np.int64)  # (V,) the pair of each vote
     margin = voted["normalized_margin"].fill_null(np.nan).to_numpy()  # (V,); a null adds nothing to the sums
+    # Summed by np.bincount in the order of the votes: polars' parallel group_by sums vary in the last
+    # bits from run to run, and curate must be reproducible.
     given = ~np.isnan(margin)
-    sums = {"_k": np.bincount(row, minlength=n_rows).astype(np.uint32),
-            "_sig0": np.bincount(row, np.where(given, 1.0 / (1.0 + np.exp(-scale * margin)), 0.0), n_rows),
-            "_m": np.bincount(row, np.where(given, margin, 0.0), n_rows),
-            "_t2": np.bincount(row, np.where(given, margin**2, 0.0), n_rows)}
-    pair_frame = pair_frame.with_columns(**{name: pl.Series(name, value) for name, value in sums.items()}).lazy()
+    sums = {"_k": np.bincount(row, minlength=pair_frame.height).astype(np.uint32),
+            "_sig0": np.bincount(row, np.where(given, _sigmoid(_scale(config) * margin), 0.0), pair_frame.height),
+            "_m": np.bincount(row, np.where(given, margin, 0.0), pair_frame.height),
+            "_t2": np.bincount(row, np.where(given, margin**2, 0.0), pair_frame.height)}
+    return pair_metrics_from_sums(pair_frame.drop("_row").with_columns(
+        **{name: pl.Series(name, value) for name, value in sums.items()}), config)
+
+
+def _scale(config: PairMetricsConfig) -> float:
+    """s = scale * (normalized margin toward the label): rho / sqrt(B) (module docstring)."""
+    return config.rho / math.sqrt(config.reference_batch_size)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def wide_sums(normalized_margin: np.ndarray, voted: np.ndarray, config: PairMetricsConfig) -> dict[str, np.ndarray]:
+    """The per-pair sums over the scorer annotators that `pair_metrics_from_sums` needs, from wide arrays:
+    normalized_margin and voted (M scorers, P pairs), voted[m, p] = scorer m voted on pair p. Summed in
+    scorer order, as `pair_metrics` sums the long votes (grouped by scorer): the same floats bit for bit
+    (adding 0.0 for a missing vote changes no sum)."""
+    scale, n_pairs = _scale(config), normalized_margin.shape[1]
+    sums = {"_k": voted.sum(axis=0, dtype=np.uint32), "_sig0": np.zeros(n_pairs), "_m": np.zeros(n_pairs),
+            "_t2": np.zeros(n_pairs)}
+    with np.errstate(invalid="ignore", over="ignore"):
+        for m, v in zip(normalized_margin, voted):
+            given = v & ~np.isnan(m)  # a NaN margin (two infinite scores) is a vote that adds nothing
+            sums["_sig0"] += np.where(given, _sigmoid(scale * m), 0.0)
+            sums["_m"] += np.where(given, m, 0.0)
+            sums["_t2"] += np.where(given, m**2, 0.0)
+    return sums
+
+
+def pair_metrics_from_sums(frame: pl.DataFrame | pl.LazyFrame, config: PairMetricsConfig = PairMetricsConfig()
+                           ) -> pl.DataFrame:
+    """PAIR_METRICS_SCHEMA from per-pair sums (one row per row of `frame`, in its order): the formulas of
+    the module docstring. `pair_metrics` computes the sums from long votes, the curate stage from a
+    chunk's wide score columns (`wide_sums`).
+
+    frame: pair_id (optional: without it the result has none either), human (label_0), label (the
+    training label: human, or the consensus label), and over the pair's scorer votes _k (count), _sig0
+    (sum of sigmoid(scale * normalized margin toward image_0)), _m (sum of the normalized margins toward
+    image_0) and _t2 (sum of their squares); null sums count as 0."""
+    scale = _scale(config)
+    # +1: the labelled winner is image_0, -1: image_1, null: tie or no label (excluded). The sums are
+    # toward image_0; the direction is applied here, using sigmoid(-x) = 1 - sigmoid(x).
+    pair_frame = frame.lazy().with_columns(
+        _direction=pl.when(pl.col("label") == 1.0).then(1.0).when(pl.col("label") == 0.0).then(-1.0))
+    schema = {k: v for k, v in PAIR_METRICS_SCHEMA.items() if k != "pair_id" or "pair_id" in pair_frame.collect_schema()}
     direction = pl.col("_direction")
     k = pl.col("_k").fill_null(0)
     sig = pl.when(direction > 0).then(pl.col("_sig0")).otherwise(k - pl.col("_sig0")).fill_null(0.0)
@@ -219,7 +258,7 @@ def pair_metrics(
                       * (pl.col("stability") if config.stability_term == "capped_std" else 1.0))
         .with_columns(weight=reweight(pl.col("minority_score"), config),
                       margin=adaptive_margin(pl.col("minority_score"), offset, config))
-        .select(list(PAIR_METRICS_SCHEMA))
-        .cast(PAIR_METRICS_SCHEMA)
+        .select(list(schema))
+        .cast(schema)
         .collect()
     )

@@ -11,13 +11,17 @@ This is the dataset-wide stand-in for the per-batch L2 normalisation of Adaptive
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,10 @@ VOTES_SCHEMA = {
     "pair_id": pl.String, "scorer": pl.String, "score_0": pl.Float64, "score_1": pl.Float64,
     "margin": pl.Float64, "vote": pl.Float64, "normalized_margin": pl.Float64,
 }
+
+VOTES_ARROW_SCHEMA = pa.schema([(name, pa.large_string() if dtype == pl.String else pa.float64())
+                                 for name, dtype in VOTES_SCHEMA.items()])
+"""VOTES_SCHEMA as Arrow (large_string: what polars writes, and what the lake's readers expect)."""
 
 Spread = Literal["rms", "mad"]
 
@@ -203,12 +211,73 @@ def vote_rows(wide: pl.DataFrame, scorers: Mapping[str, bool], spreads: Mapping[
             wide.lazy().select("pair_id", *keep, scorer=pl.lit(name), score_0=pl.col(f"_s{i}_0"),
                                score_1=pl.col(f"_s{i}_1"), margin=_margin(i, up))
             .filter(pl.col("margin").is_not_null())
-            .with_columns(vote=pl.when(pl.col("margin") > 0).then(1.0).when(pl.col("margin") < 0).then(0.0)
-                          .otherwise(0.5),
+            # a NaN margin (two infinite scores) is a tie; polars would order NaN above every number
+            .with_columns(vote=pl.when(pl.col("margin").is_nan()).then(0.5).when(pl.col("margin") > 0).then(1.0)
+                          .when(pl.col("margin") < 0).then(0.0).otherwise(0.5),
                           normalized_margin=(pl.col("margin") / spread) if spread > 0 else pl.lit(0.0)))
     if not parts:
         return pl.DataFrame(schema=VOTES_SCHEMA).hstack(wide.clear().select(keep))
     return pl.concat(parts).select(*VOTE_COLUMNS, *keep).cast(VOTES_SCHEMA).collect()
+
+
+@dataclass
+class WideVotes:
+    """The scorer votes of a chunk of pairs in wide form: (M scorers, P pairs) arrays, the way the
+    score lookup (`score_lookup_sql`) delivers them. Consensus counts and pair-metric sums are
+    column-wise sums over the M rows, no group-by on pair ids; `table` gives the long VOTE_COLUMNS rows."""
+
+    names: tuple[str, ...]
+    score_0: np.ndarray  # (M, P) float64; NaN where the score is missing
+    score_1: np.ndarray  # (M, P)
+    voted: np.ndarray  # (M, P) bool: both images of the pair have the scorer's score
+    margin: np.ndarray  # (M, P) toward image_0: sign * (score_0 - score_1), sign -1 for lower-is-better
+    normalized_margin: np.ndarray  # (M, P) margin / the scorer's spread (0 when the spread is 0)
+
+    @classmethod
+    def from_arrow(cls, batch: pa.RecordBatch | pa.Table, scorers: Mapping[str, bool],
+                   spreads: Mapping[str, float]) -> WideVotes:
+        """From the _s{i}_0, _s{i}_1 columns (scorer i of `scorers`, name -> higher_is_better; NULL = missing)."""
+        n, m = batch.num_rows, len(scorers)
+        score_0, score_1 = np.empty((m, n)), np.empty((m, n))
+        voted = np.empty((m, n), dtype=bool)
+        for i in range(m):
+            a, b = batch.column(f"_s{i}_0"), batch.column(f"_s{i}_1")
+            score_0[i] = a.to_numpy(zero_copy_only=False)  # NULL -> NaN
+            score_1[i] = b.to_numpy(zero_copy_only=False)
+            voted[i] = pc.and_(pc.is_valid(a), pc.is_valid(b)).to_numpy(zero_copy_only=False)
+        sign = np.array([1.0 if up else -1.0 for up in scorers.values()])[:, None]  # (M, 1)
+        margin = sign * (score_0 - score_1)  # the same floats as the polars form, _margin
+        spread = np.array([spreads[name] for name in scorers])[:, None]  # (M, 1)
+        with np.errstate(divide="ignore"):
+            # margin * (1 / spread): polars divides a column by a number so, and the long form must match
+            normalized = np.where(spread > 0, margin * (1.0 / spread), 0.0)
+        return cls(tuple(scorers), score_0, score_1, voted, margin, normalized)
+
+    @functools.cached_property
+    def vote(self) -> np.ndarray:
+        """(M, P) 1.0 if the scorer prefers image_0, 0.0 if image_1, 0.5 for an exact tie (or a NaN margin)."""
+        return np.where(self.margin > 0, 1.0, np.where(self.margin < 0, 0.0, 0.5))
+
+    def counts(self) -> dict[str, np.ndarray]:
+        """Per pair (P,): n_scorers, votes_for_0 and mean_margin (mean normalized margin; NaN without a
+        vote), the inputs of `curation.consensus.consensus_from_counts`, summed in scorer order."""
+        n_scorers = self.voted.sum(axis=0, dtype=np.int64)
+        votes_for_0, margin_sum = np.zeros(n_scorers.size), np.zeros(n_scorers.size)
+        for vote, normalized, voted in zip(self.vote, self.normalized_margin, self.voted):
+            votes_for_0 += np.where(voted, vote, 0.0)
+            margin_sum += np.where(voted, normalized, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"n_scorers": n_scorers, "votes_for_0": votes_for_0, "mean_margin": margin_sum / n_scorers}
+
+    def table(self, pair_id: pa.Array) -> pa.Table:
+        """VOTE_COLUMNS rows (VOTES_ARROW_SCHEMA), one per (pair, scorer) with both scores, grouped by
+        scorer in the order of `names`, pairs in order: the rows of `vote_rows`. pair_id: (P,) strings."""
+        scorer_of_row, pair_of_row = np.nonzero(self.voted)  # row-major: scorer by scorer, pairs in order
+        columns = [pc.take(pair_id, pa.array(pair_of_row)).cast(pa.large_string()),
+                   pc.take(pa.array(self.names, pa.large_string()), pa.array(scorer_of_row)),
+                   *(pa.array(values[self.voted]) for values in (self.score_0, self.score_1, self.margin, self.vote,
+                                                                 self.normalized_margin))]
+        return pa.Table.from_arrays(columns, schema=VOTES_ARROW_SCHEMA)
 
 
 def compute_votes(
