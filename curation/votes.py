@@ -246,9 +246,9 @@ class WideVotes:
             score_1[i] = b.to_numpy(zero_copy_only=False)
             voted[i] = pc.and_(pc.is_valid(a), pc.is_valid(b)).to_numpy(zero_copy_only=False)
         sign = np.array([1.0 if up else -1.0 for up in scorers.values()])[:, None]  # (M, 1)
-        margin = sign * (score_0 - score_1)  # the same floats as the polars form, _margin
         spread = np.array([spreads[name] for name in scorers])[:, None]  # (M, 1)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # inf - inf: a NaN margin, a tie
+            margin = sign * (score_0 - score_1)  # the same floats as the polars form, _margin
             # margin * (1 / spread): polars divides a column by a number so, and the long form must match
             normalized = np.where(spread > 0, margin * (1.0 / spread), 0.0)
         return cls(tuple(scorers), score_0, score_1, voted, margin, normalized)

@@ -236,3 +236,40 @@ def test_votes_feed_consensus_end_to_end():
     assert out["consensus_source"].to_list() == ["majority", "majority", "split"]
     assert out["human_agrees"].to_list() == [True, True, None]
     assert out["scorer_label"].to_list() == [1.0, 0.0, None]
+
+
+def test_wide_votes_give_the_long_forms_rows_counts_and_sums():
+    """The curate stage's wide form (WideVotes, consensus_from_counts, wide_sums) against the long forms
+    (vote_rows, consensus, pair_metrics) on pairs with a missing score, a lower-is-better scorer, a
+    scorer whose every margin is 0 (spread 0), an exact tie and two infinite scores (a NaN margin)."""
+    import numpy as np
+    from polars.testing import assert_frame_equal
+
+    from curation.consensus import consensus_from_counts
+    from curation.pair_metrics import PairMetricsConfig, pair_metrics, pair_metrics_from_sums, wide_sums
+    from curation.votes import WideVotes, vote_rows
+
+    inf = math.inf
+    wide = pl.DataFrame({
+        "pair_id": ["a", "b", "c", "d", "e"], "label_0": [1.0, 0.0, 0.5, None, 1.0],
+        "_s0_0": [0.3, 0.1, None, 0.2, inf], "_s0_1": [0.1, 0.4, 0.2, 0.2, inf],  # up; c missing, d tie, e NaN
+        "_s1_0": [2.0, 5.0, 1.0, 3.0, 0.5], "_s1_1": [5.0, 2.0, 1.5, 1.0, 0.5],  # down (lower is better)
+        "_s2_0": [1.0, 1.0, 1.0, None, 1.0], "_s2_1": [1.0, 1.0, 1.0, 1.0, 1.0],  # every margin 0
+    })
+    scorers = {"up": True, "down": False, "flat": True}
+    spreads = {"up": 0.2, "down": 2.5, "flat": 0.0}
+    want = vote_rows(wide, scorers, spreads)
+    votes = WideVotes.from_arrow(wide.to_arrow(), scorers, spreads)
+    got = pl.from_arrow(votes.table(wide.to_arrow().column("pair_id")))
+    assert_frame_equal(got, want)  # bit for bit, NaN margin and its 0.5 vote included
+    assert want.filter(pl.col("margin").is_nan())["vote"].to_list() == [0.5]
+
+    pairs = wide.select("pair_id", "label_0")
+    for policy in ("drop", "scorer_margin", "human_fallback", "human_vote"):
+        counts = pl.DataFrame({"pair_id": pairs["pair_id"], "human_label": pairs["label_0"], **votes.counts()})
+        assert_frame_equal(consensus_from_counts(counts, policy), consensus(want, pairs, tie_policy=policy))
+    config = PairMetricsConfig()
+    sums = pl.DataFrame({"pair_id": pairs["pair_id"], "human": pairs["label_0"], "label": pairs["label_0"],
+                         **wide_sums(votes.normalized_margin, votes.voted, config)})
+    assert_frame_equal(pair_metrics_from_sums(sums, config), pair_metrics(want, pairs, config))
+    assert np.array_equal(votes.counts()["n_scorers"], [3, 3, 2, 2, 3])
