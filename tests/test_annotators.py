@@ -286,3 +286,142 @@ def test_beta_binomial_falls_back_to_the_leave_one_out_peer_majority_without_sco
     assert (with_votes["u2"]["n_reference"], with_votes["u2"]["n_peer_majority"]) == (1, 1)  # p4 scorers, p5 peers
     with pytest.raises(ValueError, match="agreement_fallback"):
         AnnotatorStatsConfig(agreement_fallback="guess")
+
+
+# The crowd model of curation.reliability: planted logistic truths and planted annotators.
+
+def planted_taste_crowd(seed: int, n_items: int = 3000, minority_share: float = 0.4, n_workers: int = 20):
+    """Items with 3 scorer margins x (I, 3) ~ N(0, 1) toward the first image. The majority's reward uses
+    weights (2, 1, 0), a minority group (the last workers, ~minority_share of the labels) weights
+    (0, 0, 3); every annotator picks by Bradley-Terry on its own taste, one label per item, shown in a
+    random order. Workers 0-1 are spammers (coin flips)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_items, 3))
+    majority, minority = np.array([2.0, 1.0, 0.0]), np.array([0.0, 0.0, 3.0])
+    n_minority = int(round(minority_share * n_workers))
+    worker = rng.integers(0, n_workers, n_items)  # one label per item, equal volumes
+    item = np.arange(n_items)
+    is_minority = worker >= n_workers - n_minority
+    reward = np.where(is_minority, x @ minority, x @ majority)  # toward the item's first image
+    first = rng.random(n_items) < 1 / (1 + np.exp(-reward))  # the annotator prefers the first image
+    first[worker < 2] = rng.random((worker < 2).sum()) < 0.5
+    flipped = rng.random(n_items) < 0.5
+    chose_0 = first != flipped
+    truth_first = x @ majority > 0
+    return worker, item, flipped, chose_0, x, truth_first, n_workers - n_minority
+
+
+def test_crowd_model_recovers_a_planted_logistic_truth_and_two_coin_annotators():
+    """Raykar et al. 2010: the truth P(first better) = sigmoid(w . x) with w = (2, -1); annotators 0-4
+    right 90 %, 5-9 right 70 %, 10-11 always pick image_0 (a = 1, b = 0); 2 labels per item."""
+    from curation.reliability import fit_crowd_model
+
+    rng = np.random.default_rng(0)
+    n_items = 4000
+    x = rng.normal(size=(n_items, 2))
+    truth = rng.random(n_items) < 1 / (1 + np.exp(-(x @ np.array([2.0, -1.0]))))
+    item = np.repeat(np.arange(n_items), 2)
+    worker = rng.integers(0, 12, item.size)
+    flipped = rng.random(item.size) < 0.5
+    image_0_better = truth[item] != flipped
+    accuracy = np.where(worker < 5, 0.9, 0.7)
+    chose_0 = np.where(rng.random(item.size) < accuracy, image_0_better, ~image_0_better)
+    chose_0[worker >= 10] = True
+    fit = fit_crowd_model(worker, item, flipped, chose_0, x, n_workers=12)
+    assert fit.weight[0] > 0 > fit.weight[1] and fit.weight[0] / -fit.weight[1] == pytest.approx(2.0, rel=0.25)
+    planted = np.r_[[0.9] * 5, [0.7] * 5]  # ~330 labels per worker and side: sampling error ~0.025
+    np.testing.assert_allclose(fit.sensitivity[:10], planted, atol=0.08)
+    np.testing.assert_allclose(fit.specificity[:10], planted, atol=0.08)
+    assert (fit.sensitivity[10:] > 0.97).all() and (fit.specificity[10:] < 0.03).all()
+    loo = (fit.loo_sensitivity + fit.loo_specificity) / 2
+    assert loo[:5].min() > loo[5:10].max() and loo[5:10].min() > loo[10:].max()
+    assert ((fit.log_odds > 0) == truth).mean() > 0.85
+    # no features: plain two-coin Dawid-Skene (the prior is flat), the same a, b ranking
+    plain = fit_crowd_model(worker, item, flipped, chose_0, np.zeros((n_items, 0)), n_workers=12)
+    assert plain.weight.size == 0 and (plain.prior_log_odds == 0).all()
+    assert ((plain.sensitivity + plain.specificity)[:5].min() > (plain.sensitivity + plain.specificity)[5:].max())
+
+
+def test_leave_one_out_confusion_does_not_let_a_label_confirm_itself():
+    """One label per item and no features: without its own label an item has no evidence at all, so the
+    leave-one-out confusion has nothing to go on and stays at the pooled values for everyone, while the
+    in-sample a, b are moved by the annotator's own labels."""
+    from curation.reliability import fit_crowd_model
+
+    rng = np.random.default_rng(1)
+    worker = np.repeat(np.arange(3), 50)
+    chose_0 = np.r_[np.ones(50, bool), rng.random(100) < 0.5]
+    fit = fit_crowd_model(worker, np.arange(150), np.zeros(150, bool), chose_0, np.zeros((150, 0)), n_workers=3)
+    assert fit.loo_sensitivity.tolist() == [fit.loo_sensitivity[0]] * 3
+    assert fit.loo_specificity.tolist() == [fit.loo_specificity[0]] * 3
+
+
+def test_annotator_tastes_recover_a_planted_taste_and_position_intercept():
+    from curation.reliability import annotator_tastes
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6000, 2))
+    worker = np.repeat(np.arange(2), 3000)
+    taste = np.array([[1.5, 0.0], [0.0, -1.0]])
+    intercept = np.array([0.0, 1.0])  # worker 1 leans to image_0
+    chose_0 = rng.random(6000) < 1 / (1 + np.exp(-(intercept[worker] + np.einsum("rk,rk->r", x, taste[worker]))))
+    t, c = annotator_tastes(worker, chose_0, x, n_workers=3)
+    np.testing.assert_allclose(t[:2], taste, atol=0.12)
+    np.testing.assert_allclose(c[:2], intercept, atol=0.12)
+    assert (t[2] == 0).all() and c[2] == 0  # no labels: the ridge prior's mode
+
+
+def test_weighted_median_by_hand():
+    from curation.reliability import weighted_median
+
+    values = np.array([[1.0, 10.0], [2.0, 30.0], [3.0, 20.0]])
+    assert weighted_median(values, np.array([1, 1, 1])).tolist() == [2.0, 20.0]
+    # a group holding more than half of the weight decides, however far the others lie
+    assert weighted_median(values, np.array([6, 1, 4])).tolist() == [1.0, 10.0]
+    assert weighted_median(np.zeros((0, 2)), np.zeros(0)).tolist() == [0.0, 0.0]
+
+
+def test_taste_mixture_keeps_the_majority_taste_and_finds_the_minority_group():
+    """A consistent minority taste with 40 % of the labels: the majority taste is the one of the other 60 %
+    (direction (2, 1, 0), not a compromise with the minority's (0, 0, 3)), the minority's members get a
+    small rho, and so does a spammer (it belongs to the no-taste component)."""
+    from curation.reliability import taste_mixture
+
+    worker, item, flipped, chose_0, x, truth_first, first_minority = planted_taste_crowd(seed=3)
+    x_label = x[item] * np.where(flipped, -1.0, 1.0)[:, None]  # toward the label's image_0
+    w, rho, n_tastes = taste_mixture(worker, chose_0, x_label, n_workers=20)
+    assert n_tastes == 2
+    assert w[0] / np.linalg.norm(w) > 0.85 and abs(w[2]) < 0.2 * np.linalg.norm(w)
+    assert rho[2:first_minority].min() > 0.9 and rho[first_minority:].max() < 0.1 and rho[:2].max() < 0.1
+    # without a minority group, the BIC keeps a single taste and every consistent annotator shares it
+    worker, item, flipped, chose_0, x, _, _ = planted_taste_crowd(seed=4, minority_share=0.0)
+    w, rho, n_tastes = taste_mixture(worker, chose_0, x[item] * np.where(flipped, -1.0, 1.0)[:, None], n_workers=20)
+    assert n_tastes == 1 and rho[2:].min() > 0.9 and w[0] > w[1] > abs(w[2])
+
+
+def test_label_model_detects_a_minority_taste_group_below_half_of_the_labels():
+    """End to end on frames: the minority's effective confusion is uninformative (a' + b' ~ 1) and its
+    reliability below every reliable annotator's; its labels' evidence about the majority's truth ~ 0."""
+    from curation.reliability import label_model
+
+    worker, item, flipped, chose_0, x, truth_first, first_minority = planted_taste_crowd(seed=5)
+    a, b = np.array([f"a{i:05d}" for i in item]), np.array([f"b{i:05d}" for i in item])  # a < b: a is "first"
+    ids = [f"p{i:05d}" for i in item]
+    pairs = pl.DataFrame({"pair_id": ids, "user_id": [f"u{w:02d}" for w in worker], "label_0": chose_0.astype(float),
+                          "image_0_id": np.where(flipped, b, a), "image_1_id": np.where(flipped, a, b)})
+    margin_0 = x * np.where(flipped, -1.0, 1.0)[:, None]  # (I, 3) toward each pair's image_0
+    votes = pl.DataFrame({"pair_id": ids * 3, "scorer": np.repeat(["s0", "s1", "s2"], item.size),
+                          "normalized_margin": margin_0.T.ravel()}).with_columns(
+        vote=pl.when(pl.col("normalized_margin") > 0).then(1.0).otherwise(0.0))
+    per_pair, per_scorer, annotators = label_model(pairs, votes)
+    w = per_scorer["weight"].to_numpy()
+    assert w[0] > w[1] > abs(w[2])
+    rel = annotators["reliability"].to_numpy()
+    minority, reliable = rel[first_minority:], rel[2:first_minority]
+    assert minority.max() < reliable.min() and abs(minority - 0.5).max() < 0.05
+    effective = (annotators["sensitivity"] + annotators["specificity"]).to_numpy()
+    assert np.abs(effective[first_minority:] - 1).max() < 0.05 and effective[2:first_minority].min() > 1.3
+    minority_rows = worker >= first_minority
+    assert per_pair["label_log_odds"].to_numpy()[minority_rows].__abs__().max() < 0.1
+    calibrated = per_pair["calibrated_label"].to_numpy() == 1.0
+    assert (calibrated == (truth_first != flipped)).mean() > 0.95  # the majority truth from the scorers
