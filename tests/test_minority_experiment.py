@@ -126,7 +126,11 @@ def test_quick_experiment_writes_every_run_and_resummarises(tmp_path):
         assert row["vs_dpo_ci_low"] <= row["vs_dpo"] <= row["vs_dpo_ci_high"]
         if row["method"] == "dpo":  # DPO's paired difference to itself is exactly zero
             assert row["vs_dpo"] == 0.0 == row["vs_dpo_ci_low"] == row["vs_dpo_ci_high"]
-    assert len(result["runs"]) == len(MAIN_METHODS) * 2
+    assert len(result["runs"]) == len(MAIN_METHODS) * 2 + 2 * 2  # + the headline methods on 2 conditions, seed 1
+    # BalancedDPO's scorer-only labels do not depend on the crowd: its crowd run is the clean one, not retrained
+    reused = {r["run"]: r.get("reused_from") for r in result["runs"]}
+    assert reused["balanced-crowd40-seed0"] == "balanced-clean00-seed0"
+    assert reused["dpo-crowd40-seed0"] is None and reused["calibrated-crowd40-seed0"] is None
     data = result["data"]
     assert data["clean00"]["noisy_label_share"] == 0.0 and data["crowd40"]["noisy_label_share"] > 0.2
     for d in data.values():
