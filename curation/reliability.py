@@ -12,8 +12,8 @@ normalised margin toward the item's first image (`curation.votes`). Three steps,
    majority's w (a pooled fit leans toward a minority whose taste the scorers measure more precisely:
    in the small world's minority40 the pooled fit weighted exposure 3.7 and prompt colour 1.1, the
    minority's taste, and ranked minority annotators above reliable ones, AUROC 0.08).
-2. Truth and confusion (`fit_crowd_model`): EM of P(first image better) = sigmoid(s w . x_i) jointly
-   with each annotator's two-coin confusion, a_j = P(says image_0 | image_0 better) and
+2. Truth and confusion (`fit_crowd_model`): EM of P(first image better) = sigmoid(w . x_i), from the
+   majority taste's w, jointly with each annotator's two-coin confusion, a_j = P(says image_0 | image_0 better) and
    b_j = P(says image_1 | image_1 better) (a position-biased clicker has a_j >> b_j). An annotator
    labels by another taste with probability 1 - rho_j, so its evidence uses the effective confusion
    a'_j = rho a_j + (1 - rho) q_j, b'_j = rho b_j + (1 - rho)(1 - q_j) (q_j its rate of image_0).
@@ -36,7 +36,7 @@ coin-flip annotator (a = 1 - b, e.g. a spammer 1/2, 1/2 or an always-left clicke
 lambda = 0, the scorer posterior; a left-biased annotator's "left" is weaker evidence than its
 "right".
 
-Calibrated consensus. S = s w . x, the fitted logistic's log-odds: BalancedDPO's scorer vote
+Calibrated consensus. S = w . x, the fitted logistic's log-odds: BalancedDPO's scorer vote
 (Tamboli et al., arXiv 2503.12575) with each scorer weighted by a weight learned against the crowd
 instead of one vote each; calibrated_label = 1[S > 0]. The equal-vote form stays the `consensus`
 table's (`curation.consensus`, the paper baseline). Without scorers (e.g. WMT judges) the model is
@@ -51,16 +51,19 @@ keeps a group's own labels as a separate snapshot instead (curation/snapshot.py)
 Measured (small world v2, `benchmarks/minority.py --curate-only`, annotators with >= 20 labels):
 detection AUROC (non-reliable vs reliable) 1.0 in crowd20, crowd40, minority20 and minority40 (each
 kind 1.0; the equal-vote-prior Dawid-Skene, `annotator_stats` without a label model, has 0.91,
-0.77 (minority taste 0.59), 0.75 and 0.22 on the same lakes). Weighted share of truly better winners, reliability / adaptive / filter (filter at
-min_reliability 0.55): clean00 0.927 / 0.894 / 0.898, crowd20 0.924 / 0.853 / 0.883, crowd40
-0.913 / 0.826 / 0.886, minority20 0.928 / 0.880 / 0.891, minority40 0.922 / 0.871 / 0.892, flips20
-0.908 / 0.799 / 0.847, flips40 0.663 / 0.684 / 0.650 (plain labels 0.533): at 40 % random flips every
-annotator is about 57 % right and the model, unable to tell from 1,226 labels how strong the scorers
-are, trusts them too little (its calibrated label alone is right on 0.80).
+0.77 (minority taste 0.59), 0.75 and 0.22 on the same lakes). Weighted share of truly better
+winners, reliability / adaptive / filter (min_reliability 0.55): clean00 0.928 / 0.894 / 0.898,
+crowd20 0.921 / 0.853 / 0.883, crowd40 0.915 / 0.826 / 0.886, minority20 0.927 / 0.880 / 0.891,
+minority40 0.923 / 0.871 / 0.892, flips20 0.912 / 0.799 / 0.842, flips40 0.710 / 0.684 / 0.771 (plain
+labels 0.533; filter keeps 218 of 1,226 labels there, reliability 639): at 40 % random flips every
+annotator is about 57 % right, which per-annotator statistics cannot see, and the model cannot tell
+from 1,226 labels how far to trust the scorers. WMT13 judges (no scorers: plain Dawid-Skene, left
+out own labels; benchmarks/wmt_reliability.py): Spearman with expert accuracy 0.33 (turkers 0.39),
+against 0.36 (0.44) with the in-sample accuracy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -104,12 +107,11 @@ class LabelModelConfig:
     max_abs_margin: float = 5.0
     """Clip of each normalised margin (units: a typical margin of that scorer) before the logistic: a
     linear log-odds would otherwise let one outlier pair's margin decide it outright."""
-    truth_direction: Literal["majority_taste", "pooled"] = "majority_taste"
-    """Direction of the scorer weights. "median_taste": the label-weighted coordinate-wise median of the
-    annotators' own tastes (`annotator_tastes`), scaled by the EM: the taste of the annotators who give
-    most labels, which a minority group cannot move. "pooled": Raykar's w fitted on all labels, a
-    compromise between tastes, which leans toward a minority whose taste the scorers measure more
-    precisely (measured in the module docstring)."""
+    taste_model: Literal["mixture", "pooled"] = "mixture"
+    """"mixture": the majority's taste and each annotator's share of it from `taste_mixture`; the EM
+    starts from that taste and a minority group's labels carry no evidence. "pooled": Raykar's model
+    as published, every annotator on one taste and w from 0; it leans toward a minority whose taste the
+    scorers measure more precisely (small world minority40: detection AUROC 0.08, module docstring)."""
     use_peers: bool = True
     """Other annotators' labels on the same two images count as evidence (Pick-a-Pic repeats pairs)."""
     max_abs_log_odds: float = 12.0
@@ -124,6 +126,8 @@ class LabelModelConfig:
                 or self.ridge <= 0 or self.newton_steps < 1 or self.max_abs_margin <= 0:
             raise ValueError(f"need 0 < prior_first < 1, accuracy_prior_strength >= 0, ridge > 0, newton_steps >= 1, "
                              f"max_abs_margin > 0 and max_abs_log_odds > 0; got {self}")
+        if self.taste_model not in ("mixture", "pooled"):
+            raise ValueError(f"taste_model={self.taste_model!r}; expected 'mixture' or 'pooled'")
 
 
 def log_likelihood_ratio(sensitivity: np.ndarray, specificity: np.ndarray, chose_0: np.ndarray) -> np.ndarray:
@@ -515,17 +519,14 @@ def label_model(
     chose_0 = label_0[human_rows] == 1.0
     prior = float(np.log(config.prior_first) - np.log1p(-config.prior_first))
     direction, shares = None, np.ones(n_users)
-    if config.truth_direction == "majority_taste" and len(scorers) and worker.size:
+    if config.taste_model == "mixture" and len(scorers) and worker.size:
         direction, shares, _ = taste_mixture(worker, chose_0, features[item] * np.where(flipped, -1.0, 1.0)[:, None],
                                              n_workers=n_users, ridge=config.ridge)
-    fit = fit_crowd_model(worker, item, flipped, chose_0, features if direction is None else features @ direction[:, None],
+    fit = fit_crowd_model(worker, item, flipped, chose_0, features,
                           n_workers=n_users, ridge=config.ridge,
                           newton_steps=config.newton_steps, accuracy_prior_strength=config.accuracy_prior_strength,
                           prior_log_odds=prior, taste_share=shares, max_iter=config.max_iter, tol=config.tol,
-                          # the taste predicts a label, which is noisier than the truth: the truth's scale is >= 1
-                          initial_weight=None if direction is None else np.ones(1))
-    if direction is not None:
-        fit = replace(fit, weight=fit.weight[0] * direction)
+                          initial_weight=direction)
 
     # Evidence toward each item's first image (orient = +1 when a row's image_0 is its item's first).
     # Each label's evidence uses its annotator's confusion measured without the annotator's own labels
