@@ -14,6 +14,7 @@ import itertools
 import math
 import re
 import struct
+import threading
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -66,6 +67,9 @@ MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 # Mean encoded size above which image hashing and checks run in the thread pool: hashlib and zlib.crc32
 # release the GIL only for buffers of more than a few kB, and thread hand-offs cost ~10-50 us an image.
 _THREADED_MEAN_BYTES = 64 << 10
+# Mean image size above which content hashing is split over the threads: hashlib releases the GIL for
+# buffers over 2 kB, and at 8 kB the hash (~8 us) outweighs the Python step per image that holds it.
+_THREADED_HASH_MEAN_BYTES = 8 << 10
 # 8 kB of UTF-8: ~100x the 77-token text window of the CLIP-family scorers and T2I text encoders.
 MAX_PROMPT_BYTES = 8 << 10
 
@@ -76,7 +80,7 @@ class IngestConfig:
     format: str                      # reader: pickapic, hpdv2, jsonl, csv, wmt
     full_decode: bool = False        # header + end-marker check catches garbage and truncation; True also
                                      # decodes the pixels (several times slower, catches mid-stream damage)
-    decode_threads: int = 2          # for full decodes: PIL releases the GIL while decoding
+    decode_threads: int = 2          # for full decodes and hashing big images (PIL and hashlib release the GIL)
     max_file_bytes: int = 256 << 20  # part files rotate at about this size, so no single file is huge
     max_image_pixels: int = MAX_IMAGE_PIXELS  # width x height from the header; above: image_too_large
     max_image_bytes: int = 64 << 20  # encoded bytes of one image (inline in the source); above: image_too_large
@@ -387,12 +391,25 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _fingerprint(path: str) -> tuple[str, object, str]:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if not fs.exists(fs_path):
-        raise UnreadableSourceError(path, "file does not exist")
+def _file_sha256(fs, fs_path: str, stop: threading.Event, chunk_bytes: int = 8 << 20) -> str | None:
+    """sha256 of the file's bytes (what ids.file_fingerprint computes), read into one reused buffer (no
+    fresh 8 MB allocation per chunk); None if `stop` is set before the end."""
+    digest, buffer = hashlib.sha256(), bytearray(chunk_bytes)
+    view = memoryview(buffer)
     with fs.open(fs_path, "rb") as f:
-        return ids.file_fingerprint(f), fs, fs_path
+        readinto = getattr(f, "readinto", None)
+        while not stop.is_set():
+            if readinto is not None:
+                n = readinto(view)
+                if not n:
+                    return digest.hexdigest()
+                digest.update(view[:n])
+            else:
+                chunk = f.read(chunk_bytes)
+                if not chunk:
+                    return digest.hexdigest()
+                digest.update(chunk)
+    return None
 
 
 def _known_ids(lake: Lake, table: str, column: str, partition: str | None = None) -> set[str]:
@@ -618,18 +635,25 @@ class _Batcher:
         and the batch's distinct images (_BatchImages: their bytes, ids and memoryviews).
         Both columns are dictionary-encoded together (Arrow hashes and compares the bytes in C), so an
         image is hashed once per batch however many rows, on either side, show it; big images are hashed
-        in threads (hashlib releases the GIL on large buffers)."""
+        in `decode_threads` threads, a contiguous part each (hashlib releases the GIL on large buffers)."""
         # One array of both sides (a copy in C): dictionary_encode of a ChunkedArray is ~10x slower.
         both = pa.concat_arrays([*raw.column("image_0_bytes").chunks, *raw.column("image_1_bytes").chunks])
         encoded = pc.dictionary_encode(both)
         dictionary, indices = encoded.dictionary, encoded.indices
         views = _binary_views(dictionary)
 
-        def digest(data: memoryview) -> str:
-            return hashlib.blake2b(data, digest_size=16).hexdigest()
+        def digests(part: list[memoryview]) -> list[str]:
+            blake2b = hashlib.blake2b
+            return [blake2b(data, digest_size=16).hexdigest() for data in part]
 
-        big = bool(views) and dictionary.nbytes > len(views) * _THREADED_MEAN_BYTES
-        hashes = list(self.pool.map(digest, views) if big else map(digest, views))
+        threads = self.config.decode_threads
+        if threads > 1 and views and dictionary.nbytes > len(views) * _THREADED_HASH_MEAN_BYTES:
+            # Contiguous parts, one per thread: one hand-off per part, not per image.
+            step = -(-len(views) // threads)
+            hashes = [h for part in self.pool.map(digests, [views[i:i + step] for i in range(0, len(views), step)])
+                      for h in part]
+        else:
+            hashes = digests(views)
         by_hash = pa.array(hashes, pa.string())
         n = raw.num_rows
         content = [by_hash.take(indices.slice(0, n)), by_hash.take(indices.slice(n))]
@@ -759,36 +783,66 @@ class _ReadAhead:
         self._pool.shutdown(wait=True)
 
 
+# Row groups of the ingest's part files: small enough that their encoding (Parquet + zstd, outside the
+# GIL) runs in the writer thread while later batches are checked, rather than all in the commit.
+_ROW_GROUP_BYTES = 8 << 20
+
+
+def _write_outputs(tx, out: dict[str, pa.Table], config: IngestConfig) -> None:
+    for table, partition in (("pairs", config.source), ("images", None), ("image_refs", None),
+                             ("quarantine", config.source)):
+        tx.write(table, out[table], partition=partition, max_file_bytes=config.max_file_bytes,
+                 row_group_bytes=_ROW_GROUP_BYTES)
+
+
 def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestResult:
     """Ingest one source file into `lake`, atomically and idempotently (see module docstring).
-    Raises UnreadableSourceError, writing nothing, if the file as a whole cannot be read."""
+    Raises UnreadableSourceError, writing nothing, if the file as a whole cannot be read.
+
+    Three threads share the work (the two cores of a small machine, where pyarrow and hashlib release
+    the GIL): the file's sha256 (its identity) is computed while the reader opens the file and decodes
+    the first batch; then each next batch is decoded while this one is checked (_ReadAhead), and each
+    batch's output is encoded and written while the next one is checked."""
     check_partition_name("source", config.source)
-    fingerprint, fs, fs_path = _fingerprint(path)
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        raise UnreadableSourceError(path, "file does not exist")
+    stop_hashing = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="ingest-fingerprint") as hashing:
+        hashed = hashing.submit(_file_sha256, fs, fs_path, stop_hashing)
+        try:
+            stream = reader.batches(fs_path, fs)
+            first = next(stream, None)  # the reader raises UnreadableSourceError here, before any write
+        except BaseException:
+            stop_hashing.set()
+            raise
+        fingerprint = hashed.result()
     ingest_id = hashlib.blake2b(f"{fingerprint}|{config.source}|{config.format}".encode(), digest_size=12).hexdigest()
     with lake.writing():
         previous = _existing_ingest(lake, ingest_id)
         if previous is not None:
+            stream.close()
             return IngestResult(ingest_id, path, True, previous["n_read"], previous["n_accepted"],
                                 previous["n_duplicates"], previous["n_quarantined"], previous["n_images_new"])
         started = dt.datetime.now(dt.timezone.utc)
-        stream = reader.batches(fs_path, fs)
-        first = next(stream, None)  # the reader raises UnreadableSourceError here, before any write
         rest = _ReadAhead(stream)  # the second batch is read while the known ids load
         batcher = None
+        writing = ThreadPoolExecutor(1, thread_name_prefix="ingest-write")
         try:
             result = IngestResult(ingest_id, path, False)
             batcher = _Batcher(lake, config, ingest_id, path)
             tx = lake.begin(ingest_id)
             bar = tqdm(desc=f"ingest {path.rsplit('/', 1)[-1]}", unit="rows", disable=None)  # terminal only
             try:
+                written = None  # the previous batch's write, in the writer thread
                 for batch in itertools.chain([first] if first is not None else [], rest):
                     out = batcher.process(batch, result)
-                    tx.write("pairs", out["pairs"], partition=config.source, max_file_bytes=config.max_file_bytes)
-                    tx.write("images", out["images"], max_file_bytes=config.max_file_bytes)
-                    tx.write("image_refs", out["image_refs"], max_file_bytes=config.max_file_bytes)
-                    tx.write("quarantine", out["quarantine"], partition=config.source,
-                             max_file_bytes=config.max_file_bytes)
+                    if written is not None:
+                        written.result()  # one batch in flight: memory stays bounded; its errors surface here
+                    written = writing.submit(_write_outputs, tx, out, config)
                     bar.update(batch.num_rows)
+                if written is not None:
+                    written.result()
                 bar.close()
                 result.check()
                 record = {"ingest_id": ingest_id, "source": config.source, "format": config.format,
@@ -799,9 +853,11 @@ def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestRe
                           "prefcurate_version": VERSION}
                 tx.commit({"ingests": [record]})
             except BaseException:
+                writing.shutdown(wait=True)  # the writer must be idle before its transaction is undone
                 tx.abort()
                 raise
         finally:
+            writing.shutdown(wait=True)
             rest.close()  # waits for a batch still being read
             if batcher is not None:
                 batcher.pool.shutdown()
