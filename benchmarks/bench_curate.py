@@ -10,12 +10,16 @@ VmHWM), alternating floor and ours `--repeats` times so that load from other pro
          stage reads (pairs: pair_id, source, prompt_id, image ids, label_0, user_id; images and
          image_refs ids; scores: image_id, prompt_id, scorer, score), streamed in the same chunks,
          and pyarrow writes the run's output files with the schemas and row counts of ours (read
-         from ours' files; values are random, so they compress like real ones), snappy like ours;
+         from ours' files; string columns from the chunk's real pair ids, numbers random, so they
+         compress like real ones), snappy like ours. The random numbers are drawn before the clock
+         starts (one chunk's worth, sliced per chunk): drawing them is no part of the I/O;
   ours:  curation.curate.curate (votes, consensus, pair metrics, annotator statistics, the joint
          label model, written as one atomic run), from a clean curation folder.
 
 Reported: wall and CPU seconds (user + system of the process, all threads) of each, their ratios
-(min and median over the repeats), and peak RSS. Target (issue 13): ours at most 3x the floor at 1M
+(min and median over the repeats), and peak RSS, for ours also per phase (`curation.curate.phase_hook`:
+VmHWM reset at the start of each phase, so each figure is that phase's own peak; sampled every 50 ms
+where /proc/self/clear_refs cannot be written). Target (issue 13): ours at most 3x the floor at 1M
 pairs; at 10M pairs peak RSS under 4 GB and the same ratio within 1.5x.
 
     .venv/bin/python benchmarks/bench_curate.py --pairs 1000000
@@ -101,10 +105,14 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def random_column(field: pa.Field, n: int, rng: np.random.Generator, strings: pa.Array) -> pa.Array:
+def is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def random_column(field: pa.Field, n: int, rng: np.random.Generator, strings: pa.Array | None = None) -> pa.Array:
     """n values of `field`'s type: strings from `strings` (real ids), numbers random."""
     t = field.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+    if is_string(t):
         return pa.concat_arrays([strings.cast(t)] * (n // len(strings) + 1)).slice(0, n) if len(strings) else \
             pa.nulls(n, t)
     if pa.types.is_floating(t):
@@ -122,14 +130,19 @@ def run_floor(root: str) -> dict:
     from curation.curate import CHUNK_PAIRS, CURRENT, DUCKDB_MEMORY_LIMIT
     from curation.lake import Lake
 
-    started, cpu = time.perf_counter(), cpu_seconds()
     lake = Lake(root)
     run_dir = lake.join("curation", json.loads(open(lake.join(CURRENT)).read())["run_id"])
     shapes = {name: (pq.read_schema(f"{run_dir}/{name}.parquet"), pq.ParquetFile(f"{run_dir}/{name}.parquet")
                      .metadata.num_rows) for name in ("votes", "consensus", "pair_metrics", "annotators")}
+    rng = np.random.default_rng(0)
+    total = shapes["consensus"][1]
+    # the numbers of the largest chunk of each table, drawn now (off the clock) and sliced per chunk
+    pool = {name: {f.name: random_column(f, int(np.ceil(rows / max(total, 1) * CHUNK_PAIRS)) + 1, rng)
+                   for f in schema if not is_string(f.type)}
+            for name, (schema, rows) in shapes.items() if name != "annotators"}
+    started, cpu = time.perf_counter(), cpu_seconds()
     out = tempfile.mkdtemp(dir=root)
     con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": f"{out}/spill"})
-    rng = np.random.default_rng(0)
     files = {t: lake.sql_file_list(lake.files(t)) for t in ("pairs", "images", "scores")}
     for column_sql in (f"SELECT image_id FROM read_parquet({files['images']})",
                        f"SELECT image_id, prompt_id, scorer, score FROM read_parquet({files['scores']})"):
@@ -137,7 +150,6 @@ def run_floor(root: str) -> dict:
             pass
     writers = {name: pq.ParquetWriter(f"{out}/{name}.parquet", schema, compression="snappy")
                for name, (schema, _) in shapes.items()}
-    total = shapes["consensus"][1]
     n_pairs = 0
     reader = con.sql(f"SELECT pair_id, source, prompt_id, image_0_id, image_1_id, label_0, user_id "
                      f"FROM read_parquet({files['pairs']})").to_arrow_reader(CHUNK_PAIRS)
@@ -146,7 +158,9 @@ def run_floor(root: str) -> dict:
         for name in ("votes", "consensus", "pair_metrics"):  # rows in proportion to this chunk's pairs
             schema, rows = shapes[name]
             n = round(rows * (n_pairs + batch.num_rows) / total) - round(rows * n_pairs / total)
-            writers[name].write_table(pa.table([random_column(f, n, rng, ids) for f in schema], schema=schema))
+            assert all(n <= len(column) for column in pool[name].values()), "a chunk larger than CHUNK_PAIRS"
+            writers[name].write_table(pa.table([random_column(f, n, rng, ids) if is_string(f.type)
+                                                else pool[name][f.name].slice(0, n) for f in schema], schema=schema))
         n_pairs += batch.num_rows
     schema, rows = shapes["annotators"]
     writers["annotators"].write_table(pa.table([random_column(f, rows, rng, pa.array([str(i) for i in range(rows)]))
@@ -159,15 +173,72 @@ def run_floor(root: str) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu, "pairs": n_pairs}
 
 
+class PhaseMeter:
+    """Per phase of curate (curation.curate.phase_hook): wall and CPU seconds and peak RSS (MB). The peak
+    is VmHWM after resetting it (/proc/self/clear_refs 5) when the phase starts; where that file cannot
+    be written, the largest VmRSS sampled every 50 ms."""
+
+    def __init__(self):
+        self.phases: dict[str, dict] = {}
+        self.current: str | None = None
+        self.reset_works = self._reset()
+        self.sampled = 0.0
+        if not self.reset_works:
+            import threading
+
+            self.stop = threading.Event()
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def _status(key: str) -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.05):
+            self.sampled = max(self.sampled, self._status("VmRSS:"))
+
+    def __call__(self, name: str) -> None:
+        now, cpu = time.perf_counter(), cpu_seconds()
+        if self.current is not None:
+            phase = self.phases[self.current]
+            phase["peak_rss_mb"] = self._status("VmHWM:") if self.reset_works else max(self.sampled,
+                                                                                      self._status("VmRSS:"))
+            phase["seconds"], phase["cpu_seconds"] = now - phase.pop("_t"), cpu - phase.pop("_c")
+        if name == "end":
+            self.current = None
+            return
+        self.current = name
+        self.phases[name] = {"entry_rss_mb": self._status("VmRSS:"), "_t": now, "_c": cpu}
+        if self.reset_works:
+            self._reset()
+        else:
+            self.sampled = 0.0
+
+
 def run_ours(root: str) -> dict:
-    from curation.curate import curate
+    import curation.curate
     from curation.lake import Lake
 
     shutil.rmtree(os.path.join(root, "curation"), ignore_errors=True)  # a full recompute, not a reused run
+    meter = PhaseMeter()
+    curation.curate.phase_hook = meter
     started, cpu = time.perf_counter(), cpu_seconds()
-    result = curate(Lake(root))
+    result = curation.curate.curate(Lake(root))
     return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu,
-            "pairs": result.counts["pairs"], "annotators": result.counts["annotators"]}
+            "pairs": result.counts["pairs"], "annotators": result.counts["annotators"], "phases": meter.phases}
 
 
 def child_run(which: str, root: str) -> dict:
@@ -190,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_floor(root) if which == "floor" else run_ours(root)
         from bench_ingest import peak_rss_mb
 
-        result["peak_rss_mb"] = peak_rss_mb()
+        # ours resets VmHWM per phase: its whole-run peak is the largest phase peak
+        result["peak_rss_mb"] = max([peak_rss_mb(), *(p["peak_rss_mb"] for p in result.get("phases", {}).values())])
         print(json.dumps(result))
         return
     tmp = None if args.keep else tempfile.mkdtemp()
@@ -208,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
                 r = runs[which][-1]
                 print(f"  {which:<5} {r['seconds']:7.2f} s wall  {r['cpu_seconds']:7.2f} s CPU  "
                       f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+                for phase, f in r.get("phases", {}).items():
+                    print(f"          {phase:<12} {f['seconds']:7.2f} s wall  {f['cpu_seconds']:7.2f} s CPU  "
+                          f"peak RSS {f['peak_rss_mb']:6.0f} MB (at entry {f['entry_rss_mb']:.0f} MB)", flush=True)
         wall = [o["seconds"] / f["seconds"] for o, f in zip(runs["ours"], runs["floor"])]
         cpu = [o["cpu_seconds"] / f["cpu_seconds"] for o, f in zip(runs["ours"], runs["floor"])]
         ours = runs["ours"][-1]

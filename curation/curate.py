@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,10 +58,10 @@ SCORER_TRAITS: dict[str, tuple[bool, bool]] = {
 }
 CURRENT = "curation/CURRENT.json"
 RUNS_KEPT = 3  # older run folders are deleted; a snapshot copies what it needs, so nothing depends on them
-CHUNK_PAIRS = 500_000
-"""Pairs per chunk of the curate pass. A chunk's frames (pairs with their scores, up to 5 votes a pair,
-consensus, pair metrics) take roughly 1 KB a pair at 5 scorers, so ~0.5 GB. Not tuned: the per-chunk
-work is vectorised, so larger chunks mainly cost memory."""
+CHUNK_PAIRS = 122_880
+"""Pairs per chunk of the curate pass: DuckDB's Arrow reader yields at most its row group size (122,880
+rows) a batch, so a larger value changes nothing. A chunk's arrays and frames (wide scores, up to 5 votes
+a pair, consensus, pair metrics) take roughly 1 KB a pair at 5 scorers, ~0.12 GB."""
 DUCKDB_MEMORY_LIMIT = "1GB"
 """DuckDB's memory cap during curate (score lookup hash tables, image resolution); beyond it DuckDB
 spills to the run's staging folder instead of growing."""
@@ -227,6 +228,18 @@ def curate(lake: Lake, config: CurateConfig = CurateConfig(), *, chunk_pairs: in
 SCORES_SCHEMA = {"image_id": pl.String, "prompt_id": pl.String, "scorer": pl.String, "score": pl.Float64}
 
 
+PhaseHook = Callable[[str], None]
+phase_hook: PhaseHook | None = None
+"""Called with the name of each phase of the curate pass as it starts ("lookup", "chunks",
+"label_model", "annotators", "write") and with "end"; benchmarks/bench_curate.py measures peak
+memory and time per phase with it. None (default): nothing is called."""
+
+
+def _phase(name: str) -> None:
+    if phase_hook is not None:
+        phase_hook(name)
+
+
 def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: list[str], config: CurateConfig,
                  run_dir: str, scratch: str, chunk_pairs: int) -> dict | None:
     """The streaming computation of `curate` (module docstring); returns the run's counts (None, with
@@ -236,6 +249,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
     pairs_sql = resolved_pairs_sql(lake, files)
     spreads: dict[str, float] = {}
     if scorers:
+        _phase("lookup")
         create_score_tables(con, scores_sql, scorers, prompt_free)
         # The pairs with their scores, materialised once (DuckDB spills beyond its memory limit): the
         # spreads are an aggregate over it, then it is streamed in chunks. Sorted by pair_id (unique),
@@ -256,6 +270,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
     counts = {"pairs": 0, "pairs_with_votes": 0, "minority_pairs": 0, "pairs_without_images": 0}
     agree, decided = 0, 0
     threshold = config.annotators.minority_threshold
+    _phase("chunks")
     try:
         for batch in con.sql(query).to_arrow_reader(chunk_pairs):
             if batch.num_rows == 0:
@@ -308,12 +323,15 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             for sink in sinks.values():
                 sink.abort()
             return None
+        _phase("label_model")
         rows = pl.concat(label_rows, rechunk=False)  # the chunks' buffers, not a copy
         label_rows.clear()
         posterior, scorer_reliability, joint = label_model(pl.scan_ipc(model_files["pairs"]),
                                                            pl.scan_ipc(model_files["votes"]), config.label_model)
+        _phase("annotators")
         annotators = annotator_table(rows, config.annotators, joint)
         del rows
+        _phase("write")
         metrics_sink, offset = _ParquetSink(lake, f"{run_dir}/pair_metrics.parquet"), 0
         for path in staged_metrics:
             with pa.memory_map(path) as source:
@@ -327,6 +345,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             sink.close()
         lake.write_frame_atomic(f"{run_dir}/annotators.parquet", annotators)
         lake.write_frame_atomic(f"{run_dir}/scorer_reliability.parquet", scorer_reliability)
+        _phase("end")
     except BaseException:
         for sink in sinks.values():
             sink.abort()

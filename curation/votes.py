@@ -269,14 +269,20 @@ class WideVotes:
         with np.errstate(invalid="ignore", divide="ignore"):
             return {"n_scorers": n_scorers, "votes_for_0": votes_for_0, "mean_margin": margin_sum / n_scorers}
 
-    def table(self, pair_id: pa.Array) -> pa.Table:
+    def table(self, pair_id: pa.Array | pa.ChunkedArray) -> pa.Table:
         """VOTE_COLUMNS rows (VOTES_ARROW_SCHEMA), one per (pair, scorer) with both scores, grouped by
         scorer in the order of `names`, pairs in order: the rows of `vote_rows`. pair_id: (P,) strings."""
-        scorer_of_row, pair_of_row = np.nonzero(self.voted)  # row-major: scorer by scorer, pairs in order
-        columns = [pc.take(pair_id, pa.array(pair_of_row)).cast(pa.large_string()),
-                   pc.take(pa.array(self.names, pa.large_string()), pa.array(scorer_of_row)),
-                   *(pa.array(values[self.voted]) for values in (self.score_0, self.score_1, self.margin, self.vote,
-                                                                 self.normalized_margin))]
+        # one chunk per scorer (row-major order: scorer by scorer, pairs in order); a scorer that voted on
+        # every pair reuses the pair ids as they are, without a copy
+        pair_id = pair_id.cast(pa.large_string())
+        if isinstance(pair_id, pa.ChunkedArray):
+            pair_id = pair_id.combine_chunks()
+        counts = self.voted.sum(axis=1)
+        ids = pa.chunked_array([pair_id if k == len(pair_id) else pc.filter(pair_id, pa.array(v))
+                                for k, v in zip(counts, self.voted)], type=pa.large_string())
+        scorer = pc.take(pa.array(self.names, pa.large_string()), pa.array(np.repeat(np.arange(len(self.names)), counts)))
+        columns = [ids, scorer, *(pa.array(values[self.voted]) for values in (
+            self.score_0, self.score_1, self.margin, self.vote, self.normalized_margin))]
         return pa.Table.from_arrays(columns, schema=VOTES_ARROW_SCHEMA)
 
 
