@@ -65,8 +65,10 @@ class PickAPicReader:
 
     def __init__(self, batch_rows: int | None = None, batch_bytes: int = 48 << 20):
         # Batches hold about `batch_bytes` of (uncompressed) row data, estimated from the file's
-        # metadata: ~100 rows of 512-768 px Pick-a-Pic JPEGs, thousands of metadata-only rows.
-        # Memory stays bounded whatever the shard size; `batch_rows` fixes the count instead.
+        # metadata: ~100 rows of 512-768 px Pick-a-Pic JPEGs, ~20k rows of 64 px ones, at most 65,536
+        # (pyarrow's default) metadata-only rows. Fewer, larger batches mean fewer per-batch steps and an
+        # image repeated in nearby rows hashed once. Memory stays bounded whatever the shard size;
+        # `batch_rows` fixes the count instead.
         self.batch_rows = batch_rows
         self.batch_bytes = batch_bytes
 
