@@ -365,10 +365,12 @@ def test_annotator_tastes_recover_a_planted_taste_and_position_intercept():
     taste = np.array([[1.5, 0.0], [0.0, -1.0]])
     intercept = np.array([0.0, 1.0])  # worker 1 leans to image_0
     chose_0 = rng.random(6000) < 1 / (1 + np.exp(-(intercept[worker] + np.einsum("rk,rk->r", x, taste[worker]))))
-    t, c = annotator_tastes(worker, chose_0, x, n_workers=3)
-    np.testing.assert_allclose(t[:2], taste, atol=0.12)
-    np.testing.assert_allclose(c[:2], intercept, atol=0.12)
-    assert (t[2] == 0).all() and c[2] == 0  # no labels: the ridge prior's mode
+    fit = annotator_tastes(worker, chose_0, x, n_workers=3)
+    np.testing.assert_allclose(fit.taste[:2], taste, atol=0.12)
+    np.testing.assert_allclose(fit.intercept[:2], intercept, atol=0.12)
+    assert (fit.taste[2] == 0).all() and fit.intercept[2] == 0  # no labels: the ridge prior's mode
+    # the profiled curvature: about n E[p (1 - p) x x^T] for 3000 labels, less what the intercept explains
+    assert (np.linalg.eigvalsh(fit.precision[:2]) > 100).all() and fit.precision[2].tolist() == [[1, 0], [0, 1]]
 
 
 def test_weighted_median_by_hand():
