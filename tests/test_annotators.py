@@ -427,3 +427,13 @@ def test_label_model_detects_a_minority_taste_group_below_half_of_the_labels():
     assert per_pair["label_log_odds"].to_numpy()[minority_rows].__abs__().max() < 0.1
     calibrated = per_pair["calibrated_label"].to_numpy() == 1.0
     assert (calibrated == (truth_first != flipped)).mean() > 0.95  # the majority truth from the scorers
+
+
+def test_capped_rows_water_fills_the_heaviest_annotators():
+    from curation.reliability import capped_rows
+
+    worker = np.array([0] * 10 + [1] * 3 + [2] * 1)  # 14 rows; a cap of 5 keeps 5 + 3 + 1 = 9
+    kept = capped_rows(worker, 3, 9)
+    assert kept.tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13]  # annotator 0's first 5 rows, all of the others
+    assert capped_rows(worker, 3, 14).tolist() == list(range(14))
+    assert np.bincount(worker[capped_rows(worker, 3, 5)], minlength=3).tolist() == [2, 2, 1]
