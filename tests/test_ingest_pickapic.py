@@ -23,7 +23,7 @@ from PIL import Image
 from curation.ids import content_id, pair_id
 from curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader
 from curation.ingest.engine import _jpeg_walk, _jpeg_walk_many
-from curation.lake import Lake
+from curation.lake import InjectedFault, Lake, reset_faults
 from data_schemas import PAIRS, validate
 
 
@@ -385,6 +385,49 @@ def test_killed_mid_write_leaves_nothing_visible_and_a_rerun_completes(tmp_path)
     assert not result.already_ingested and result.n_accepted == 6000
     assert not os.listdir(staging)
     _assert_clean_complete_lake(lake, 6000)
+
+
+class _FailsAfterFirstBatch:
+    """A reader whose file turns unreadable after the first batch (a network drive that goes away)."""
+
+    format = "pickapic"
+
+    def batches(self, path, fs):
+        yield next(make_reader("pickapic", batch_rows=2).batches(path, fs))
+        raise OSError("the source went away")
+
+
+@pytest.mark.parametrize("fault", ["reader", "writer", "interrupt"])
+def test_an_error_in_the_read_or_write_thread_undoes_the_ingest(tmp_path, monkeypatch, fault):
+    """Reading ahead and writing run in threads: their errors (and Ctrl-C) still reach the caller, the
+    transaction is undone, no thread is left behind, and a rerun ingests everything."""
+    import threading
+
+    shard = write_shard(tmp_path / "train-0.parquet", [row(i, jpg_1=[BLUE, GREEN][i % 2]) for i in range(6)])
+    lake = Lake(str(tmp_path / "lake"), create=True)
+    def ours():  # tqdm's monitor is a shared daemon of tqdm's own, which it ends when no bar is open
+        return sorted(t.name for t in threading.enumerate() if t.name != "tqdm_monitor")
+
+    threads_before = ours()
+    reader = make_reader("pickapic", batch_rows=2)
+    if fault == "reader":
+        reader, error = _FailsAfterFirstBatch(), OSError
+    else:  # the lake's fault hook, passed in the writer thread (the first row-group flush)
+        monkeypatch.setenv("PREFCURATE_FAULT", "before_flush")
+        monkeypatch.setenv("PREFCURATE_FAULT_ACTION", "raise" if fault == "writer" else "interrupt")
+        reset_faults()
+        error = InjectedFault if fault == "writer" else KeyboardInterrupt
+        monkeypatch.setattr("curation.ingest.engine._ROW_GROUP_BYTES", 1)  # flush with every batch
+    with pytest.raises(error):
+        ingest_file(lake, shard, IngestConfig("pickapic", "pickapic"), reader)
+    assert ours() == threads_before
+    assert lake.files("pairs") == [] and lake.files("ingests") == []
+    assert not os.listdir(os.path.join(lake.root, "_staging"))
+    monkeypatch.delenv("PREFCURATE_FAULT", raising=False)
+    reset_faults()
+    result = ingest(lake, shard)
+    assert (result.n_read, result.n_accepted, result.n_quarantined) == (6, 6, 0)
+    assert lake.read("pairs").num_rows == 6
 
 
 def test_an_fsspec_url_lake_goes_through_the_same_code(tmp_path):

@@ -829,7 +829,7 @@ def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestRe
                                 previous["n_duplicates"], previous["n_quarantined"], previous["n_images_new"])
         started = dt.datetime.now(dt.timezone.utc)
         rest = _ReadAhead(stream)  # the second batch is read while the known ids load
-        batcher = None
+        batcher = bar = None
         writing = ThreadPoolExecutor(1, thread_name_prefix="ingest-write")
         try:
             result = IngestResult(ingest_id, path, False)
@@ -860,6 +860,8 @@ def ingest_file(lake: Lake, path: str, config: IngestConfig, reader) -> IngestRe
                 tx.abort()
                 raise
         finally:
+            if bar is not None:
+                bar.close()
             writing.shutdown(wait=True)
             rest.close()  # waits for a batch still being read
             if batcher is not None:
