@@ -728,7 +728,7 @@ if __name__ == "__main__":
     quiet_libraries()
     try:
         config, report_only = parse_args(sys.argv[1:])
-        if config is not None and config.workers > 1 and not config.only:
+        if config is not None and config.workers > 1:
             print(markdown(run_workers(config, [a for a in sys.argv[1:]])))
         elif config is not None and config.curate_only:
             print(json.dumps(run(config)["data"], indent=1, default=str))
