@@ -217,6 +217,8 @@ class PhaseMeter:
             phase["peak_rss_mb"] = self._status("VmHWM:") if self.reset_works else max(self.sampled,
                                                                                       self._status("VmRSS:"))
             phase["seconds"], phase["cpu_seconds"] = now - phase.pop("_t"), cpu - phase.pop("_c")
+            print(f"    [{self.current} done: {phase['seconds']:.1f} s wall, {phase['cpu_seconds']:.1f} s CPU, "
+                  f"peak RSS {phase['peak_rss_mb']:.0f} MB]", file=sys.stderr, flush=True)
         if name == "end":
             self.current = None
             return
@@ -242,10 +244,11 @@ def run_ours(root: str) -> dict:
 
 
 def child_run(which: str, root: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", which, root], capture_output=True, text=True,
+    # stdout: the result; stderr passes through (ours prints each phase as it ends, so a long run shows progress)
+    proc = subprocess.run([sys.executable, __file__, "--child", which, root], stdout=subprocess.PIPE, text=True,
                           env=dict(os.environ, PYTHONPATH=os.getcwd()))
     if proc.returncode:
-        raise SystemExit(f"{which} run failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{which} run failed (exit {proc.returncode}; its stderr is above)")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -12,10 +12,12 @@ A run is a full recompute, written as one folder per run:
 
 The stage runs out of core: DuckDB (memory-limited, spilling under the lake's `_staging/`) resolves
 the pairs' images and looks up their scores, and streams the pairs in chunks of `CHUNK_PAIRS`. A
-first pass takes each scorer's margin spread (`curation.votes.SpreadAccumulator`); the second computes
-each chunk's votes, consensus and pair metrics and appends them to the run's files, keeping ~60 bytes
-per labelled pair for the annotator statistics and the joint label model, which run at the end over
-all pairs. Memory is therefore one chunk's frames plus the compact per-pair rows (BENCHMARKS.md).
+first pass takes each scorer's margin spread (one DuckDB aggregate, `curation.votes.rms_spreads`); the
+second computes each chunk's votes, consensus and pair metrics as column-wise sums over its wide score
+columns (`curation.votes.WideVotes`) and appends them to the run's files, staging on disk the compact
+rows that the joint label model and the annotator statistics read at the end, over all pairs, one
+after the other. Memory is therefore DuckDB's limit plus one chunk's arrays in the loop, and each
+whole-lake phase's own arrays after it (BENCHMARKS.md).
 
 The run folder is complete before CURRENT.json is (atomically) replaced, so readers see the old run
 or the new one, never a mix. run_id hashes the inputs (committed ingests, score files) and the
@@ -62,9 +64,12 @@ CHUNK_PAIRS = 122_880
 """Pairs per chunk of the curate pass: DuckDB's Arrow reader yields at most its row group size (122,880
 rows) a batch, so a larger value changes nothing. A chunk's arrays and frames (wide scores, up to 5 votes
 a pair, consensus, pair metrics) take roughly 1 KB a pair at 5 scorers, ~0.12 GB."""
-DUCKDB_MEMORY_LIMIT = "1GB"
-"""DuckDB's memory cap during curate (score lookup hash tables, image resolution); beyond it DuckDB
-spills to the run's staging folder instead of growing."""
+DUCKDB_MEMORY_LIMIT = "2.5GB"
+"""DuckDB's memory cap during curate (score lookup hash tables, image resolution, the sort by pair_id);
+beyond it DuckDB spills to the run's staging folder instead of growing. The connection is closed before
+the whole-lake phases, so this is the lookup's and chunk loop's budget alone. Measured at 10M pairs (a
+generated lake, 2M images, 5 scorers; load ~9 on 2 cores): "1GB" ran out of memory in the sorted
+materialisation, "2GB" took 45 s of CPU there (peak RSS 2.25 GB), "2.5GB" 36.5 s (2.6 GB)."""
 PAIR_COLUMNS = ["pair_id", "image_0_id", "image_1_id", "label_0", "user_id", "images_available"]
 """The pair columns the chunk loop reads (with the scores): what the tables and the later phases use."""
 
@@ -265,7 +270,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
 
     sinks = {name: _ParquetSink(lake, f"{run_dir}/{name}.parquet") for name in ("votes", "consensus")}
     staged_metrics: list[str] = []  # pair_metrics chunks, completed by the label model at the end
-    label_rows: list[pl.DataFrame] = []
+    label_rows: list[str] = []  # the annotator table's compact rows, staged per chunk, read after the label model
     model_files: dict[str, list[str]] = {"pairs": [], "votes": []}  # the label model's inputs, staged per chunk
     counts = {"pairs": 0, "pairs_with_votes": 0, "minority_pairs": 0, "pairs_without_images": 0}
     agree, decided = 0, 0
@@ -293,7 +298,9 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             _write_ipc(staged_metrics[-1], _with_pair_id(pair_id, metrics))
             frame = pl.from_arrow(batch.select(["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]))
             ids = frame["pair_id"]
-            label_rows.append(annotator_rows(frame, agreed.with_columns(pair_id=ids), metrics.with_columns(pair_id=ids)))
+            label_rows.append(f"{scratch}/annotator-rows-{len(label_rows):05d}.arrow")
+            annotator_rows(frame, agreed.with_columns(pair_id=ids), metrics.with_columns(pair_id=ids)).write_ipc(
+                label_rows[-1])
             # The joint label model gets short surrogate pair ids (the global row number, zero-padded so that
             # they sort like the pair ids: the pairs stream in pair_id order), hashed image ids
             # and categorical scorer names: the same model at a fraction of the memory of the lake's
@@ -324,11 +331,10 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
                 sink.abort()
             return None
         _phase("label_model")
-        rows = pl.concat(label_rows, rechunk=False)  # the chunks' buffers, not a copy
-        label_rows.clear()
         posterior, scorer_reliability, joint = label_model(pl.scan_ipc(model_files["pairs"]),
                                                            pl.scan_ipc(model_files["votes"]), config.label_model)
         _phase("annotators")
+        rows = pl.scan_ipc(label_rows).collect()  # ~60 bytes a labelled pair, on disk until now
         annotators = annotator_table(rows, config.annotators, joint)
         del rows
         _phase("write")
