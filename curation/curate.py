@@ -306,7 +306,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             # and categorical scorer names: the same model at a fraction of the memory of the lake's
             # strings. Staged on disk, it is read only when the model runs, after the annotator table.
             offset = counts["pairs"]
-            row_id = (pl.int_range(pl.len(), dtype=pl.Int64) + offset).cast(pl.String).str.zfill(12)
+            row_id = (pl.Series(np.arange(batch.num_rows), dtype=pl.Int64) + offset).cast(pl.String).str.zfill(12)
             model_files["pairs"].append(f"{scratch}/model-pairs-{len(model_files['pairs']):05d}.arrow")
             frame.select(pair_id=row_id, user_id="user_id", label_0="label_0",
                          image_0_id=pl.col("image_0_id").hash(),
@@ -314,7 +314,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             model_files["votes"].append(f"{scratch}/model-votes-{len(model_files['votes']):05d}.arrow")
             scorer_of_row, pair_of_row = np.nonzero(wide.voted & (wide.vote != 0.5))  # decisive votes
             pl.DataFrame({
-                "pair_id": (pl.Series(pair_of_row, dtype=pl.Int64) + offset).cast(pl.String).str.zfill(12),
+                "pair_id": row_id.gather(pair_of_row),  # 12-character ids: a gather of inline string views
                 "scorer": pl.Series(np.array(wide.names, dtype=object)[scorer_of_row], dtype=pl.Categorical),
                 "vote": wide.vote[scorer_of_row, pair_of_row],
                 "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row]}).write_ipc(model_files["votes"][-1])
