@@ -443,6 +443,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="one extra step of each design under torch.profiler: its top operators by self CPU time")
     p.add_argument("--design", help=argparse.SUPPRESS)
+    p.add_argument("--build-model", help=argparse.SUPPRESS)
     p.add_argument("--loss", help=argparse.SUPPRESS)
     for hidden in ("--snapshot", "--model", "--cache-dir", "--resolution"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -454,17 +455,24 @@ def main() -> None:
     if args.design:
         args.resolution = int(args.resolution)
         return child(args)
+    if args.build_model:
+        if args.tiny:
+            from training.components import build_tiny_pipeline
+            build_tiny_pipeline(Path(args.build_model), resolution=int(args.resolution))
+        else:
+            build_pipeline(Path(args.build_model), args.sd15)
+        return None
     work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
     sd15 = args.sd15 or args.sd15_cpu
     resolution = 512 if args.sd15 else 8 * args.latent_size if args.sd15_cpu else 32 if args.tiny else 128
     if args.sd15_cpu:
         args.mixed_precision = "no"
     t0 = time.perf_counter()
-    if args.tiny:
-        from training.components import build_tiny_pipeline
-        build_tiny_pipeline(work / "model", resolution=resolution)
-    else:
-        build_pipeline(work / "model", sd15)
+    # built in a child process: this parent then never imports torch and holds no model memory (about 0.8 GB
+    # at SD1.5 size) while the designs run
+    subprocess.run([sys.executable, __file__, "--build-model", str(work / "model"), "--resolution", str(resolution),
+                    *(["--tiny"] if args.tiny else ["--sd15"] if sd15 else [])], check=True,
+                   stdout=subprocess.DEVNULL)
     write_snapshot(work / "snapshot", n_pairs=max(16, args.pairs * (args.steps + args.warmup + 1)),
                    image_size=resolution)
     kind = "SD1.5" if sd15 else "tiny" if args.tiny else "small"
