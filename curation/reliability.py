@@ -435,6 +435,7 @@ def taste_mixture(worker: np.ndarray, chose_0: np.ndarray, x: np.ndarray, *, n_w
     if rows.size < worker.size:
         worker, chose_0, x = worker[rows], chose_0[rows], x[rows]
     m = x.shape[1]
+    x = np.asfortranarray(x, dtype=np.float64)  # (R, M), columns contiguous for the products below
     y = np.asarray(chose_0, dtype=np.float64)
     n_labels = np.bincount(worker, minlength=n_workers).astype(float)
     tastes = annotator_tastes(worker, chose_0, x, n_workers=n_workers, ridge=ridge)
@@ -458,8 +459,7 @@ def taste_mixture(worker: np.ndarray, chose_0: np.ndarray, x: np.ndarray, *, n_w
                 gradient_c += np.bincount(worker, weight * (y - p), n_workers)
                 hessian_c += np.bincount(worker, weight * p * (1 - p), n_workers)
                 if k < len(w) - 1:  # the last component stays w = 0
-                    d = weight * p * (1 - p)
-                    hessian = np.array([[np.dot(d * x[:, i], x[:, j]) for j in range(m)] for i in range(m)])
+                    hessian = (x.T * (weight * p * (1 - p))) @ x  # (M, M); one (M, R) temporary
                     w[k] = w[k] + np.linalg.solve(hessian + ridge * np.eye(m), x.T @ (weight * (y - p)) - ridge * w[k])
             c = c + gradient_c / hessian_c
             if previous is not None and np.abs(resp - previous).max(initial=0.0) < tol:
@@ -478,6 +478,82 @@ def taste_mixture(worker: np.ndarray, chose_0: np.ndarray, x: np.ndarray, *, n_w
         major = int(np.argmax(pi[:2]))
         return w[major], resp[:, major], 2
     return one[0][0], one[1][:, 0], 1
+
+
+@dataclass(frozen=True)
+class _ScorerVotes:
+    """The scorers' decisive votes gathered per item (I items, M scorers), one per (item, scorer)."""
+    scorers: list[str]  # (M,) sorted names
+    features: np.ndarray  # (I, M) float32 normalised margin toward the item's first image, 0 without a vote
+    voted: np.ndarray  # (I, M) bool
+    chosen_flip: np.ndarray  # (I, M) bool: the vote kept is on a pair showing the item's second image first
+    agree: np.ndarray  # (M,) decisive votes (all of them) agreeing with the pair's decisive human label
+    judged: np.ndarray  # (M,) decisive votes on pairs with a decisive human label
+
+
+def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray, pair_flip: np.ndarray,
+                  id_rank: np.ndarray, label_0: np.ndarray, max_abs_margin: float,
+                  chunk_votes: int = 2_000_000) -> _ScorerVotes:
+    """Gather the votes, a batch at a time, into per-item arrays: each (item, scorer) keeps the vote on
+    the item's pair with the smallest id rank (the pairs of an item may show its images either way
+    round, or with prompts that move a prompt-aware scorer, so "the first vote in input order" would
+    make the fit depend on the order of the pairs). Integer pair ids (curate's row numbers) are looked
+    up by a binary search, string ids by a join; memory is the per-item arrays plus one batch."""
+    n_pairs, n_items = pair_item.size, int(pair_item.max()) + 1 if pair_item.size else 0
+    schema = votes.collect_schema()
+    margin = pl.col("normalized_margin") if "normalized_margin" in schema.names() else 2.0 * pl.col("vote") - 1.0
+    integer_ids = pair_id.dtype.is_integer()
+    decisive = votes.filter(pl.col("vote").is_in([0.0, 1.0])).select(
+        pl.col("pair_id") if integer_ids else pl.col("pair_id").cast(pl.String), scorer=pl.col("scorer").cast(pl.String).cast(pl.Categorical), _vote0=pl.col("vote") == 1.0,
+        _margin=margin.cast(pl.Float32).fill_null(0.0).fill_nan(0.0))
+    scorers = sorted(decisive.select(pl.col("scorer").unique().cast(pl.String)).collect()["scorer"].to_list())
+    n_scorers = len(scorers)
+    if integer_ids:
+        ids = pair_id.to_numpy()
+        contiguous = bool(ids.size) and ids[0] == 0 and ids[-1] == ids.size - 1 and bool(np.all(np.diff(ids) == 1))
+        order = None if contiguous else np.argsort(ids, kind="stable")
+    else:
+        index = pl.DataFrame({"pair_id": pair_id, "_row": np.arange(n_pairs, dtype=np.int64)})
+    features = np.zeros((n_items, n_scorers), np.float32)
+    voted = np.zeros((n_items, n_scorers), bool)
+    chosen_flip = np.zeros((n_items, n_scorers), bool)
+    best = np.full((n_items, n_scorers), np.iinfo(np.int32).max, np.int32)  # id rank of the vote kept
+    agree, judged = np.zeros(n_scorers), np.zeros(n_scorers)
+    human_0, human_decisive = label_0 == 1.0, (label_0 == 0.0) | (label_0 == 1.0)
+    batches = decisive.collect_batches(chunk_size=chunk_votes) if integer_ids else [
+        decisive.collect().join(index, on="pair_id", how="inner", maintain_order="left")]
+    for batch in batches:
+        if integer_ids:
+            vid = batch["pair_id"].to_numpy()
+            if order is None:
+                row = vid.astype(np.int64)
+                known = (row >= 0) & (row < n_pairs)
+            else:
+                at = np.searchsorted(ids, vid, sorter=order).clip(0, max(n_pairs - 1, 0))
+                row = order[at] if n_pairs else at
+                known = ids[row] == vid if n_pairs else np.zeros(vid.size, bool)
+        else:
+            row, known = batch["_row"].to_numpy(), np.ones(batch.height, bool)
+        code = batch["scorer"].cast(pl.String).replace_strict(
+            {m: k for k, m in enumerate(scorers)}, return_dtype=pl.Int32).to_numpy() if batch.height else np.zeros(0, np.int32)
+        vote0, margin_0 = batch["_vote0"].to_numpy(), batch["_margin"].to_numpy()
+        row, code, vote0, margin_0 = row[known], code[known], vote0[known], margin_0[known]
+        h = human_decisive[row]
+        agree += np.bincount(code[h], vote0[h] == human_0[row[h]], n_scorers)
+        judged += np.bincount(code[h], minlength=n_scorers)
+        # per (item, scorer) the vote of the smallest id rank in the batch, then against the earlier batches'
+        it, rank = pair_item[row], id_rank[row]
+        key = it * n_scorers + code
+        by = _argsort_by(key, rank)
+        first = by[np.r_[True, key[by[1:]] != key[by[:-1]]]] if by.size else by
+        it, code, rank = it[first], code[first], rank[first]
+        better = rank < best[it, code]
+        it, code, first = it[better], code[better], first[better]
+        best[it, code] = rank[better]
+        flip = pair_flip[row[first]]
+        features[it, code] = np.clip(margin_0[first], -max_abs_margin, max_abs_margin) * np.where(flip, -1, 1)
+        voted[it, code], chosen_flip[it, code] = True, flip
+    return _ScorerVotes(scorers, features, voted, chosen_flip, agree, judged)
 
 
 def label_reliability(
@@ -518,55 +594,33 @@ def label_model(
         leave-one-out loo_sensitivity / loo_specificity and reliability = their mean (balanced
         accuracy against the posterior truth without the annotator's own labels).
     """
-    labels = as_lazy(pairs, "pairs", ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]).select(
-        pl.col("pair_id").cast(pl.String), pl.col("user_id").cast(pl.String).fill_null(ANONYMOUS),
+    pair_lazy = as_lazy(pairs, "pairs", ["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"])
+    integer_ids = pair_lazy.collect_schema()["pair_id"].is_integer()  # curate's row numbers: no strings
+    labels = pair_lazy.select(
+        pl.col("pair_id") if integer_ids else pl.col("pair_id").cast(pl.String),
+        pl.col("user_id").cast(pl.String).fill_null(ANONYMOUS),
         pl.col("label_0").cast(pl.Float64),
         _flip=pl.col("image_0_id") > pl.col("image_1_id"),
         _lo=pl.min_horizontal("image_0_id", "image_1_id"), _hi=pl.max_horizontal("image_0_id", "image_1_id"),
     ).collect()
-    vote_lazy = as_lazy(votes, "votes", ["pair_id", "scorer", "vote"])
-    margin = (pl.col("normalized_margin") if "normalized_margin" in vote_lazy.collect_schema().names()
-              else 2.0 * pl.col("vote") - 1.0)
-    vote_frame = vote_lazy.select(pl.col("pair_id").cast(pl.String), "scorer", "vote",
-                                  _margin=margin.cast(pl.Float64).fill_null(0.0).fill_nan(0.0)).filter(
-        pl.col("vote").is_in([0.0, 1.0])).collect()
     n_pairs = labels.height
     pair_item = _dense_codes(labels.select("_lo", "_hi"))  # (P,) unordered image pair of each pair row
     n_items = int(pair_item.max()) + 1 if n_pairs else 0
     pair_flip = labels["_flip"].to_numpy().astype(bool)
     label_0 = labels["label_0"].to_numpy()
     is_decisive = (label_0 == 0.0) | (label_0 == 1.0)
-
-    # (V,) the pair row of each decisive scorer vote; then one vote per (item, scorer)
-    ids = _dense_codes(pl.concat([labels.select("pair_id"), vote_frame.select("pair_id")]))
-    row_of_id = np.full(int(ids.max()) + 1 if ids.size else 0, -1, dtype=np.int64)
-    row_of_id[ids[:n_pairs]] = np.arange(n_pairs)
-    vote_row = row_of_id[ids[n_pairs:]] if ids.size else np.zeros(0, np.int64)
-    scorers = sorted(vote_frame["scorer"].cast(pl.String).unique().to_list())
-    scorer_code = vote_frame["scorer"].cast(pl.String).replace_strict(
-        {m: k for k, m in enumerate(scorers)}, return_dtype=pl.Int64).to_numpy().astype(np.int64)
-    vote_0 = (vote_frame["vote"] == 1.0).to_numpy().astype(bool)
-    vote_margin = vote_frame["_margin"].to_numpy().clip(-config.max_abs_margin, config.max_abs_margin)
-    known = vote_row >= 0
-    vote_row, scorer_code, vote_0, vote_margin = vote_row[known], scorer_code[known], vote_0[known], vote_margin[known]
-    # One vote per (item, scorer): the vote on the item's pair with the smallest pair_id. The pairs of an
-    # item may show its images either way round (or with prompts that move a prompt-aware scorer), so
-    # "the first vote in input order" would make the fit depend on the order of the pairs. Only pairs
-    # whose item has several pairs need their id's rank (a sort of those ids alone). (Pairs given in
-    # pair_id order, as curate gives them, need no sort: the rank is the row.)
+    # Rank of each pair's id, for the one vote per (item, scorer): pairs given in pair_id order (as curate
+    # gives them) need no sort, the rank is the row; otherwise only pairs whose item has several pairs
+    # need their id's rank (a sort of those ids alone).
     if labels["pair_id"].is_sorted():
         id_rank = np.arange(n_pairs, dtype=np.int64)
     else:
         repeated = np.flatnonzero(np.bincount(pair_item, minlength=n_items)[pair_item] > 1)  # (P',) pair rows
         id_rank = np.zeros(n_pairs, np.int64)
         id_rank[repeated] = labels["pair_id"][repeated].rank("ordinal").to_numpy().astype(np.int64)
-    vote_key = pair_item[vote_row] * max(len(scorers), 1) + scorer_code  # (V,)
-    by_key = _argsort_by(vote_key, id_rank[vote_row])
-    first = by_key[np.r_[True, vote_key[by_key[1:]] != vote_key[by_key[:-1]]]] if by_key.size else by_key
-    s_row, s_code = vote_row[first], scorer_code[first]  # ordered by (item, scorer)
-    s_orient = np.where(pair_flip[s_row], -1.0, 1.0)
-    features = np.zeros((n_items, len(scorers)))  # (I, M) normalised margin toward the item's first image
-    features[pair_item[s_row], s_code] = vote_margin[first] * s_orient
+    gathered = _scorer_votes(as_lazy(votes, "votes", ["pair_id", "scorer", "vote"]), labels["pair_id"], pair_item,
+                             pair_flip, id_rank, label_0, config.max_abs_margin)
+    scorers, features = gathered.scorers, gathered.features
 
     # Decisive human labels ordered by (item, orientation, choice, user): the float sums over them (the
     # EM's statistics, each item's evidence) then do not depend on the order of the pairs.
@@ -598,7 +652,7 @@ def label_model(
     llr = log_likelihood_ratio(fit.effective_loo_sensitivity[worker], fit.effective_loo_specificity[worker],
                                chose_0)  # (R,) toward image_0
     human_first = np.bincount(item, llr * np.where(flipped, -1.0, 1.0), minlength=n_items)  # (I,)
-    has_scorer = (np.bincount(pair_item[s_row], minlength=n_items) > 0)[pair_item]  # (P,)
+    has_scorer = gathered.voted.any(axis=1)[pair_item] if scorers else np.zeros(n_pairs, bool)  # (P,)
     clip = config.max_abs_log_odds
     pair_orient = np.where(pair_flip, -1.0, 1.0)
     scorer_0 = np.clip(fit.prior_log_odds[pair_item] * pair_orient, -clip, clip)  # (P,) toward the pair's image_0
@@ -622,24 +676,28 @@ def label_model(
     # Per scorer: its weight; its (one per item) votes' confusion against the posterior truth mu and the
     # mean evidence they carry; how often its votes (all of them) agree with decisive human labels.
     n_scorers = len(scorers)
-    mu_0 = _sigmoid(fit.log_odds[pair_item[s_row]] * s_orient)  # (V',) P(the voted pair's image_0 is better)
-    s_vote0 = vote_0[first]
-    q_sum, q_agree = np.bincount(s_code, mu_0, n_scorers), np.bincount(s_code, np.where(s_vote0, mu_0, 0.0), n_scorers)
-    n_votes = np.bincount(s_code, minlength=n_scorers).astype(float)
-    n_for_0 = np.bincount(s_code, s_vote0, minlength=n_scorers)
-    sens_m = np.divide(q_agree, q_sum, out=np.full(n_scorers, np.nan), where=q_sum > 0)
-    spec_m = np.divide((n_votes - n_for_0) - (q_sum - q_agree), n_votes - q_sum, out=np.full(n_scorers, np.nan),
-                       where=n_votes - q_sum > 0)
-    evidence_0 = fit.weight[s_code] * vote_margin[first]  # (V',) toward the pair's image_0
+    mu = _sigmoid(fit.log_odds)  # (I,) P(the item's first image is better)
+    n_votes, sens_m, spec_m = np.zeros(n_scorers), np.full(n_scorers, np.nan), np.full(n_scorers, np.nan)
+    for_0, for_1 = np.full(n_scorers, np.nan), np.full(n_scorers, np.nan)
+    for m in range(n_scorers):  # one column at a time: (I,) temporaries
+        voted = gathered.voted[:, m]
+        flip = gathered.chosen_flip[:, m][voted]
+        mu_0 = np.where(flip, 1.0 - mu[voted], mu[voted])  # P(the voted pair's image_0 is better)
+        toward_0 = gathered.features[:, m][voted].astype(np.float64) * np.where(flip, -1.0, 1.0)  # pair's image_0
+        vote_0 = toward_0 > 0
+        n_votes[m], n_0 = voted.sum(), vote_0.sum()
+        q_sum, q_agree = mu_0.sum(), mu_0[vote_0].sum()
+        sens_m[m] = q_agree / q_sum if q_sum > 0 else np.nan
+        spec_m[m] = ((n_votes[m] - n_0) - (q_sum - q_agree)) / (n_votes[m] - q_sum) if n_votes[m] - q_sum > 0 else np.nan
+        evidence_0 = fit.weight[m] * toward_0  # the vote's evidence toward the pair's image_0
+        for_0[m] = evidence_0[vote_0].mean() if n_0 else np.nan
+        for_1[m] = -evidence_0[~vote_0].mean() if n_votes[m] > n_0 else np.nan
     mean = lambda x, n: np.divide(x, n, out=np.full(n_scorers, np.nan), where=n > 0)  # noqa: E731
-    judged = is_decisive[vote_row]
-    agree = np.bincount(scorer_code[judged], vote_0[judged] == (label_0[vote_row[judged]] == 1.0), minlength=n_scorers)
     per_scorer = pl.DataFrame({
         "scorer": pl.Series(scorers, dtype=pl.String), "n_votes": n_votes.astype(np.int64),
         "sensitivity": sens_m, "specificity": spec_m, "reliability": (sens_m + spec_m) / 2,
-        "log_odds_for_0": mean(np.bincount(s_code, np.where(s_vote0, evidence_0, 0.0), n_scorers), n_for_0),
-        "log_odds_for_1": mean(np.bincount(s_code, np.where(s_vote0, 0.0, -evidence_0), n_scorers), n_votes - n_for_0),
-        "agreement_with_humans": mean(agree, np.bincount(scorer_code[judged], minlength=n_scorers).astype(float)),
+        "log_odds_for_0": for_0, "log_odds_for_1": for_1,
+        "agreement_with_humans": mean(gathered.agree, gathered.judged),
         "weight": fit.weight,
     }).with_columns(pl.exclude("scorer", "n_votes").fill_nan(None)).cast(SCORER_RELIABILITY_SCHEMA)
 
