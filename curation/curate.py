@@ -301,12 +301,12 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             label_rows.append(f"{scratch}/annotator-rows-{len(label_rows):05d}.arrow")
             annotator_rows(frame, agreed.with_columns(pair_id=ids), metrics.with_columns(pair_id=ids)).write_ipc(
                 label_rows[-1])
-            # The joint label model gets short surrogate pair ids (the global row number, zero-padded so that
-            # they sort like the pair ids: the pairs stream in pair_id order), hashed image ids
-            # and categorical scorer names: the same model at a fraction of the memory of the lake's
-            # strings. Staged on disk, it is read only when the model runs, after the annotator table.
+            # The joint label model gets integer surrogate pair ids (the global row number, which orders the
+            # pairs as their ids do: the pairs stream in pair_id order), hashed image ids and categorical
+            # scorer names: the same model at a fraction of the memory of the lake's strings. Staged on
+            # disk, it is read only when the model runs, after the chunk loop.
             offset = counts["pairs"]
-            row_id = (pl.Series(np.arange(batch.num_rows), dtype=pl.Int64) + offset).cast(pl.String).str.zfill(12)
+            row_id = pl.Series(np.arange(offset, offset + batch.num_rows, dtype=np.int64))
             model_files["pairs"].append(f"{scratch}/model-pairs-{len(model_files['pairs']):05d}.arrow")
             frame.select(pair_id=row_id, user_id="user_id", label_0="label_0",
                          image_0_id=pl.col("image_0_id").hash(),
@@ -314,7 +314,7 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
             model_files["votes"].append(f"{scratch}/model-votes-{len(model_files['votes']):05d}.arrow")
             scorer_of_row, pair_of_row = np.nonzero(wide.voted & (wide.vote != 0.5))  # decisive votes
             pl.DataFrame({
-                "pair_id": row_id.gather(pair_of_row),  # 12-character ids: a gather of inline string views
+                "pair_id": row_id.gather(pair_of_row),
                 "scorer": pl.Series(np.array(wide.names, dtype=object)[scorer_of_row], dtype=pl.Categorical),
                 "vote": wide.vote[scorer_of_row, pair_of_row],
                 "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row]}).write_ipc(model_files["votes"][-1])
