@@ -296,8 +296,10 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
         reference = pl.col("consensus_label")
     by_margin = config.agreement_weighting == "vote_margin" and config.agreement_reference == "scorer_majority"
     reference_weight = (2.0 * excess.abs()) if by_margin else pl.lit(1.0)
-    rows = rows.with_columns(_reference=reference.cast(pl.Float64),
-                             _weight=reference_weight.cast(pl.Float64).fill_null(0.0).fill_nan(0.0))
+    both = rows.select(_reference=reference.cast(pl.Float32).fill_null(np.nan),
+                       _weight=reference_weight.cast(pl.Float32).fill_null(0.0).fill_nan(0.0))
+    reference, weight = both["_reference"].to_numpy(), both["_weight"].to_numpy()  # (R,); NaN: no reference
+    del both
     h0, h1 = rows["_h0"].to_numpy(), rows["_h1"].to_numpy()
     flip = h0 > h1  # (R,) the row's image_0 is its item's second image
     _, item = np.unique(_mix64(np.minimum(h0, h1), np.maximum(h0, h1)), return_inverse=True)  # (R,) item codes
@@ -306,20 +308,27 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
     label = rows["label_0"].to_numpy()
     decisive = (label == 0.0) | (label == 1.0)
     first = decisive & ((label == 1.0) != flip)  # (R,) decisive label for the item's first image
-    reference = rows["_reference"].to_numpy()
-    weight = rows["_weight"].to_numpy()
-    minority = rows["minority_score"].cast(pl.Float64).to_numpy()
-    per_item = lambda x: np.bincount(item, x, n_items)[item]  # noqa: E731  (R,) sum over the row's item
+    minority = rows["minority_score"].cast(pl.Float32).fill_null(np.nan).to_numpy()
+    # (R,) sum over the row's item; float32 holds these counts exactly (an item has < 2^24 labels)
+    per_item = lambda x: np.bincount(item, x, n_items).astype(np.float32)[item]  # noqa: E731
     per_user = lambda x: np.bincount(worker, x, n_workers)  # noqa: E731  (W,) sum over the annotator's rows
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> pl.Series:  # (W,), null where den is 0
+        return pl.Series(np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)).fill_nan(None)
 
     # Peer agreement: other users' decisive labels on the same item (the user's own excluded).
     n_item, k_item = per_item(decisive), per_item(first)
-    n_own, k_own = decisive.astype(float), first.astype(float)  # (R,) the user's own labels on the item
+    n_own, k_own = decisive.astype(np.float32), first.astype(np.float32)  # (R,) the user's own labels on the item
     shared = np.bincount(item, minlength=n_items)[item] > 1  # (R,) rows whose item has other labels
     _, own = np.unique(item[shared] * n_workers + worker[shared], return_inverse=True)  # index of (item, user)
     n_own[shared], k_own[shared] = np.bincount(own, decisive[shared])[own], np.bincount(own, first[shared])[own]
-    peer_total = np.where(decisive, n_item - n_own, 0.0)
-    peer_agree = np.where(decisive, np.where(first, k_item - k_own, (n_item - k_item) - (n_own - k_own)), 0.0)
+    others, others_first = n_item - n_own, k_item - k_own  # (R,) the other annotators' labels on the item
+    del n_item, k_item, n_own, k_own, shared, own
+    peer_total = np.where(decisive, others, 0.0)
+    peer_agree = np.where(decisive, np.where(first, others_first, others - others_first), 0.0)
+    peer_agreement = ratio(per_user(peer_agree), per_user(peer_total))
+    n_peer_pairs = per_user(peer_total > 0).astype(np.int64)
+    del peer_total, peer_agree
 
     has_reference = decisive & ~np.isnan(reference)
     has_minority = ~np.isnan(minority)
@@ -332,8 +341,7 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
     # Leave-one-out peer majority: the other annotators' decisive labels on the item (the annotator's own
     # excluded), for labels without a decisive scorer reference. Weighted like the scorer reference:
     # |2 * (share of the others for the item's first image) - 1|, 0 on a split.
-    others, others_first = n_item - n_own, k_item - k_own  # (R,)
-    share_first = np.divide(others_first, others, out=np.full(others.shape, 0.5), where=others > 0)
+    share_first = np.divide(others_first, others, out=np.full(others.shape, 0.5, np.float32), where=others > 0)
     has_majority = decisive & (others > 0) & (share_first != 0.5)
     use_peers = has_majority & ~has_reference if config.agreement_fallback == "peer_majority" else np.zeros_like(decisive)
     peer_weight = np.abs(2.0 * share_first - 1.0) if by_margin else np.ones_like(share_first)
@@ -374,8 +382,6 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
             accuracy_prior_strength=config.ds_accuracy_prior_strength, max_iter=config.ds_max_iter, tol=config.ds_tol)
         reliability_ds = (sens + spec) / 2
 
-    def ratio(num: np.ndarray, den: np.ndarray) -> pl.Series:  # (W,), null where den is 0
-        return pl.Series(np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)).fill_nan(None)
 
     return pl.DataFrame({
         "user_id": user_names,
@@ -384,8 +390,7 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
         "n_reference": per_user(has_reference).astype(np.int64), "consensus_agreement": ratio(w_agree, w_reference),
         "n_peer_majority": per_user(use_peers).astype(np.int64),
         "peer_majority_agreement": ratio(w_peer_agree, w_peer_reference), "agreement_shrunk": agreement_shrunk,
-        "peer_agreement": ratio(per_user(peer_agree), per_user(peer_total)),
-        "n_peer_pairs": per_user(peer_total > 0).astype(np.int64),
+        "peer_agreement": peer_agreement, "n_peer_pairs": n_peer_pairs,
         "mean_minority_score": ratio(per_user(np.where(has_minority, minority, 0.0)), n_minority),
         "minority_rate": ratio(per_user(has_minority & (minority > config.minority_threshold)), n_minority),
         "sensitivity": sens, "specificity": spec,

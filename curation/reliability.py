@@ -72,6 +72,7 @@ import polars as pl
 from curation.votes import as_lazy
 
 
+TASTE_LABELS = 500_000  # labels the taste mixture reads at most (`capped_rows`)
 ANONYMOUS = "\x00anonymous"  # pseudo-annotator of labels without a user_id: one shared confusion
 
 LABEL_RELIABILITY_SCHEMA = {
@@ -493,7 +494,7 @@ class _ScorerVotes:
 
 def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray, pair_flip: np.ndarray,
                   id_rank: np.ndarray, label_0: np.ndarray, max_abs_margin: float,
-                  chunk_votes: int = 2_000_000) -> _ScorerVotes:
+                  chunk_votes: int = 1_000_000) -> _ScorerVotes:
     """Gather the votes, a batch at a time, into per-item arrays: each (item, scorer) keeps the vote on
     the item's pair with the smallest id rank (the pairs of an item may show its images either way
     round, or with prompts that move a prompt-aware scorer, so "the first vote in input order" would
@@ -520,8 +521,11 @@ def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray
     best = np.full((n_items, n_scorers), np.iinfo(np.int32).max, np.int32)  # id rank of the vote kept
     agree, judged = np.zeros(n_scorers), np.zeros(n_scorers)
     human_0, human_decisive = label_0 == 1.0, (label_0 == 0.0) | (label_0 == 1.0)
-    batches = decisive.collect_batches(chunk_size=chunk_votes) if integer_ids else [
-        decisive.collect().join(index, on="pair_id", how="inner", maintain_order="left")]
+    if integer_ids:  # one slice at a time (a scan reads only its part; collect_batches ran ahead, queueing)
+        n_votes = decisive.select(pl.len()).collect().item()
+        batches = (decisive.slice(start, chunk_votes).collect() for start in range(0, n_votes, chunk_votes))
+    else:
+        batches = iter([decisive.collect().join(index, on="pair_id", how="inner", maintain_order="left")])
     for batch in batches:
         if integer_ids:
             vid = batch["pair_id"].to_numpy()
@@ -628,8 +632,16 @@ def label_model(
     user_of_row = _dense_codes(labels.select("user_id"))  # (P,) order-free codes, like pair_item
     human_rows = human_rows[_argsort_by(4 * pair_item[human_rows] + 2 * pair_flip[human_rows]
                                         + (label_0[human_rows] == 1.0), user_of_row[human_rows])]
-    user_names = labels["user_id"].gather(human_rows).unique().sort()  # annotators with a decisive label
-    worker = user_names.search_sorted(labels["user_id"].gather(human_rows)).cast(pl.Int64).to_numpy()
+    # annotators with a decisive label, by sorted user_id: names from each code's first row (no string per label)
+    present, code_of_row = np.unique(user_of_row[human_rows], return_inverse=True)  # (W,), (R,)
+    first_row = np.full(int(user_of_row.max()) + 1 if n_pairs else 0, -1, np.int64)
+    first_row[user_of_row[::-1]] = np.arange(n_pairs - 1, -1, -1)
+    names = labels["user_id"].gather(first_row[present])  # (W,) in code order
+    by_name = np.argsort(names.to_numpy(), kind="stable") if names.len() else np.zeros(0, np.int64)
+    user_names = names.gather(by_name)
+    position = np.empty(by_name.size, np.int64)
+    position[by_name] = np.arange(by_name.size)
+    worker = position[code_of_row]  # (R,) index into user_names
     n_users = user_names.len()
     item = pair_item[human_rows]
     flipped = pair_flip[human_rows]
@@ -637,8 +649,11 @@ def label_model(
     prior = float(np.log(config.prior_first) - np.log1p(-config.prior_first))
     direction, shares = None, np.ones(n_users)
     if config.taste_model == "mixture" and len(scorers) and worker.size:
-        direction, shares, _ = taste_mixture(worker, chose_0, features[item] * np.where(flipped, -1.0, 1.0)[:, None],
-                                             n_workers=n_users, ridge=config.ridge)
+        rows = capped_rows(worker, n_users, TASTE_LABELS)  # the margins of only the labels the mixture reads
+        direction, shares, _ = taste_mixture(worker[rows], chose_0[rows],
+                                             features[item[rows]] * np.where(flipped[rows], -1.0, 1.0)[:, None],
+                                             n_workers=n_users, ridge=config.ridge, max_labels=TASTE_LABELS)
+        del rows
     fit = fit_crowd_model(worker, item, flipped, chose_0, features,
                           n_workers=n_users, ridge=config.ridge,
                           newton_steps=config.newton_steps, accuracy_prior_strength=config.accuracy_prior_strength,
