@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -442,6 +443,7 @@ def main() -> None:
                         "so that other jobs' load hits them alike; prints min and median of the per-round ratios")
     p.add_argument("--profile", action="store_true",
                    help="one extra step of each design under torch.profiler: its top operators by self CPU time")
+    p.add_argument("--keep-work", action="store_true", help="keep the built model, snapshot and cache folder")
     p.add_argument("--design", help=argparse.SUPPRESS)
     p.add_argument("--build-model", help=argparse.SUPPRESS)
     p.add_argument("--loss", help=argparse.SUPPRESS)
@@ -463,6 +465,16 @@ def main() -> None:
             build_pipeline(Path(args.build_model), args.sd15)
         return None
     work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
+    try:
+        run_benchmark(work, args)
+    finally:  # the SD1.5 pipeline alone is 4 GB of disk
+        if args.keep_work:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_benchmark(work: Path, args) -> None:
     sd15 = args.sd15 or args.sd15_cpu
     resolution = 512 if args.sd15 else 8 * args.latent_size if args.sd15_cpu else 32 if args.tiny else 128
     if args.sd15_cpu:
