@@ -235,11 +235,13 @@ def fit_crowd_model(
     item = np.asarray(item, dtype=np.int64)
     flipped, chose_0 = np.asarray(flipped, dtype=bool), np.asarray(chose_0, dtype=bool)
     features = np.asarray(features, dtype=np.float32)  # (I, M): 20 bytes an item at M = 5
+    if features.ndim != 2 or features.shape[0] < (int(item.max()) + 1 if item.size else 0):
+        raise ValueError(f"features must be (I, M) with a row per item, got {features.shape}")
     n_items, n_features = features.shape
     if n_workers is None:
         n_workers = int(worker.max()) + 1 if worker.size else 0
-    orient = np.where(flipped, -1.0, 1.0)  # (R,) label's image_0 log-odds -> its item's first image
-    label_type = 2 * worker + chose_0  # (R,) index into the (W, 2) table of lambdas
+    orient = np.where(flipped, -1.0, 1.0).astype(np.float32)  # (R,) label's image_0 log-odds -> item's first image
+    label_type = (2 * worker + chose_0).astype(np.int32 if 2 * n_workers < 2**31 else np.int64)  # (R,) (W, 2) table
     labelled = np.flatnonzero(np.bincount(item, minlength=n_items) > 0)  # items the logistic is fitted on
     labelled = labelled[::-(-labelled.size // max_fit_items)] if labelled.size > max_fit_items else labelled
     x = features[labelled].astype(np.float64)  # (I', M)
@@ -256,13 +258,14 @@ def fit_crowd_model(
         sens, spec = effective(sens, spec)
         return np.stack([np.log1p(-sens) - np.log(spec), np.log(sens) - np.log1p(-spec)], axis=1).ravel()
 
-    def confusion(q: np.ndarray, rows: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        # q (R',) P(label's image_0 better) of the labels `rows`; the shrunk M-step of a_j, b_j
-        worker_, chose_ = worker[rows], chose_0[rows]
-        n_labels = np.bincount(worker_, minlength=n_workers).astype(float)
-        n_chose_0 = np.bincount(worker_, chose_, minlength=n_workers)
-        q_sum = np.bincount(worker_, q, n_workers)
-        q_agree = np.bincount(worker_, np.where(chose_, q, 0.0), n_workers)
+    def confusion(q: np.ndarray, use: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        # q (R,) P(label's image_0 better); use (R,) bool, the labels counted (None: all); the shrunk M-step
+        if use is not None:
+            q = np.where(use, q, 0.0)
+        n_labels = np.bincount(worker, use, n_workers).astype(float)
+        n_chose_0 = np.bincount(worker, chose_0 if use is None else chose_0 & use, n_workers)
+        q_sum = np.bincount(worker, q, n_workers)
+        q_agree = np.bincount(worker, np.where(chose_0, q, 0.0), n_workers)
         not_q_sum = n_labels - q_sum
         not_q_agree = (n_labels - n_chose_0) - (q_sum - q_agree)
         pooled_a = q_agree.sum() / max(q_sum.sum(), eps)
@@ -297,17 +300,19 @@ def fit_crowd_model(
     log_odds = prior + evidence
     # Leave-one-out: subtract the annotator's own labels on the item (all of them: an annotator may label
     # the same two images twice). Only items with several labels need the (item, annotator) sums.
+    del evidence
     row_evidence = lambdas(sens, spec)[label_type] * orient  # (R,) toward the item's first image
-    own = row_evidence.copy()
+    loo = log_odds[item] - row_evidence  # (R,) toward the item's first image, the label's own left out
     shared = np.flatnonzero(np.bincount(item, minlength=n_items)[item] > 1)
-    if shared.size:
+    if shared.size:  # an annotator's other labels on the same item are its own too
         _, key = np.unique(item[shared] * max(n_workers, 1) + worker[shared], return_inverse=True)
-        own[shared] = np.bincount(key, row_evidence[shared])[key]
+        loo[shared] = log_odds[item[shared]] - np.bincount(key, row_evidence[shared])[key]
+        del key
+    del shared, row_evidence
+    loo *= orient  # toward the label's image_0
     # Labels with no evidence at all once their own are left out (flat prior, no scorer, no peer) say
     # nothing about their annotator: they are left out rather than counted as coin flips.
-    loo = (log_odds[item] - own) * orient
-    informed = np.flatnonzero(loo != 0)
-    loo_sens, loo_spec = confusion(_sigmoid(loo[informed]), informed)
+    loo_sens, loo_spec = confusion(_sigmoid(loo), loo != 0)
     return CrowdFit(sens, spec, w, prior, log_odds, loo_sens, loo_spec, n_iter, *effective(sens, spec),
                     *effective(loo_sens, loo_spec))
 
@@ -493,7 +498,7 @@ class _ScorerVotes:
 
 
 def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray, pair_flip: np.ndarray,
-                  id_rank: np.ndarray, label_0: np.ndarray, max_abs_margin: float,
+                  id_rank: np.ndarray | None, label_0: np.ndarray, max_abs_margin: float,
                   chunk_votes: int = 1_000_000) -> _ScorerVotes:
     """Gather the votes, a batch at a time, into per-item arrays: each (item, scorer) keeps the vote on
     the item's pair with the smallest id rank (the pairs of an item may show its images either way
@@ -546,7 +551,7 @@ def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray
         agree += np.bincount(code[h], vote0[h] == human_0[row[h]], n_scorers)
         judged += np.bincount(code[h], minlength=n_scorers)
         # per (item, scorer) the vote of the smallest id rank in the batch, then against the earlier batches'
-        it, rank = pair_item[row], id_rank[row]
+        it, rank = pair_item[row], row if id_rank is None else id_rank[row]
         key = it * n_scorers + code
         by = _argsort_by(key, rank)
         first = by[np.r_[True, key[by[1:]] != key[by[:-1]]]] if by.size else by
@@ -611,14 +616,14 @@ def label_model(
     pair_item = _dense_codes(labels.select("_lo", "_hi"))  # (P,) unordered image pair of each pair row
     n_items = int(pair_item.max()) + 1 if n_pairs else 0
     pair_flip = labels["_flip"].to_numpy().astype(bool)
+    labels = labels.drop("_lo", "_hi", "_flip")
     label_0 = labels["label_0"].to_numpy()
     is_decisive = (label_0 == 0.0) | (label_0 == 1.0)
     # Rank of each pair's id, for the one vote per (item, scorer): pairs given in pair_id order (as curate
     # gives them) need no sort, the rank is the row; otherwise only pairs whose item has several pairs
     # need their id's rank (a sort of those ids alone).
-    if labels["pair_id"].is_sorted():
-        id_rank = np.arange(n_pairs, dtype=np.int64)
-    else:
+    id_rank = None  # the row
+    if not labels["pair_id"].is_sorted():
         repeated = np.flatnonzero(np.bincount(pair_item, minlength=n_items)[pair_item] > 1)  # (P',) pair rows
         id_rank = np.zeros(n_pairs, np.int64)
         id_rank[repeated] = labels["pair_id"][repeated].rank("ordinal").to_numpy().astype(np.int64)
@@ -637,6 +642,8 @@ def label_model(
     first_row = np.full(int(user_of_row.max()) + 1 if n_pairs else 0, -1, np.int64)
     first_row[user_of_row[::-1]] = np.arange(n_pairs - 1, -1, -1)
     names = labels["user_id"].gather(first_row[present])  # (W,) in code order
+    del first_row, user_of_row
+    labels = labels.drop("user_id")
     by_name = np.argsort(names.to_numpy(), kind="stable") if names.len() else np.zeros(0, np.int64)
     user_names = names.gather(by_name)
     position = np.empty(by_name.size, np.int64)
