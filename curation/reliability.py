@@ -512,8 +512,12 @@ def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray
     decisive = votes.filter(pl.col("vote").is_in([0.0, 1.0])).select(
         pl.col("pair_id") if integer_ids else pl.col("pair_id").cast(pl.String), scorer=pl.col("scorer").cast(pl.String).cast(pl.Categorical), _vote0=pl.col("vote") == 1.0,
         _margin=margin.cast(pl.Float32).fill_null(0.0).fill_nan(0.0))
-    scorers = sorted(decisive.select(pl.col("scorer").unique().cast(pl.String)).collect()["scorer"].to_list())
+    present = decisive.select(pl.col("scorer").unique()).collect()["scorer"]  # categorical: names and codes
+    scorers = sorted(present.cast(pl.String).to_list())
     n_scorers = len(scorers)
+    physical = present.to_physical().to_numpy().astype(np.int64)
+    code_of = np.full(int(physical.max()) + 1 if physical.size else 0, -1, np.int32)  # categorical code -> index
+    code_of[physical] = [scorers.index(name) for name in present.cast(pl.String).to_list()]
     if integer_ids:
         ids = pair_id.to_numpy()
         contiguous = bool(ids.size) and ids[0] == 0 and ids[-1] == ids.size - 1 and bool(np.all(np.diff(ids) == 1))
@@ -526,9 +530,8 @@ def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray
     best = np.full((n_items, n_scorers), np.iinfo(np.int32).max, np.int32)  # id rank of the vote kept
     agree, judged = np.zeros(n_scorers), np.zeros(n_scorers)
     human_0, human_decisive = label_0 == 1.0, (label_0 == 0.0) | (label_0 == 1.0)
-    if integer_ids:  # one slice at a time (a scan reads only its part; collect_batches ran ahead, queueing)
-        n_votes = decisive.select(pl.len()).collect().item()
-        batches = (decisive.slice(start, chunk_votes).collect() for start in range(0, n_votes, chunk_votes))
+    if integer_ids:  # one batch at a time (50M votes: 5.5 s to stream and 0.5 GB peak, against 34 s by slices)
+        batches = decisive.collect_batches(chunk_size=chunk_votes)
     else:
         batches = iter([decisive.collect().join(index, on="pair_id", how="inner", maintain_order="left")])
     for batch in batches:
@@ -543,8 +546,7 @@ def _scorer_votes(votes: pl.LazyFrame, pair_id: pl.Series, pair_item: np.ndarray
                 known = ids[row] == vid if n_pairs else np.zeros(vid.size, bool)
         else:
             row, known = batch["_row"].to_numpy(), np.ones(batch.height, bool)
-        code = batch["scorer"].cast(pl.String).replace_strict(
-            {m: k for k, m in enumerate(scorers)}, return_dtype=pl.Int32).to_numpy() if batch.height else np.zeros(0, np.int32)
+        code = code_of[batch["scorer"].to_physical().to_numpy()] if batch.height else np.zeros(0, np.int32)
         vote0, margin_0 = batch["_vote0"].to_numpy(), batch["_margin"].to_numpy()
         row, code, vote0, margin_0 = row[known], code[known], vote0[known], margin_0[known]
         h = human_decisive[row]
