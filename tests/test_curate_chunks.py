@@ -11,10 +11,10 @@ from curation.lake import Lake
 from data_schemas import INGESTS
 
 
-def small_lake(root, n_pairs: int = 120, seed: int = 0) -> Lake:
+def small_lake(root, n_pairs: int = 120, seed: int = 0, missing_bytes: tuple[int, ...] = ()) -> Lake:
     """Pairs over 30 images of 6 prompts (images 5k + j belong to prompt j), some image pairs labelled by
     several users, ties, a null user, two prompt-free scorers and one prompt-dependent scorer that
-    lacks the scores of two images."""
+    lacks the scores of two images. `missing_bytes`: images (indices) left out of the images table."""
     rng = np.random.default_rng(seed)
     lake = Lake(str(root), create=True)
     image = [f"img{i:02d}" for i in range(30)]
@@ -34,9 +34,11 @@ def small_lake(root, n_pairs: int = 120, seed: int = 0) -> Lake:
             **{c: pa.nulls(n_pairs, pa.string()) for c in ("image_0_uid", "image_1_uid", "model_0", "model_1",
                                                             "ranking_id")},
         }), partition="tiny")
-        tx.write("images", pa.table({"image_id": image, "bytes": [b"x"] * 30, "format": ["PNG"] * 30,
-                                     "width": pa.array([8] * 30, pa.int32()), "height": pa.array([8] * 30, pa.int32()),
-                                     "ingest_id": ["tiny"] * 30}))
+        stored = [image[i] for i in range(30) if i not in missing_bytes]
+        n = len(stored)
+        tx.write("images", pa.table({"image_id": stored, "bytes": [b"x"] * n, "format": ["PNG"] * n,
+                                     "width": pa.array([8] * n, pa.int32()), "height": pa.array([8] * n, pa.int32()),
+                                     "ingest_id": ["tiny"] * n}))
         for scorer, prompt_free in (("sharpness", True), ("exposure", True), ("hpsv2", False)):
             keep = [i for i in range(30) if prompt_free or i not in (3, 17)]
             score = np.round(rng.normal(size=30), 1)  # rounded: some exact ties between images
@@ -98,3 +100,15 @@ def test_curate_of_a_lake_without_scores_or_pairs(tmp_path):
     lake = Lake(str(tmp_path / "empty"), create=True)
     result = curate(lake)
     assert result.counts["pairs"] == 0 and run_tables(lake)["votes"].height == 0
+
+
+@pytest.mark.parametrize("scorers", [None, ("hpsv2",)])
+def test_pairs_without_image_bytes_are_counted_as_the_pairs_table_says(tmp_path, scorers):
+    """images_available comes from the prompt-free score table's join (which also lists the stored images);
+    the count must match the plain resolution of load_pairs, with prompt-free scorers and without any."""
+    lake = small_lake(tmp_path / "lake", missing_bytes=(3, 5))  # img03 lacks hpsv2 scores too
+    result = curate(lake, CurateConfig(scorers=scorers))
+    pairs = load_pairs(lake)
+    want = int((~pairs["images_available"]).sum())
+    assert 0 < want < pairs.height
+    assert result.counts["pairs_without_images"] == want
