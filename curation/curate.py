@@ -317,7 +317,8 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
                 "pair_id": row_id.gather(pair_of_row),
                 "scorer": pl.Series(np.array(wide.names, dtype=object)[scorer_of_row], dtype=pl.Categorical),
                 "vote": wide.vote[scorer_of_row, pair_of_row],
-                "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row]}).write_ipc(model_files["votes"][-1])
+                "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row],
+            }).write_ipc(model_files["votes"][-1])
             counts["pairs"] += batch.num_rows
             counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())
             counts["minority_pairs"] += int((metrics["minority_score"] > threshold).sum())

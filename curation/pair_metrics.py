@@ -225,7 +225,8 @@ def pair_metrics_from_sums(frame: pl.DataFrame | pl.LazyFrame, config: PairMetri
     # toward image_0; the direction is applied here, using sigmoid(-x) = 1 - sigmoid(x).
     pair_frame = frame.lazy().with_columns(
         _direction=pl.when(pl.col("label") == 1.0).then(1.0).when(pl.col("label") == 0.0).then(-1.0))
-    schema = {k: v for k, v in PAIR_METRICS_SCHEMA.items() if k != "pair_id" or "pair_id" in pair_frame.collect_schema()}
+    has_ids = "pair_id" in pair_frame.collect_schema()
+    schema = {k: v for k, v in PAIR_METRICS_SCHEMA.items() if k != "pair_id" or has_ids}
     direction = pl.col("_direction")
     k = pl.col("_k").fill_null(0)
     sig = pl.when(direction > 0).then(pl.col("_sig0")).otherwise(k - pl.col("_sig0")).fill_null(0.0)

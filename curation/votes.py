@@ -280,7 +280,8 @@ class WideVotes:
         counts = self.voted.sum(axis=1)
         ids = pa.chunked_array([pair_id if k == len(pair_id) else pc.filter(pair_id, pa.array(v))
                                 for k, v in zip(counts, self.voted)], type=pa.large_string())
-        scorer = pc.take(pa.array(self.names, pa.large_string()), pa.array(np.repeat(np.arange(len(self.names)), counts)))
+        scorer_code = pa.array(np.repeat(np.arange(len(self.names)), counts))
+        scorer = pc.take(pa.array(self.names, pa.large_string()), scorer_code)
         columns = [ids, scorer, *(pa.array(values[self.voted]) for values in (
             self.score_0, self.score_1, self.margin, self.vote, self.normalized_margin))]
         return pa.Table.from_arrays(columns, schema=VOTES_ARROW_SCHEMA)
