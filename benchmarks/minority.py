@@ -566,8 +566,10 @@ def resummarise(out: Path, merge: tuple[Path, ...] = ()) -> dict:
     runs of the same experiment split with ``--only`` (same pairs, crowd and evaluation set); their runs and
     conditions join this one's, which must not hold the same (method, condition, seed) already."""
     result = _load(out)
+    others_config = []
     for folder in merge:
         other = _load(folder)
+        others_config.append(other["config"])
         keys = {(r["method"], r["scenario"], r["noise"], r["seed"]) for r in result["runs"]}
         same = {k: result["config"][k] for k in ("seed", "pair_captions", "pairs_per_caption", "n_annotators",
                                                   "eval_captions", "eval_seeds", "steps", "sample_steps")}
@@ -579,10 +581,13 @@ def resummarise(out: Path, merge: tuple[Path, ...] = ()) -> dict:
         result["runs"] += other["runs"]
         result["data"] = {**other["data"], **result["data"]}
         result["merged_from"] = [*result.get("merged_from", []), str(folder)]
+    first_config = dict(result["config"])
     c = config_from_dict({**result["config"], "only": ()})
     result["config"]["only"] = []
-    if merge:
-        result["progress"] = {"runs_done": len(result["runs"]), "runs_planned": len(c.schedule())}
+    if merge:  # what every merged run planned, each with its own conditions (``only``)
+        plans = {(s, tag(k), m) for r in [first_config, *others_config]
+                 for s, k, m in config_from_dict(r).schedule()}
+        result["progress"] = {"runs_done": len(result["runs"]), "runs_planned": len(plans)}
     order = [tag(k) for k in c.conditions()]
     result["data"] = {k: result["data"][k] for k in sorted(result["data"], key=lambda k: order.index(k)
                                                            if k in order else len(order))}
@@ -597,10 +602,11 @@ def markdown(result: dict) -> str:
     progress = result["progress"]
     used = complete_blocks(config_from_dict(c), result["runs"])
     done = sorted({r["seed"] for r in used})
-    partial = "" if progress["runs_done"] == progress["runs_planned"] else (
+    partial = ("" if progress["runs_done"] == progress["runs_planned"] else (
         f"**PARTIAL: {progress['runs_done']} of {progress['runs_planned']} runs finished (training seeds "
         f"{c['train_seeds']} planned); the table uses the {len(used)} runs of (condition, seed) blocks that every "
-        f"method finished.** ")
+        f"method finished.** ")) + (f"Merged from {len(result['merged_from']) + 1} runs of the same experiment "
+                                   f"(`merged_from`); the runtime is the first one's. " if result.get("merged_from") else "")
     lines = [
         "# Small world v2: structured crowd noise", "",
         partial + f"True-reward gain over the base model on {c['eval_captions']} held-out captions x "
