@@ -28,6 +28,7 @@ Writes ``results.json`` (config, truth, every run's per-image gains), ``results.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -258,8 +259,13 @@ def training_digest(snapshot: str, method: str) -> str:
     order): two conditions whose snapshots train alike (BalancedDPO's scorer-only labels ignore the crowd) share
     one run. The offline minority score counts only for Adaptive-DPO with an offline u (the trainer's only use)."""
     train = METHODS[method][1]
-    skip = {"pair_id"} | ({"minority_score"} if train["loss"] != "adaptive-dpo" or train.get("u_source") == "online"
-                          else set())
+    offline_u = train["loss"] == "adaptive-dpo" and train.get("u_source") != "online"
+    return _columns_digest(snapshot, frozenset({"pair_id"} | (set() if offline_u else {"minority_score"})))
+
+
+@functools.lru_cache(maxsize=None)
+def _columns_digest(snapshot: str, skip: frozenset[str]) -> str:
+    """sha256 of a snapshot's trainer-read columns except ``skip``; cached: methods sharing a snapshot read it once."""
     import pyarrow.parquet as pq
     from training.snapshot import IMAGE_COLUMNS, META_COLUMNS, OPTIONAL_COLUMNS
 
@@ -506,18 +512,14 @@ def verdicts(c: ExperimentConfig, runs: list[dict], data: dict, table: list[dict
                                      f"clean-DPO gain", "condition": label, "value": float(num.mean() / den.mean()),
                             "ci": [low, high], "verdict": judge(low, high, 0.8)})
         common = [s for s in seeds if s in c.train_seeds]  # every method ran these: a like-for-like choice
-        best = max((m for m in c.methods if m != "dpo" and set(common) <= set(gains(m, condition))),
-                   key=lambda m: np.mean([gains(m, condition)[s].mean() for s in common]), default=None) if common else None
-        if best is not None:
-            best = {"method": best}
-            mine = gains(best["method"], condition)
-            both = common
-            num = np.stack([mine[s] for s in both])
-            low, high = bootstrap_ratio_ci(num, np.stack([clean[s] for s in both]), c.bootstrap, c.seed)
-            out.append({"claim": f"the best curated method ({best['method']}; chosen on this same data) keeps "
+        rivals = {m: g for m in c.methods if m != "dpo" and set(common) <= set(g := gains(m, condition))}
+        if common and rivals:
+            best = max(rivals, key=lambda m: np.mean([rivals[m][s].mean() for s in common]))
+            num, den = np.stack([rivals[best][s] for s in common]), np.stack([clean[s] for s in common])
+            low, high = bootstrap_ratio_ci(num, den, c.bootstrap, c.seed)
+            out.append({"claim": f"the best curated method ({best}; chosen on this same data) keeps "
                                  f">= 80 % of the clean-DPO gain", "condition": label,
-                        "value": float(num.mean() / np.stack([clean[s] for s in both]).mean()), "ci": [low, high],
-                        "verdict": judge(low, high, 0.8)})
+                        "value": float(num.mean() / den.mean()), "ci": [low, high], "verdict": judge(low, high, 0.8)})
         for r in table:
             if (r["scenario"], r["noise"]) == condition and r["method"] != "dpo" and "vs_dpo" in r:
                 out.append({"claim": f"{r['method']} beats DPO", "condition": label, "value": r["vs_dpo"],
@@ -735,7 +737,7 @@ if __name__ == "__main__":
     try:
         config, report_only = parse_args(sys.argv[1:])
         if config is not None and config.workers > 1:
-            print(markdown(run_workers(config, [a for a in sys.argv[1:]])))
+            print(markdown(run_workers(config, sys.argv[1:])))
         elif config is not None and config.curate_only:
             print(json.dumps(run(config)["data"], indent=1, default=str))
         else:
