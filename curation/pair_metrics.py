@@ -52,10 +52,10 @@ import numpy as np
 import polars as pl
 
 from curation.votes import as_lazy
+from data_schemas import adaptive
+from data_schemas.adaptive import MARGIN_TYPES, WEIGHT_TYPES, MarginType, WeightType  # noqa: F401  (re-exported)
 
 
-WEIGHT_TYPES = ("linear", "quadratic", "sigmoid", "sqrt")
-MARGIN_TYPES = ("quadratic", "linear")
 MARGIN_OFFSETS = ("zero", "dataset_mean")
 LABEL_SOURCES = ("human", "consensus")
 STABILITY_TERMS = ("none", "capped_std")
@@ -70,28 +70,28 @@ PAIR_METRICS_SCHEMA = {
 class PairMetricsConfig:
     """Defaults are the official README run (SD1.5, `methods.md` §2.5) unless said otherwise."""
 
-    rho: float = 15.0
+    rho: float = adaptive.RHO
     """`logits_rho` with `use_logits_normalization=True`: sharpens l_hat before the sigmoid."""
-    reference_batch_size: int = 16
+    reference_batch_size: int = adaptive.REFERENCE_BATCH_SIZE
     """README `train_batch_size`: the batch whose L2 normalisation the dataset-wide form imitates
     (l_hat = normalized_margin / sqrt(B)); at B = 16 a typical |s| is 15/4 = 3.75."""
-    std_cap: float = 1.0
+    std_cap: float = adaptive.STD_CAP
     """Cap on the annotators' std (`min(std, 1)` in `cal_un_wy_wstd`), keeps u in [0, 1]."""
     stability_term: Literal["none", "capped_std"] = "none"
     """How v enters u: "capped_std" is the official u = (1 - c) min(std, cap); "none" uses u = 1 - c,
     because with scorers as annotators the capped std is 1 on ~99.8 % of pairs and adds no ranking
     power (module docstring: the measurement)."""
-    k1: float = 10.0
+    k1: float = adaptive.K1
     """`rewight_temparature`: how fast W falls with u (W = 1/11 at u = 1 for "linear")."""
-    c1: float = 1.0
+    c1: float = adaptive.C1
     """`rewight_intercept`: W = 1/c1 for a pair with u = 0."""
-    weight_type: Literal["linear", "quadratic", "sigmoid", "sqrt"] = "linear"
+    weight_type: WeightType = adaptive.WEIGHT_TYPE
     """Official default "linear"; the code's alternatives are "quadratic", "sigmoid", "sqrt"."""
-    beta: float = 1000.0
+    beta: float = adaptive.BETA_DPO
     """`beta_dpo` of the README run; Gamma's u-term is divided by it."""
-    margin_type: Literal["quadratic", "linear"] = "quadratic"
+    margin_type: MarginType = adaptive.MARGIN_TYPE
     """Official default "quadratic" (u^2 / beta); "linear" uses u / beta."""
-    margin_scale: float = 1.0
+    margin_scale: float = adaptive.MARGIN_SCALE
     """Multiplies the u-term of Gamma. 1 reproduces the code, where the term is at most 1e-3 at
     beta = 1000 and so almost negligible (`methods.md` §2.4 scale caveat); raise it for a real margin."""
     margin_offset: Literal["zero", "dataset_mean"] = "zero"
@@ -121,22 +121,15 @@ class PairMetricsConfig:
 
 
 def reweight(u: pl.Expr, config: PairMetricsConfig) -> pl.Expr:
-    """Adaptive-DPO weight W(u) (`methods.md` §2.4, `weight_type`): linear 1/(k1 u + c1),
-    quadratic 1/(k1 u^2 + c1), sigmoid 1/(exp(k1 u) + c1), sqrt 1/(exp(k1 sqrt u) + c1)."""
-    k1, c1 = config.k1, config.c1
-    if config.weight_type == "linear":
-        return 1.0 / (k1 * u + c1)
-    if config.weight_type == "quadratic":
-        return 1.0 / (k1 * u**2 + c1)
-    if config.weight_type == "sigmoid":
-        return 1.0 / ((k1 * u).exp() + c1)
-    return 1.0 / ((k1 * u.sqrt()).exp() + c1)
+    """Adaptive-DPO weight W(u) = 1 / `data_schemas.adaptive.weight_denominator` (`methods.md` §2.4)."""
+    return 1.0 / adaptive.weight_denominator(u, config.weight_type, config.k1, config.c1)
 
 
 def adaptive_margin(u: pl.Expr, offset: pl.Expr | float, config: PairMetricsConfig) -> pl.Expr:
-    """Adaptive-DPO margin Gamma = -scale * u^2 / beta + offset ("quadratic"; "linear": u / beta)."""
-    term = u**2 if config.margin_type == "quadratic" else u
-    return -config.margin_scale * term / config.beta + offset
+    """Adaptive-DPO margin Gamma = -scale * u^2 / beta + offset ("quadratic"; "linear": u / beta), beta being
+    the code's beta_dpo (`data_schemas.adaptive.margin`)."""
+    return adaptive.margin(u, offset, beta_dpo=config.beta, margin_type=config.margin_type,
+                           margin_scale=config.margin_scale)
 
 
 def pair_metrics(

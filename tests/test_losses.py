@@ -438,3 +438,34 @@ def test_ncp_reverse_step_of_a_v_model_is_the_x0_form_posterior_mean():
     mu = (abar_prev.sqrt() * (1 - alpha_t) * L.x0_from_v(v, x_t, t, ABAR)
           + alpha_t.sqrt() * (1 - abar_prev) * x_t) / (1 - abar_t)
     torch.testing.assert_close(step, mu, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- offline (curation) and online (training) agree
+
+@pytest.mark.parametrize("weight_type", ["linear", "quadratic", "sigmoid", "sqrt"])
+@pytest.mark.parametrize("margin_type", ["quadratic", "linear"])
+def test_offline_and_online_weight_and_margin_agree(weight_type, margin_type):
+    """The Polars W and Γ of curation.pair_metrics and the torch W and Γ of training.losses on the same 50 u
+    values: equal up to float rounding, with β converted once (canonical β = 2·beta_dpo) and no offset (the
+    online margin's batch-mean term is 0 when every ℓ is 0)."""
+    import numpy as np
+    import polars as pl
+
+    from curation.pair_metrics import PairMetricsConfig, adaptive_margin, reweight
+
+    u = np.random.default_rng(0).uniform(0.0, 1.0, 50)
+    config = PairMetricsConfig(k1=3.0, c1=0.5, weight_type=weight_type, beta=700.0, margin_type=margin_type,
+                               margin_scale=40.0)
+    offline = pl.DataFrame({"u": u}).select(weight=reweight(pl.col("u"), config),
+                                            margin=adaptive_margin(pl.col("u"), 0.0, config))
+    u_t = torch.tensor(u, dtype=torch.float64)
+    weight = L.adaptive_weight(u_t, weight_type, k1=config.k1, c1=config.c1)
+    margin = L.adaptive_margin(u_t, torch.zeros_like(u_t), beta=L.beta_from_adaptive_dpo(config.beta),
+                               margin_type=margin_type, margin_scale=config.margin_scale)
+    assert weight.tolist() == pytest.approx(offline["weight"].to_list(), rel=1e-12)
+    assert margin.tolist() == pytest.approx(offline["margin"].to_list(), rel=1e-12)
+    # and the defaults of both sides are the same constants (data_schemas.adaptive)
+    default = PairMetricsConfig()
+    assert (default.k1, default.c1, default.weight_type, default.margin_type, default.margin_scale, default.rho) == (
+        L.adaptive.K1, L.adaptive.C1, L.adaptive.WEIGHT_TYPE, L.adaptive.MARGIN_TYPE, L.adaptive.MARGIN_SCALE,
+        L.adaptive.RHO)

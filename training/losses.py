@@ -38,10 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-from training.conventions import (  # noqa: F401  (re-exported: the names and β conventions)
-    LOSS_TYPES, CombineMode, MarginType, WeightType, _check_positive, beta_from_adaptive_dpo, beta_from_diffusers,
-    beta_from_sum_of_squares, dpo_logit_scale,
+from data_schemas import adaptive
+from data_schemas.adaptive import MarginType, USource, WeightType  # noqa: F401  (re-exported)
+from data_schemas.vocab import LOSS_TYPES  # noqa: F401  (re-exported: the loss names)
+from training.conventions import (  # noqa: F401  (re-exported: the β conventions)
+    _check_positive, beta_from_adaptive_dpo, beta_from_diffusers, beta_from_sum_of_squares, dpo_logit_scale,
 )
+
+CombineMode = USource  # how combine_minority_scores merges the online and offline u
 
 Metrics = dict[str, Tensor]
 
@@ -288,7 +292,7 @@ class MinorityMetric(NamedTuple):
 
 
 def minority_metric(
-    annotator_logits: Tensor, *, rho: float = 15.0, normalize: bool = True, std_cap: float = 1.0,
+    annotator_logits: Tensor, *, rho: float = adaptive.RHO, normalize: bool = True, std_cap: float = adaptive.STD_CAP,
 ) -> MinorityMetric:
     """Adaptive-DPO minority-instance metric (Zhang et al. arXiv 2503.16921, Eqs. 11-13; code ``cal_un_wy_wstd``).
 
@@ -326,8 +330,8 @@ def combine_minority_scores(
     (conservative: label noise seen by one source is enough); ``mean`` averages the two.
     """
     needs_online, needs_offline = mode in ("online", "max", "mean"), mode in ("offline", "max", "mean")
-    if mode not in ("online", "offline", "max", "mean"):
-        raise ValueError(f"mode must be one of online, offline, max, mean, got {mode!r}")
+    if mode not in adaptive.U_SOURCES:
+        raise ValueError(f"mode must be one of {', '.join(adaptive.U_SOURCES)}, got {mode!r}")
     if (needs_online and online_u is None) or (needs_offline and offline_u is None):
         raise ValueError(f"mode {mode!r} needs online_u={needs_online} and offline_u={needs_offline}")
     given = {name: t.detach() for name, t in (("online_u", online_u), ("offline_u", offline_u)) if t is not None}
@@ -343,32 +347,21 @@ def combine_minority_scores(
     return stacked.amax(dim=0) if mode == "max" else stacked.mean(dim=0)
 
 
-def adaptive_weight(u: Tensor, weight_type: WeightType = "linear", k1: float = 10.0, c1: float = 1.0) -> Tensor:
-    """Adaptive-DPO instance weight W (arXiv 2503.16921 reweighting term; code ``weight_type``), detached.
-
-    linear 1/(k1·u + c1) (default); quadratic 1/(k1·u² + c1) (spelt ``quardratic`` in the code);
-    sigmoid 1/(exp(k1·u) + c1); sqrt 1/(exp(k1·√u) + c1). Defaults k1 = 10 (``rewight_temparature``),
-    c1 = 1 (``rewight_intercept``) from the README run (methods.md §2.5).
+def adaptive_weight(u: Tensor, weight_type: WeightType = adaptive.WEIGHT_TYPE, k1: float = adaptive.K1,
+                    c1: float = adaptive.C1) -> Tensor:
+    """Adaptive-DPO instance weight W = 1 / ``data_schemas.adaptive.weight_denominator`` (arXiv 2503.16921
+    reweighting term; code ``weight_type``), detached: linear 1/(k1·u + c1) (default); quadratic 1/(k1·u² + c1);
+    sigmoid 1/(exp(k1·u) + c1); sqrt 1/(exp(k1·√u) + c1). Defaults from the README run (methods.md §2.5).
     """
-    u = u.detach()
-    if weight_type == "linear":
-        denominator = k1 * u + c1
-    elif weight_type == "quadratic":
-        denominator = k1 * u.pow(2) + c1
-    elif weight_type == "sigmoid":
-        denominator = torch.exp(k1 * u) + c1
-    elif weight_type == "sqrt":
-        denominator = torch.exp(k1 * u.sqrt()) + c1
-    else:
-        raise ValueError(f"weight_type must be one of linear, quadratic, sigmoid, sqrt, got {weight_type!r}")
+    denominator = adaptive.weight_denominator(u.detach(), weight_type, k1, c1)
     if bool((denominator <= 0).any()):
         raise ValueError(f"weight denominator must be > 0 (k1={k1}, c1={c1})")
     return 1.0 / denominator
 
 
 def adaptive_margin(
-    u: Tensor, raw_logits: Tensor, *, beta: float, margin_type: MarginType = "quadratic",
-    margin_scale: float = 1.0,
+    u: Tensor, raw_logits: Tensor, *, beta: float, margin_type: MarginType = adaptive.MARGIN_TYPE,
+    margin_scale: float = adaptive.MARGIN_SCALE,
 ) -> Tensor:
     """Adaptive-DPO margin Γ (arXiv 2503.16921 Eq. 15; code ``use_margin``), detached, in logit units:
 
@@ -377,23 +370,19 @@ def adaptive_margin(
     k is the code's ``beta_dpo`` (see ``beta_from_adaptive_dpo``); ``raw_logits`` is the current model's ℓ.
     ``margin_scale = 1`` reproduces the code, where Γ (order 1e-4 to 1e-3) is negligible next to k·ℓ (order
     0.1-1) and the effect comes from W (methods.md §2.4, scale caveat); ``margin_scale = k`` makes the u-term
-    −u^p, of order one in logit units. The knob scales the u-term only, as in ``curation.pair_metrics``.
+    −u^p, of order one in logit units. The formula is ``data_schemas.adaptive.margin``, as in
+    ``curation.pair_metrics``.
     """
     _check_per_sample(u=u, raw_logits=raw_logits)
-    k = dpo_logit_scale(beta)
-    if margin_type == "quadratic":
-        penalty = u.detach().pow(2)
-    elif margin_type == "linear":
-        penalty = u.detach()
-    else:
-        raise ValueError(f"margin_type must be 'quadratic' or 'linear', got {margin_type!r}")
-    return -margin_scale * penalty / k + raw_logits.detach().mean()
+    return adaptive.margin(u.detach(), raw_logits.detach().mean(), beta_dpo=dpo_logit_scale(beta),
+                           margin_type=margin_type, margin_scale=margin_scale)
 
 
 def adaptive_dpo_loss(
     model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, u: Tensor, *, beta: float,
-    use_weight: bool = True, weight_type: WeightType = "linear", k1: float = 10.0, c1: float = 1.0,
-    use_margin: bool = True, margin_type: MarginType = "quadratic", margin_scale: float = 1.0,
+    use_weight: bool = True, weight_type: WeightType = adaptive.WEIGHT_TYPE, k1: float = adaptive.K1,
+    c1: float = adaptive.C1, use_margin: bool = True, margin_type: MarginType = adaptive.MARGIN_TYPE,
+    margin_scale: float = adaptive.MARGIN_SCALE,
 ) -> tuple[Tensor, Metrics]:
     """Adaptive-DPO, Zhang et al. arXiv 2503.16921 (code ``loss_type="sigmoid"`` with self-logit reweighting):
 
