@@ -70,6 +70,10 @@ _THREADED_MEAN_BYTES = 64 << 10
 # Mean image size above which content hashing is split over the threads: hashlib releases the GIL for
 # buffers over 2 kB, and at 8 kB the hash (~8 us) outweighs the Python step per image that holds it.
 _THREADED_HASH_MEAN_BYTES = 8 << 10
+# Mean image size above which a batch's images are hashed where they lie, each occurrence, instead of
+# dictionary-encoding the image columns first (see _Batcher._hash_images): at 8 kB a hash (~12 us) costs
+# about what copying the image twice into fresh memory does, and in-batch repeats become rare.
+_DIRECT_HASH_MEAN_BYTES = 8 << 10
 # 8 kB of UTF-8: ~100x the 77-token text window of the CLIP-family scorers and T2I text encoders.
 MAX_PROMPT_BYTES = 8 << 10
 
@@ -446,6 +450,11 @@ _PAIR_COLUMNS = ["split", "prompt", "image_0_uid", "image_1_uid", "label_0", "us
                  "model_1", "ranking_id"]  # the RAW columns `pairs` keeps as they are
 
 
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array (zero-copy when it has one chunk, as a reader's batch columns do)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def _int64_array(values: np.ndarray) -> pa.Array:
     """An Arrow int64 array over a numpy array's memory. (pa.array(ndarray) would import numpy.ma, ~40 ms,
     the first time it runs in a process.)"""
@@ -458,23 +467,50 @@ def _repeat(value: str, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(value, pa.string()), n)
 
 
-class _BatchImages:
-    """The distinct images of one batch: `dictionary` (a binary array, each image once), their content ids
-    (`hashes`, hex, aligned with it), and memoryviews of each one's bytes into its buffer (`views`).
-    `data`/`offsets` are the same buffer as numpy (uint8 bytes; int64 offsets, image k at
-    data[offsets[k]:offsets[k + 1]]) for the vectorised checks."""
+def _spans(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(data, offsets) of a binary array as numpy, zero-copy: uint8 bytes and int64 offsets (n + 1);
+    value k is data[offsets[k]:offsets[k + 1]]."""
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+    return np.frombuffer(array.buffers()[2] or b"", np.uint8), offsets.astype(np.int64)
 
-    def __init__(self, dictionary: pa.Array, hashes: list[str], views: list[memoryview]):
-        self.dictionary, self.hashes, self.views = dictionary, hashes, views
-        if len(dictionary):
-            self.offsets = np.frombuffer(dictionary.buffers()[1], np.int32)[
-                dictionary.offset:dictionary.offset + len(dictionary) + 1].astype(np.int64)
-            self.data = np.frombuffer(dictionary.buffers()[2] or b"", np.uint8)
-        else:
-            self.offsets, self.data = np.zeros(1, np.int64), np.zeros(0, np.uint8)
+
+class _BatchImages:
+    """The distinct images of one batch, each left where it lies: image k is value `position[k]` of
+    `arrays[array_of[k]]` (binary arrays: the batch's dictionary of distinct images, or its two image
+    columns), with content id `hashes[k]` (hex) and a memoryview of its bytes `views[k]`."""
+
+    def __init__(self, arrays: list[pa.Array], array_of: np.ndarray, position: np.ndarray, hashes: list[str],
+                 views: list[memoryview]):
+        self.arrays, self.array_of, self.position = arrays, array_of, position
+        self.hashes, self.views = hashes, views
 
     def index(self) -> dict[str, int]:
         return dict(zip(self.hashes, range(len(self.hashes))))
+
+    def spans(self, ks: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """For the images ks (int64 indices into hashes), per array holding some: (ks there, data, starts, ends),
+        image ks[j] being data[starts[j]:ends[j]] (for the vectorised checks)."""
+        for a, array in enumerate(self.arrays):
+            here = ks[self.array_of[ks] == a]
+            if len(here):
+                data, offsets = _spans(array)
+                rows = self.position[here]
+                yield here, data, offsets[rows], offsets[rows + 1]
+
+    def take(self, ks: list[int]) -> pa.Array:
+        """The bytes of images ks, in that order (one binary array; a copy in C)."""
+        ks = np.asarray(ks, np.int64)
+        parts, order = [], []
+        for a, array in enumerate(self.arrays):
+            here = np.flatnonzero(self.array_of[ks] == a)
+            if len(here) or not parts:
+                parts.append(array.take(_int64_array(self.position[ks[here]])))
+                order.append(here)
+        taken = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+        order = np.concatenate(order)
+        if np.array_equal(order, np.arange(len(ks))):
+            return taken
+        return taken.take(_int64_array(np.argsort(order)))  # back to the order of ks
 
 
 class _Batcher:
@@ -503,18 +539,16 @@ class _Batcher:
         config = self.config
         if todo and not config.full_decode:
             k = np.asarray(todo, np.int64)
-            starts, ends = images.offsets[k], images.offsets[k + 1]
-            data = images.data
-            jpeg = (ends - starts >= 2) & (ends - starts <= config.max_image_bytes)
-            at = np.minimum(starts, max(len(data) - 2, 0))
-            jpeg &= (data[at] == 0xFF) & (data[at + 1] == 0xD8) if len(data) >= 2 else False
-            walked, width, height = _jpeg_walk_many(data, starts[jpeg], ends[jpeg])
             accepted = np.zeros(len(k), bool)
-            accepted[jpeg] = walked & (width * height <= config.max_image_pixels)
-            hashes = images.hashes
-            for j, w, h in zip(k[accepted].tolist(), width[accepted[jpeg]].tolist(),
-                               height[accepted[jpeg]].tolist()):
-                results[hashes[j]] = ("JPEG", w, h)
+            for here, data, starts, ends in images.spans(k):
+                jpeg = (ends - starts >= 2) & (ends - starts <= config.max_image_bytes)
+                at = np.minimum(starts, max(len(data) - 2, 0))
+                jpeg &= (data[at] == 0xFF) & (data[at + 1] == 0xD8) if len(data) >= 2 else False
+                walked, width, height = _jpeg_walk_many(data, starts[jpeg], ends[jpeg])
+                fine = walked & (width * height <= config.max_image_pixels)
+                for j, w, h in zip(here[jpeg][fine].tolist(), width[fine].tolist(), height[fine].tolist()):
+                    results[images.hashes[j]] = ("JPEG", w, h)
+                accepted[np.isin(k, here[jpeg][fine])] = True
             todo = k[~accepted].tolist()
 
         def run(index):
@@ -634,33 +668,64 @@ class _Batcher:
 
     def _hash_images(self, raw: pa.Table) -> tuple[list[pa.Array], "_BatchImages"]:
         """Content ids (string arrays, null where a row has no bytes) of image_0_bytes and image_1_bytes,
-        and the batch's distinct images (_BatchImages: their bytes, ids and memoryviews).
-        Both columns are dictionary-encoded together (Arrow hashes and compares the bytes in C), so an
-        image is hashed once per batch however many rows, on either side, show it; big images are hashed
-        in `decode_threads` threads, a contiguous part each (hashlib releases the GIL on large buffers)."""
+        and the batch's distinct images (_BatchImages: where their bytes lie, ids and memoryviews).
+
+        Small images (mean under _DIRECT_HASH_MEAN_BYTES): both columns are dictionary-encoded together
+        (Arrow hashes and compares the bytes in C), so an image is hashed once per batch however many rows,
+        on either side, show it. Big ones: every value is hashed where it lies, and the distinct images
+        are found from the ids; the dictionary's two copies of every byte (the concatenation, then the
+        dictionary; tens of MB a batch, page faults included) would cost more than hashing the repeats."""
+        sides = [_one_array(raw.column("image_0_bytes")), _one_array(raw.column("image_1_bytes"))]
+        valid = sum(len(side) - side.null_count for side in sides)
+        if valid and sum(side.nbytes for side in sides) > valid * _DIRECT_HASH_MEAN_BYTES:
+            return self._hash_in_place(sides)
         # One array of both sides (a copy in C): dictionary_encode of a ChunkedArray is ~10x slower, and
         # encoding the sides apart hashes an image shown on both sides twice (measured: +25 % CPU at 64 px).
-        both = pa.concat_arrays([*raw.column("image_0_bytes").chunks, *raw.column("image_1_bytes").chunks])
-        encoded = pc.dictionary_encode(both)
+        encoded = pc.dictionary_encode(pa.concat_arrays(sides))
         dictionary, indices = encoded.dictionary, encoded.indices
         views = _binary_views(dictionary)
+        hashes = self._digests(views, dictionary.nbytes)
+        by_hash = pa.array(hashes, pa.string())
+        n = raw.num_rows
+        content = [by_hash.take(indices.slice(0, n)), by_hash.take(indices.slice(n))]
+        distinct = len(hashes)
+        images = _BatchImages([dictionary], np.zeros(distinct, np.int64), np.arange(distinct), hashes, views)
+        return content, images
 
+    def _hash_in_place(self, sides: list[pa.Array]) -> tuple[list[pa.Array], "_BatchImages"]:
+        """_hash_images for big images: each value of both sides hashed in its column's buffer, no copy."""
+        content, side_views = [], []
+        for side in sides:
+            views = _binary_views(side)
+            present = views if side.null_count == 0 else [v for v, ok in zip(views, side.is_valid().to_pylist()) if ok]
+            digests = iter(self._digests(present, sum(len(v) for v in present)))
+            ids_ = digests if side.null_count == 0 else (next(digests) if ok else None
+                                                         for ok in side.is_valid().to_pylist())
+            content.append(pa.array(list(ids_), pa.string()))
+            side_views.append(views)
+        n = len(sides[0])
+        encoded = pc.dictionary_encode(pa.concat_arrays(content))  # 32-char ids: cheap to encode
+        codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False)
+        distinct, first = np.unique(codes, return_index=True)  # first row (of 2n: side 0, then 1) per image
+        first = first[distinct >= 0]
+        hashes = encoded.dictionary.to_pylist()
+        array_of, position = (first >= n).astype(np.int64), first % n if n else first
+        views = [side_views[a][r] for a, r in zip(array_of.tolist(), position.tolist())]
+        return content, _BatchImages(sides, array_of, position, hashes, views)
+
+    def _digests(self, views: list[memoryview], nbytes: int) -> list[str]:
+        """blake2b content ids (hex) of `views`; big images in `decode_threads` threads, a contiguous
+        part each (hashlib releases the GIL on large buffers; one hand-off per part, not per image)."""
         def digests(part: list[memoryview]) -> list[str]:
             blake2b = hashlib.blake2b
             return [blake2b(data, digest_size=16).hexdigest() for data in part]
 
         threads = self.config.decode_threads
-        if threads > 1 and views and dictionary.nbytes > len(views) * _THREADED_HASH_MEAN_BYTES:
-            # Contiguous parts, one per thread: one hand-off per part, not per image.
+        if threads > 1 and views and nbytes > len(views) * _THREADED_HASH_MEAN_BYTES:
             step = -(-len(views) // threads)
-            hashes = [h for part in self.pool.map(digests, [views[i:i + step] for i in range(0, len(views), step)])
-                      for h in part]
-        else:
-            hashes = digests(views)
-        by_hash = pa.array(hashes, pa.string())
-        n = raw.num_rows
-        content = [by_hash.take(indices.slice(0, n)), by_hash.take(indices.slice(n))]
-        return content, _BatchImages(dictionary, hashes, views)
+            return [h for part in self.pool.map(digests, [views[i:i + step] for i in range(0, len(views), step)])
+                    for h in part]
+        return digests(views)
 
     def _suspect_rows(self, raw: pa.Table, content: list[pa.Array]) -> np.ndarray:
         """True for every row that fails at least one check (vectorised); False rows are valid."""
@@ -707,7 +772,7 @@ class _Batcher:
         meta = [decoded[i] for i in new_ids]
         images = pa.table({
             "image_id": pa.array(new_ids, pa.string()),
-            "bytes": images.dictionary.take(pa.array([index[i] for i in new_ids], pa.int64())),
+            "bytes": images.take([index[i] for i in new_ids]),
             "format": pa.array([m[0] for m in meta], pa.string()),
             "width": pa.array([m[1] for m in meta], pa.int32()), "height": pa.array([m[2] for m in meta], pa.int32()),
             "ingest_id": _repeat(self.ingest_id, len(new_ids))})
