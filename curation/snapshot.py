@@ -46,30 +46,27 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curation.curate import current_run, load_pairs
 from curation.lake import Lake, check_partition_name
 from curation.reliability import normalise_weights, winner_truth_share
-from data_schemas import SNAPSHOT_PAIRS, conform
+from data_schemas import SNAPSHOT_PAIRS, adaptive, conform
+from data_schemas import snapshot_contract as contract
+from data_schemas.snapshot_contract import SnapshotError, verify_snapshot  # noqa: F401  (re-exported)
+from data_schemas.vocab import MINORITY_THRESHOLD, SNAPSHOT_POLICIES
 
 
-POLICIES = ("plain", "filter", "adaptive", "balanced", "reliability")
+POLICIES = SNAPSHOT_POLICIES
 POSTERIOR_USES = ("weight", "soft_target", "both")
 CONSENSUS_KINDS = ("majority", "calibrated")
-TRUSTED_MINORITY_SCORE = 0.5  # adaptive: u <= 1/2 (mean confidence in the label >= 1/2) counts as trusted
+TRUSTED_MINORITY_SCORE = MINORITY_THRESHOLD  # adaptive: u <= 1/2 (mean confidence in the label >= 1/2) is trusted
 TRUSTED_POSTERIOR = 0.5  # reliability: the label is at least as likely right as wrong
-FORMAT, VERSION = "prefcurate-snapshot", 1
-
-
-class SnapshotError(ValueError):
-    """A snapshot that cannot be written, found, or trusted."""
 
 
 @dataclass(frozen=True)
 class SnapshotPolicy:
     kind: Literal["plain", "filter", "adaptive", "balanced", "reliability"] = "plain"
-    max_minority_score: float | None = 0.5
+    max_minority_score: float | None = MINORITY_THRESHOLD
     """filter: drop pairs with u above this (u > 0.5 means the scorers' mean confidence in the label is < 1/2)."""
     min_reliability: float | None = None
     """filter: drop pairs of annotators whose reliability is below this (None: keep all annotators)."""
@@ -127,8 +124,8 @@ class SnapshotInfo:
         head = "snapshot exists, nothing written:" if self.reused else "snapshot written:"
         return (f"{head} {self.name} = {self.snapshot_id} at {self.path}: {c['pairs']} pairs in {c['shards']} "
                 f"shard(s); left out: {c['ties']} ties, {c['no_label']} without a label, {c['filtered']} "
-                f"filtered, {c['no_images']} without images, {c.get('unscorable_images', 0)} with an undecodable image, "
-                f"{c['other_splits']} of other splits")
+                f"filtered, {c['no_images']} without images, {c.get('unscorable_images', 0)} with an undecodable "
+                f"image, {c['other_splits']} of other splits")
 
 
 def _failed_image_ids(lake: Lake) -> pl.Series:
@@ -149,7 +146,23 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
     counts = {"candidates": frame.height}
     in_split = frame["split"].is_in(list(policy.splits))
     counts["other_splits"] = int((~in_split).sum())
-    frame = frame.filter(in_split)
+    frame = _with_statistics(lake, frame.filter(in_split), run, policy)
+    frame = _labelled_and_filtered(frame, policy, counts)
+    counts["no_images"] = int((~frame["images_available"]).sum())
+    frame = frame.filter(pl.col("images_available"))
+    # Scoring stores NaN for an image whose bytes do not decode (or whose score is NaN): such a pair would
+    # crash or poison training, so it is left out here and counted.
+    failed = _failed_image_ids(lake).to_list()
+    unscorable = frame["image_0_id"].is_in(failed) | frame["image_1_id"].is_in(failed)
+    counts["unscorable_images"] = int(unscorable.sum())
+    rows = _training_rows(frame.filter(~unscorable), policy)
+    counts["pairs"] = rows.height
+    counts["curation_run"] = run["run_id"] if run else None
+    return rows, counts
+
+
+def _with_statistics(lake: Lake, frame: pl.DataFrame, run: dict | None, policy: SnapshotPolicy) -> pl.DataFrame:
+    """The pairs with the current run's pair metrics and annotator reliability joined (nulls without a run)."""
     if run is not None:
         metrics = pl.read_parquet(lake._join("curation", run["run_id"], "pair_metrics.parquet"))
         frame = frame.join(metrics, on="pair_id", how="left")
@@ -164,7 +177,12 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
     needed = {"reliability": "label_posterior", "balanced": "calibrated_label"}.get(policy.kind)
     if needed and (policy.kind == "reliability" or policy.consensus == "calibrated") and needed not in frame.columns:
         raise SnapshotError(f"the current curation run has no {needed}: run `prefcurate curate` again")
+    return frame
 
+
+def _labelled_and_filtered(frame: pl.DataFrame, policy: SnapshotPolicy, counts: dict) -> pl.DataFrame:
+    """The policy's training label (train_label, _flipped), ties and unlabelled pairs dropped, then the policy's
+    filters; counts ties, no_label, filtered and flipped."""
     calibrated = policy.kind == "balanced" and policy.consensus == "calibrated"
     if policy.kind == "balanced":
         label = pl.col("calibrated_label") if calibrated else pl.col("consensus_label")
@@ -199,16 +217,11 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
             frame = frame.filter(posterior >= policy.min_posterior)
     counts["filtered"] = before - frame.height
     counts["flipped"] = int(frame["_flipped"].sum())
-    counts["no_images"] = int((~frame["images_available"]).sum())
-    frame = frame.filter(pl.col("images_available"))
-    # Scoring stores NaN for an image whose bytes do not decode (or whose score is NaN): such a pair would
-    # crash or poison training, so it is left out here and counted.
-    failed = _failed_image_ids(lake).to_list()
-    unscorable = frame["image_0_id"].is_in(failed) | frame["image_1_id"].is_in(failed)
-    counts["unscorable_images"] = int(unscorable.sum())
-    frame = frame.filter(~unscorable)
+    return frame
 
-    # Per-pair loss weight and soft target, normalised over the final rows (trusted pairs average 1).
+
+def _weights(frame: pl.DataFrame, policy: SnapshotPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pair loss weight and soft target (P,), normalised over the final rows (trusted pairs average 1)."""
     weight, smoothing = np.ones(frame.height), np.zeros(frame.height)
     if policy.kind == "adaptive":
         u = frame["minority_score"].fill_null(0.0).to_numpy()
@@ -219,9 +232,17 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
             weight = normalise_weights(p, p >= TRUSTED_POSTERIOR)
         if policy.posterior_use in ("soft_target", "both"):
             smoothing = np.clip(1.0 - p, 0.0, 1.0)
+    return weight, smoothing
+
+
+def _training_rows(frame: pl.DataFrame, policy: SnapshotPolicy) -> pl.DataFrame:
+    """The snapshot rows (SNAPSHOT_PAIRS without image bytes), winner first, sorted by pair_id."""
+    weight, smoothing = _weights(frame, policy)
+    calibrated = policy.kind == "balanced" and policy.consensus == "calibrated"
     source = {"balanced": "calibrated_consensus" if calibrated else "consensus"}.get(policy.kind, "human")
     winner_is_0 = pl.col("train_label") == 1.0
-    rows = frame.with_columns(_w=pl.Series(weight, dtype=pl.Float64), _ls=pl.Series(smoothing, dtype=pl.Float64)).select(
+    frame = frame.with_columns(_w=pl.Series(weight, dtype=pl.Float64), _ls=pl.Series(smoothing, dtype=pl.Float64))
+    return frame.select(
         "pair_id", "prompt",
         winner_image_id=pl.when(winner_is_0).then("image_0_id").otherwise("image_1_id"),
         loser_image_id=pl.when(winner_is_0).then("image_1_id").otherwise("image_0_id"),
@@ -236,9 +257,6 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
         user_id="user_id",
         label_smoothing="_ls",
     ).sort("pair_id")
-    counts["pairs"] = rows.height
-    counts["curation_run"] = run["run_id"] if run else None
-    return rows, counts
 
 
 def pair_truth_from_sample(lake: Lake, truth_rows: pl.DataFrame) -> pl.DataFrame:
@@ -310,25 +328,19 @@ def _write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy, out_root: str
     con = duckdb.connect()
     try:
         for start in range(0, rows.height, policy.pairs_per_shard):
-            chunk = rows.slice(start, policy.pairs_per_shard)
-            table = _with_image_bytes(con, chunk, lake.sql_file_list(images))
-            rel = f"shards/shard-{len(shards):05d}.parquet"
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd", row_group_size=256)  # a trainer reads ~256 rows at a time
-            data = sink.getvalue().to_pybytes()
-            with fs.open(f"{staging}/{rel}", "wb") as f:
-                f.write(data)
-            shards.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "rows": table.num_rows})
+            table = _with_image_bytes(con, rows.slice(start, policy.pairs_per_shard), lake.sql_file_list(images))
+            shards.append(contract.write_shard(fs, staging, len(shards), table, row_group_size=256))
     finally:
         con.close()
     counts["shards"] = len(shards)
     run = current_run(lake)
-    manifest = {"format": FORMAT, "version": VERSION, "name": name, "snapshot_id": snapshot_id,
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "policy": asdict(policy),
-                "curation_run": run["run_id"] if run else None, "inputs": run["inputs"] if run else None,
-                "counts": counts, "shards": shards}
-    with fs.open(f"{staging}/manifest.json", "wb") as f:
-        f.write(json.dumps(manifest, indent=1).encode())
+    # The offline W and Gamma of the adaptive policy depend on these constants (Gamma on beta): the trainer
+    # compares them with its own (training.snapshot_reader.margin_beta_warning).
+    constants = adaptive.manifest_record(run["config"]["pair_metrics"]) if run and policy.kind == "adaptive" else None
+    manifest = contract.build_manifest(name=name, snapshot_id=snapshot_id, shards=shards, policy=asdict(policy),
+                                       counts=counts, curation_run=run["run_id"] if run else None,
+                                       inputs=run["inputs"] if run else None, adaptive=constants)
+    contract.write_manifest(fs, staging, manifest)
     if fs.exists(final):  # a concurrent writer finished the same snapshot first
         fs.rm(staging, recursive=True)
     else:
@@ -364,29 +376,6 @@ def _record_name(fs, root: str, name: str, snapshot_id: str) -> None:
         with fs.open(tmp, "wb") as f:
             f.write(json.dumps(history, indent=1).encode())
         fs.mv(tmp, path)
-
-
-def verify_snapshot(path: str, fs=None) -> dict:
-    """The manifest of the snapshot at `path`, after checking every shard's sha256 and row count."""
-    import fsspec
-
-    if fs is None:
-        fs, path = fsspec.core.url_to_fs(path)
-    manifest_path = f"{path}/manifest.json"
-    if not fs.exists(manifest_path):
-        raise SnapshotError(f"{path} is not a snapshot: manifest.json is missing")
-    manifest = json.loads(fs.cat_file(manifest_path))
-    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) > VERSION:
-        raise SnapshotError(f"{path}: not a prefcurate snapshot of version <= {VERSION}")
-    for shard in manifest["shards"]:
-        file = f"{path}/{shard['path']}"
-        if not fs.exists(file):
-            raise SnapshotError(f"{path}: shard {shard['path']} listed in the manifest is missing")
-        digest = hashlib.sha256(fs.cat_file(file)).hexdigest()
-        if digest != shard["sha256"]:
-            raise SnapshotError(f"{path}: shard {shard['path']} does not match its manifest hash "
-                                f"(the snapshot was modified after it was written)")
-    return manifest
 
 
 def resolve_snapshot(lake_or_root: Lake | str, name: str = "latest") -> str:

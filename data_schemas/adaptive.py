@@ -68,3 +68,13 @@ def margin(u: Any, offset: Any, *, beta_dpo: float, margin_type: str = MARGIN_TY
     else:
         raise ValueError(f"margin_type must be one of {', '.join(MARGIN_TYPES)}, got {margin_type!r}")
     return -margin_scale * term / beta_dpo + offset
+
+
+def manifest_record(pair_metrics: dict) -> dict:
+    """The Adaptive-DPO constants a snapshot's offline weights and margins were computed with, for its manifest
+    (``data_schemas.snapshot_contract``), from a ``curation.pair_metrics.PairMetricsConfig`` as a dict.
+    ``beta`` is the canonical β (2·beta_dpo) a trainer must use for the margins to mean what they meant here."""
+    keys = ("rho", "reference_batch_size", "std_cap", "stability_term", "k1", "c1", "weight_type", "margin_type",
+            "margin_scale", "margin_offset")
+    return {**{k: pair_metrics[k] for k in keys if k in pair_metrics}, "beta_dpo": float(pair_metrics["beta"]),
+            "beta": 2.0 * float(pair_metrics["beta"])}

@@ -16,16 +16,19 @@ import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from training.conventions import LOSS_TYPES, beta_from_adaptive_dpo
+from data_schemas import adaptive
+from data_schemas.adaptive import MarginType, USource, WeightType
+from data_schemas.vocab import LOSS_TYPES
+from training.conventions import beta_from_adaptive_dpo
 from training.recipes import RECIPES, apply_recipe, recipe_help
 
 
 LossType = Literal["dpo", "adaptive-dpo", "balanced-dpo", "ncp-dpo", "cpo", "sft", "ipo"]
-assert set(typing.get_args(LossType)) == set(LOSS_TYPES), "LossType must list exactly training.losses.LOSS_TYPES"
+assert set(typing.get_args(LossType)) == set(LOSS_TYPES), "LossType must list exactly data_schemas.vocab.LOSS_TYPES"
 
 DEFAULT_BETA = {
     "dpo": 5000.0,  # Salesforce launchers (methods.md §1.5); = diffusers SD1.5 beta_dpo 2500
-    "adaptive-dpo": beta_from_adaptive_dpo(1000.0),  # Adaptive-DPO README beta_dpo 1000 -> 2000 (§2.5)
+    "adaptive-dpo": beta_from_adaptive_dpo(adaptive.BETA_DPO),  # Adaptive-DPO README beta_dpo 1000 -> 2000 (§2.5)
     "balanced-dpo": 5000.0,  # the Diffusion-DPO loss on consensus labels (§3.3)
     "ncp-dpo": 5000.0,  # "hyperparameters exactly like in the original Diffusion-DPO paper" (§4.4)
     "cpo": 5000.0,  # same scale as DPO: the paper's βT for NCP-CPO is not published
@@ -39,7 +42,7 @@ DEFAULT_BETA = {
 # also when all of them reject the label (the very pair u should flag). Refused below ADAPTIVE_MIN_BATCH; warned
 # below the official README run's per-device batch (train_batch_size 16), where u is coarser than published.
 ADAPTIVE_MIN_BATCH = 2
-ADAPTIVE_RECIPE_BATCH = 16
+ADAPTIVE_RECIPE_BATCH = adaptive.REFERENCE_BATCH_SIZE
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - "help" mirrors argparse
@@ -120,18 +123,18 @@ class TrainConfig:
                                       "--debug-nonfinite-rank; 0 = off")
     debug_nonfinite_rank: int = _f(0, "TEST HOOK: the rank whose loss --debug-nonfinite-step makes NaN")
     # ---- Adaptive-DPO (methods.md §2)
-    u_source: Literal["online", "offline", "max", "mean"] = _f(
+    u_source: USource = _f(
         "online", "minority score u: online (model + 2 EMA annotators, the paper), offline (snapshot "
                   "minority_score), or combined by max / mean")
-    rho: float = _f(15.0, "ρ on the L2-normalised logits (README run logits_rho 15)")
+    rho: float = _f(adaptive.RHO, "ρ on the L2-normalised logits (README run logits_rho 15)")
     normalize_logits: bool = _f(True, "L2-normalise each annotator's logits over the batch (README run)")
-    k1: float = _f(10.0, "weight temperature k1 in W = 1/(k1·u + c1) (rewight_temparature 10)")
-    c1: float = _f(1.0, "weight intercept c1 (rewight_intercept 1)")
-    weight_type: Literal["linear", "quadratic", "sigmoid", "sqrt"] = _f("linear", "W(u) form (code default)")
+    k1: float = _f(adaptive.K1, "weight temperature k1 in W = 1/(k1·u + c1) (rewight_temparature 10)")
+    c1: float = _f(adaptive.C1, "weight intercept c1 (rewight_intercept 1)")
+    weight_type: WeightType = _f(adaptive.WEIGHT_TYPE, "W(u) form (code default)")
     use_weight: bool = _f(True, "apply W(u) (use_self_logit_reweight True in the README run)")
     use_margin: bool = _f(True, "apply the adaptive margin Γ (README run use_margin True)")
-    margin_type: Literal["quadratic", "linear"] = _f("quadratic", "Γ's u-term: u² (code default) or u")
-    margin_scale: float = _f(1.0, "scales Γ's u-term; 1 reproduces the code (negligible margin, methods.md §2.4)")
+    margin_type: MarginType = _f(adaptive.MARGIN_TYPE, "Γ's u-term: u² (code default) or u")
+    margin_scale: float = _f(adaptive.MARGIN_SCALE, "scales Γ's u-term; 1 reproduces the code (negligible margin, methods.md §2.4)")
     ema_decay_long: float = _f(0.9999, "decay of the long-horizon EMA annotator (hard-coded in the code)")
     ema_decay_short: float = _f(0.5, "decay of the short-horizon EMA annotator (hard-coded in the code)")
     ema_warmup_steps: int = _f(2, "u = 0 before this many optimiser steps (ema_warmup_steps 2)")
@@ -171,10 +174,10 @@ class TrainConfig:
             "validation_inference_steps": self.validation_inference_steps >= 1,
             "debug_nonfinite_step": self.debug_nonfinite_step >= 0,
             "debug_nonfinite_rank": self.debug_nonfinite_rank >= 0,
-            "u_source": self.u_source in ("online", "offline", "max", "mean"),
+            "u_source": self.u_source in adaptive.U_SOURCES,
             "rho": self.rho > 0, "c1": self.c1 > 0, "k1": self.k1 >= 0,
-            "weight_type": self.weight_type in ("linear", "quadratic", "sigmoid", "sqrt"),
-            "margin_type": self.margin_type in ("quadratic", "linear"),
+            "weight_type": self.weight_type in adaptive.WEIGHT_TYPES,
+            "margin_type": self.margin_type in adaptive.MARGIN_TYPES,
             "ema_decay_long": 0.0 <= self.ema_decay_long < 1.0, "ema_decay_short": 0.0 <= self.ema_decay_short < 1.0,
             "ema_warmup_steps": self.ema_warmup_steps >= 0, "ref_update_every": self.ref_update_every >= 0,
             "ref_ema_tau": 0.0 <= self.ref_ema_tau < 1.0,
