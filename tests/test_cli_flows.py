@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from curation.lake import Lake
 from curation.sample import SampleConfig, generate_sample
 from curation.sql import query
-from flows.cli import main
+from cli.main import main
 from tests.test_ingest_pickapic import GREEN, _many_rows, row, write_shard
 
 
@@ -23,7 +24,7 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PYTHO
 
 
 def _cli(*argv, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], env=env or ENV, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *argv], env=env or ENV, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -63,7 +64,7 @@ def test_one_shot_commands_start_no_server_and_import_no_prefect(tmp_path):
     sample = generate_sample(tmp_path / "sample", SampleConfig.small())
     script = textwrap.dedent("""
         import sys
-        from flows.cli import main
+        from cli.main import main
         lake, shards = sys.argv[1], sys.argv[2:]
         for argv in (["ingest", "--lake", lake, "--format", "pickapic", *shards],
                      ["score", "--lake", lake, "--scorers", "colourfulness", "--workers", "0"],
@@ -137,7 +138,7 @@ def test_sql_writes_binary_columns_as_hex(capsys, small_lake):
 
 
 def test_tables_into_a_closed_pipe_exits_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "tables"], env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "tables"], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     first = proc.stdout.readline()  # `| head -1`: read one line, then close the pipe
     proc.stdout.close()
@@ -157,6 +158,63 @@ def test_version_and_usage_errors(capsys):
     assert exit_info.value.code == 2
 
 
+def test_version_is_the_installed_distribution_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"prefcurate {version('prefcurate')}\n"
+    done = _cli("--version")
+    assert done.returncode == 0 and done.stdout == f"prefcurate {version('prefcurate')}\n", done.stderr
+
+
+def test_snapshot_default_policy_and_choices_come_from_the_vocabulary(small_lake):
+    from cli.main import build_parser
+    from data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, LOSS_TYPES, SNAPSHOT_POLICIES
+
+    parser = build_parser()
+    assert DEFAULT_SNAPSHOT_POLICY == "adaptive"
+    assert parser.parse_args(["snapshot", "--lake", "l", "--name", "n"]).policy == DEFAULT_SNAPSHOT_POLICY
+    serve = parser.parse_args(["serve", "--lake", "l", "--landing", "x", "--interval", "1"])
+    assert serve.policy == DEFAULT_SNAPSHOT_POLICY
+    for argv in (["snapshot", "--lake", "l", "--name", "n", "--policy", "nope"],
+                 ["train", "--snapshot", "s", "--model", "m", "--output", "o", "--loss", "nope"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 2
+    assert [parser.parse_args(["snapshot", "--lake", "l", "--name", "n", "--policy", p]).policy
+            for p in SNAPSHOT_POLICIES] == list(SNAPSHOT_POLICIES)
+    assert [parser.parse_args(["train", "--snapshot", "s", "--model", "m", "--output", "o", "--loss", loss]).loss
+            for loss in LOSS_TYPES] == list(LOSS_TYPES)
+    lake, _ = small_lake
+    assert main(["snapshot", "--lake", lake, "--name", "default"]) == 0  # no --policy: the written one is adaptive
+    from curation.snapshot import resolve_snapshot
+
+    manifest = json.loads((Path(resolve_snapshot(Lake(lake), "default")) / "manifest.json").read_text())
+    assert manifest["policy"]["kind"] == DEFAULT_SNAPSHOT_POLICY
+
+
+def test_serve_patterns_cover_the_input_formats():
+    from cli.orchestration import PATTERNS
+    from data_schemas.vocab import INPUT_FORMATS
+
+    assert tuple(PATTERNS) == INPUT_FORMATS
+
+
+def test_cli_modules_import_nothing_heavy_and_flows_do_not_import_cli():
+    """`prefcurate --help` stays fast: the cli package imports no torch, Polars or Prefect (pyarrow it does:
+    reading data_schemas.vocab runs data_schemas/__init__.py, which builds the Arrow schemas); and the flows
+    never reach back into the command line."""
+    script = ("import sys; import cli.main; import flows.stages; "
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'polars', 'prefect'}))")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    flows_dir = Path(__file__).resolve().parents[1] / "flows"
+    for path in flows_dir.glob("*.py"):
+        text = path.read_text()
+        assert "from cli" not in text and "import cli" not in text, path
+
+
 def test_train_with_a_missing_model_is_one_line_in_under_a_second(tmp_path, small_lake):
     lake, _ = small_lake
     assert main(["snapshot", "--lake", lake, "--name", "t"]) == 0
@@ -167,7 +225,7 @@ def test_train_with_a_missing_model_is_one_line_in_under_a_second(tmp_path, smal
     assert done.returncode == 3 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"prefcurate train: error: model folder {tmp_path / 'nomodel'} does not exist")
     assert seconds < 5  # the interpreter's start included; the check itself imports no torch:
-    code = ("import sys, time; from flows.cli import main; t = time.perf_counter(); main(sys.argv[1:]); "
+    code = ("import sys, time; from cli.main import main; t = time.perf_counter(); main(sys.argv[1:]); "
             "print(time.perf_counter() - t, 'torch' in sys.modules)")
     timed = subprocess.run([sys.executable, "-c", code, "train", "--lake", lake, "--snapshot", "t", "--model",
                             str(tmp_path / "nomodel"), "--output", str(tmp_path / "out")], env=ENV,
@@ -183,7 +241,7 @@ def test_two_ingests_started_together_both_land(tmp_path):
     lake = str(tmp_path / "lake")
     procs = []
     for shard in shards:
-        procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", "--lake", lake, "--format",
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli", "ingest", "--lake", lake, "--format",
                                        "pickapic", shard], env=ENV, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
         time.sleep(0.2)

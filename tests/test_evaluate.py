@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from curation.winrate import (
     bootstrap_interval, comparison_outcomes, sign_test_pvalue, summarize, wilson_interval, win_rate,
 )
-from flows.cli import main as cli
+from cli.main import main as cli
 from flows.evaluate import EvalConfig, run_eval
 from tests.snapshot_fixture import write_test_snapshot
 from training.components import build_tiny_pipeline

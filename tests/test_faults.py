@@ -26,7 +26,7 @@ import pytest
 
 from curation.lake import Lake
 from data_schemas import TABLES, UNIQUE_KEYS
-from flows.cli import main
+from cli.main import main
 
 pytestmark = pytest.mark.faults
 
@@ -307,7 +307,7 @@ def _cli(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess
     """The real `prefcurate` command in a subprocess with a timeout: a regression that blocks on a FIFO or a
     device fails the test instead of hanging CI."""
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.run([sys.executable, "-c", "from flows.cli import entry; entry()", *args], env=env,
+    return subprocess.run([sys.executable, "-c", "from cli.main import entry; entry()", *args], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
 
 

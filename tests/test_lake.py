@@ -16,7 +16,7 @@ import pytest
 
 from curation.ingest import IngestConfig, ingest_file, make_reader
 from curation.lake import InjectedFault, Lake, LakeCorruptError, LakeError, reset_faults
-from flows.cli import main
+from cli.main import main
 from tests.test_ingest_pickapic import GREEN, row, write_shard
 
 

@@ -30,8 +30,8 @@ from tests.prefect_util import drain_prefect_workers
 from curation.sample import SampleConfig, generate_sample
 from curation.snapshot import SnapshotPolicy, resolve_snapshot
 from curation.sql import query
-from flows.cli import main
-from flows.orchestration_cli import TRAIN_LOSSES
+from cli.main import main
+from data_schemas.vocab import LOSS_TYPES as TRAIN_LOSSES
 from flows.pipeline import ANNOTATORS_KEY, SUMMARY_KEY, TrainGate, TrainRequest, pipeline_flow
 from flows.serve import ServerError, check_server
 from flows.train import TRAIN_DEPLOYMENT
@@ -242,7 +242,7 @@ def served(server, sample, tmp_path_factory):
     env = {**os.environ, "PREFECT_API_URL": server["url"], "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
     lake, out = root / "lake", root / "training"
-    argv = [sys.executable, "-m", "flows.cli", "serve", "--lake", str(lake), "--landing", str(sample.pickapic_dir),
+    argv = [sys.executable, "-m", "cli", "serve", "--lake", str(lake), "--landing", str(sample.pickapic_dir),
             "--interval", "60", "--name", "test", "--workers", "0", "--train-model", str(model),
             "--train-output", str(out), "--train-min-pairs", "100", "--train-max-minority-share", "0.5",
             "--max-steps", "2", "--resolution", "32", "--no-latent-cache", "--learning-rate", "1e-3"]

@@ -21,7 +21,7 @@ from curation.lake import Lake
 from curation.report import read_training_metrics, write_report
 from curation.sample import SampleConfig, generate_sample
 from curation.scoring import run_scoring
-from flows.cli import main
+from cli.main import main
 
 
 PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]

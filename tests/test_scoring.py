@@ -31,7 +31,7 @@ from curation.scorers import build_scorer
 from curation.scoring import ScoringConfig, plan_work, run_scoring
 from curation.sql import query
 from curation.votes import PROMPT_FREE_PROMPT_ID
-from flows.cli import main
+from cli.main import main
 from tests.test_ingest_pickapic import BLUE, BOMB_PNG, GREEN, RED, jpeg, row, write_shard
 from tests.test_scorers import TINY_ARCH, TINY_CFG
 

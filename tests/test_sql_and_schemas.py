@@ -12,7 +12,7 @@ from curation.ingest import IngestConfig, ingest_file, make_reader
 from curation.lake import Lake, LakeError
 from curation.sql import ReadOnlyError, query, query_polars
 from data_schemas import INGESTS, PAIRS, SchemaError, conform, validate
-from flows.cli import main
+from cli.main import main
 from tests.test_ingest_pickapic import BLUE, GREEN, row, write_shard
 
 

@@ -1,25 +1,28 @@
-"""The `eval` command of `prefcurate` (flows/cli.py registers it): parser and handler.
+"""`prefcurate eval`: win rates of a fine-tuned LoRA over its base model (or over a second LoRA), per scorer.
 
 The parser imports nothing heavy, so `prefcurate --help` stays fast; the handler calls flows.evaluate.run_eval.
 """
 from __future__ import annotations
 
+import argparse
 import textwrap
+
+from cli.errors import EXIT_OK, UserError
 
 
 PIXEL_SCORERS = "sharpness,exposure,colourfulness"
 
 
-def add_parser(sub, formatter) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="win rates of a fine-tuned LoRA over its base model, per scorer",
-                       formatter_class=formatter, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                        description="Generate one image per prompt and seed with the base model and with the LoRA "
                                    "(same initial noise for both), score both with each scorer, and report the win "
                                    "rate of tuned over base (ties count 0.5) with a bootstrap-over-prompts "
                                    "confidence interval, the tie count, both mean scores and a sign-test p-value. "
-                                   "Writes eval.json, eval.md, scores.csv and the images to --out. With --against, two "
-                                   "LoRAs are compared (A = --lora over B = --against, same prompts and noise; the "
-                                   "'base' columns are then B). Without --lora the model is compared with itself "
+                                   "Writes eval.json, eval.md, scores.csv and the images to --out. With --against, "
+                                   "two LoRAs are compared (A = --lora over B = --against, same prompts and noise; "
+                                   "the 'base' columns are then B). Without --lora the model is compared with itself "
                                    "(every comparison ties).",
                        epilog=textwrap.dedent("""\
                            examples:
@@ -65,19 +68,14 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
                      for row in [header, *rows])
 
 
-def cmd_eval(args) -> int:
-    from flows.cli import EXIT_OK, UserError
-
-    from curation.scorers import SCORERS, CheckpointFormatError
+def run(args) -> int:
+    from cli.score import scorer_names
+    from curation.scorers import CheckpointFormatError
     from flows.evaluate import EvalConfig, run_eval, table_rows
     from training.generate import SamplingConfig
     from training.prompts import PromptFileError
 
-    names = tuple(n.strip() for n in args.scorers.split(",") if n.strip())
-    unknown = [n for n in names if n not in SCORERS]
-    if unknown or not names:
-        raise UserError(f"unknown scorer(s) {', '.join(map(repr, unknown)) or 'none given'}; "
-                        f"scorers: {', '.join(sorted(SCORERS))}")
+    names = tuple(scorer_names(args.scorers))
     try:
         config = EvalConfig(
             model=args.model, out=args.out, lora=args.lora, against=args.against, prompts=args.prompts,
