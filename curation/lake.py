@@ -41,7 +41,9 @@ migrated on its first write (one log entry, txid `migrate-v1`, naming every file
 then readers list its folders as version 1 did. A lake of a newer version is refused with one line.
 
 One writer at a time per lake, any number of readers. `Lake.writing(wait_s=600)` takes the writer lock,
-waiting up to `wait_s` for another holder (then one line naming it), and is re-entrant within a thread.
+waiting up to `wait_s` for another holder (then one line naming it), and is re-entrant within a thread;
+taking it first recovers from any earlier crash (call `Lake.recover(wait_s)` where recovery is the point).
+`Lake.transaction(txid, wait_s)` is the usual write: the lock, one transaction, commit or abort.
 Local lakes use `flock` on `_lake.lock`; remote lakes an exclusive create of `_lock.json` that carries an
 expiry, renewed by a heartbeat while held, and broken by a waiter once expired (a holder that died).
 
@@ -50,6 +52,10 @@ time the process passes `fault_point(<point>)`; PREFCURATE_FAULT_ACTION is `kill
 default), `raise` (InjectedFault) or `interrupt` (KeyboardInterrupt). Points: before_flush, after_flush,
 before_commit_record, after_commit_record, after_move, before_log, after_log, after_cleanup, and
 after_derived_file (each `write_frame_atomic`: the curation tables).
+
+Path helpers for modules that write next to the tables (curation runs, snapshots): `Lake.join(*parts)` (a
+path for `lake.fs`), `Lake.atomic_write_bytes(dest, data)`, and `Lake.exists(root)` (is there a lake at a
+local path or fsspec URL, before opening one).
 """
 from __future__ import annotations
 
@@ -182,7 +188,14 @@ class Lake:
         """The filesystem path (for `self.fs`) of a path relative to the lake."""
         return "/".join([self.path, *parts])
 
-    _join = join  # old name, kept while callers move
+    _join = join  # old name: curation/curate.py and curation/snapshot.py still call it
+
+    @staticmethod
+    def exists(root: str) -> bool:
+        """Whether a lake (its marker) is at `root`, a local path or any fsspec URL (`file://`, `s3://`, ...):
+        what `os.path.exists` cannot answer for a URL."""
+        fs, path = fsspec.core.url_to_fs(str(root).rstrip("/"))
+        return fs.exists(f"{path}/{LAKE_MARKER}")
 
     def relative(self, path: str) -> str:
         return path[len(self.path) + 1:] if path.startswith(self.path + "/") else path
@@ -358,8 +371,6 @@ class Lake:
                 os.fsync(f.fileno())
         self.fs.mv(tmp, dest)
 
-    _atomic_write_bytes = atomic_write_bytes  # old name, kept while callers move
-
     def _create_exclusive(self, dest: str, data: bytes) -> None:
         """Create `dest` with `data` unless it exists (FileExistsError), atomically: a hard link of a synced
         temporary file locally; an exclusive create (`xb`, e.g. S3's If-None-Match) elsewhere."""
@@ -525,6 +536,19 @@ class Lake:
         self.fs.makedirs(staging, exist_ok=True)
         return Transaction(self, txid)
 
+    @contextlib.contextmanager
+    def transaction(self, txid: str, wait_s: float = DEFAULT_WAIT_S) -> Iterator[Transaction]:
+        """Hold the writer lock (waiting up to `wait_s` seconds), begin transaction `txid` and yield it;
+        commit it (no records) when the block ends, abort it if the block raises."""
+        with self.writing(wait_s):
+            tx = self.begin(txid)
+            try:
+                yield tx
+                tx.commit({})
+            except BaseException:
+                tx.abort()
+                raise
+
     def recover(self, wait_s: float = DEFAULT_WAIT_S) -> list[str]:
         """Take the writer lock, finish or discard transactions left by a crash, migrate a version-1
         lake, and delete temporary files left by interrupted writes. Returns what was done, one line each."""
@@ -667,17 +691,12 @@ class Lake:
                         n_dropped += keep.count(False)
                 if not rewrite:
                     continue
-                tx = self.begin(f"repair-{uuid.uuid4().hex}")
-                try:
+                with self.transaction(f"repair-{uuid.uuid4().hex}", wait_s) as tx:
                     for path, kept in rewrite.items():
                         rel = self.relative(path)
                         partition = rel.split("/")[1] if rel.count("/") == 2 else None
                         tx.write(table, kept, partition=partition)
                         tx.removes.append(rel)
-                    tx.commit({})
-                except BaseException:
-                    tx.abort()
-                    raise
                 actions.append(f"{table}: removed {n_dropped} duplicate row(s) from {len(rewrite)} file(s)")
             return actions
 

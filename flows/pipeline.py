@@ -148,7 +148,7 @@ def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str =
     check_served(lake=lake, landing=landing)  # a run served for another lake fails here, before any write
     files = landing_files(landing, pattern)
     summary: dict = {"lake": lake, "landing": landing, "files": files}
-    if not files and not os.path.exists(os.path.join(lake, "_lake.json")):
+    if not files and not Lake.exists(lake):
         summary["nothing_to_do"] = f"no files matching {pattern!r} in {landing} and no lake yet"
         print(summary["nothing_to_do"])
         create_markdown_artifact(key=SUMMARY_KEY, markdown=f"# prefcurate pipeline\n\n{summary['nothing_to_do']}\n",

@@ -27,14 +27,8 @@ def _scores(n: int, scorer: str = "sharpness", start: int = 0) -> pa.Table:
 
 
 def _commit_scores(lake: Lake, rows: pa.Table, txid: str, skip_existing: bool = False) -> int:
-    with lake.writing():
-        tx = lake.begin(txid)
-        try:
-            dropped = tx.write("scores", rows, partition="sharpness", skip_existing=skip_existing)
-            tx.commit({})
-        except BaseException:
-            tx.abort()
-            raise
+    with lake.transaction(txid) as tx:
+        dropped = tx.write("scores", rows, partition="sharpness", skip_existing=skip_existing)
     return dropped
 
 
@@ -64,6 +58,28 @@ def test_every_file_is_in_the_log_with_rows_bytes_and_sha256(lake):
     assert info["bytes"] == len(data) and info["sha256"] == hashlib.sha256(data).hexdigest()
     assert lake.files("scores") == [lake.join(info["path"])]
     assert not os.path.exists(lake.join("_staging", "t1"))
+
+
+def test_exists_answers_for_a_local_path_and_a_file_url(tmp_path):
+    root = tmp_path / "lake"
+    assert not Lake.exists(str(root)) and not Lake.exists(f"file://{root}")
+    Lake(str(root), create=True)
+    assert Lake.exists(str(root)) and Lake.exists(f"file://{root}") and Lake.exists(f"file://{root}/")
+    assert Lake.exists(Lake(f"file://{root}").root)
+    (tmp_path / "not-a-lake").mkdir()
+    assert not Lake.exists(f"file://{tmp_path / 'not-a-lake'}")
+
+
+def test_a_transaction_commits_when_its_block_ends_and_leaves_nothing_when_it_raises(lake):
+    with lake.transaction("t1") as tx:
+        tx.write("scores", _scores(3), partition="sharpness")
+        assert lake.read("scores").num_rows == 0  # invisible until the block ends
+    assert lake.read("scores").num_rows == 3 and [e["txid"] for e in lake.log_entries()] == ["t1"]
+    with pytest.raises(ValueError, match="stop"):
+        with lake.transaction("t2") as tx:
+            tx.write("scores", _scores(2, start=3), partition="sharpness")
+            raise ValueError("stop")
+    assert lake.read("scores").num_rows == 3 and not os.path.exists(lake.join("_staging", "t2"))
 
 
 def test_a_file_no_log_entry_names_is_never_read(lake):

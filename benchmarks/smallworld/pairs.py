@@ -111,7 +111,7 @@ def annotator_detection(lake_dir: Path, kinds: list[str], min_labels: int) -> di
     from curation.curate import current_run
 
     lake = Lake(str(lake_dir))
-    table = pl.read_parquet(lake._join("curation", current_run(lake)["run_id"], "annotators.parquet"))
+    table = pl.read_parquet(lake.join("curation", current_run(lake)["run_id"], "annotators.parquet"))
     table = table.filter(pl.col("n_labels") >= min_labels)
     kind = np.array([kinds[int(u.split("-")[1])] for u in table["user_id"]])
     score = 1.0 - table["reliability"].to_numpy()
