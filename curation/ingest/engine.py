@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import io
 import itertools
-import math
 import re
 import struct
 import threading
@@ -30,36 +29,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from curation import ids
-from curation.ingest.raw import RAW, UnreadableSourceError, raw_summary
+from curation.ingest import rules
+from curation.ingest.raw import UnreadableSourceError, raw_summary
+from curation.ingest.rules import REASONS  # noqa: F401  (re-exported: curation.ingest.REASONS)
 from curation.lake import Lake, check_partition_name
 
 
 VERSION = "0.1.0"
-
-# Quarantine reason codes (the `reason` column). The detail column says which value was wrong.
-REASONS = {
-    "reader_error": "the reader could not map the row (see detail)",
-    "empty_prompt": "prompt missing or blank",
-    "missing_label": "label_0 missing",
-    "nan_label": "label_0 (or label_1) is NaN",
-    "label_out_of_range": "label_0 outside [0, 1]",
-    "inconsistent_labels": "label_0 + label_1 != 1",
-    "missing_image": "an image has neither bytes nor a source id",
-    "corrupt_image": "image bytes cannot be decoded",
-    "identical_images": "both sides are the same image",
-    "wrong_type": "a value has a type the column cannot hold (e.g. text in a label column)",
-    "missing_image_file": "an image path in the source does not exist under the image root",
-    "unreadable_image_file": "an image file exists but could not be read",
-    "malformed_entry": "an HPDv2 entry is not an object, lacks a key, or has lists of different lengths",
-    "malformed_json": "a JSONL line is not valid JSON or not an object",
-    "malformed_csv_row": "a CSV row has the wrong number of cells",
-    "fewer_than_two_ranked": "a ranking row has fewer than two items to compare",
-    "unlabelled": "the source marks the row as carrying no preference (Pick-a-Pic has_label = false)",
-    "image_outside_root": "an image path is absolute or leaves the image root (symlinks resolved)",
-    "not_a_regular_file": "an image path names a device, a FIFO, a folder or another non-regular file",
-    "image_too_large": "an image has more pixels (by its header) or more bytes than the configured limit",
-    "prompt_too_long": "the prompt has more UTF-8 bytes than the configured limit",
-}
 
 # Pillow's own decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, 1024**3 // 4 // 3, ~89.5 Mpx;
 # ~256 MB of RGB): above it a header alone can make a decoder allocate gigabytes.
@@ -577,35 +553,16 @@ class _Batcher:
     def process(self, raw: pa.Table, result: IngestResult) -> dict[str, pa.Table]:
         """Split one RAW batch into accepted pairs, duplicates and quarantined rows.
 
-        The checks run as Arrow kernels over the whole batch; only rows that fail one of them go
-        through the row-wise `_check_row` (which names the first problem). The bulky columns
-        (image bytes, timestamps) reach the output through Arrow `take`, never through Python."""
+        The checks (curation.ingest.rules) run as Arrow kernels over the whole batch; Python sees only
+        the rows they quarantine (for the detail texts). The bulky columns (image bytes, timestamps)
+        reach the output through Arrow `take`, never through Python."""
         n = raw.num_rows
         result.n_read += n
         source = self.config.source
         content, images = self._hash_images(raw)
         decoded = self._decode_new(images)
 
-        suspect = np.asarray(self._suspect_rows(raw, content), dtype=bool)
-        ok = ~suspect
-        quarantine = []
-        if suspect.any():
-            cols = {name: raw.column(name).to_pylist() for name in
-                    ("row_identity", "prompt", "image_0_uid", "image_1_uid", "label_0", "label_1", "reader_reason",
-                     "reader_detail")}
-            content_lists = [c.to_pylist() for c in content]
-            for i in np.flatnonzero(suspect).tolist():
-                reason, detail = self._check_row(cols, content_lists, i)
-                if reason is None:
-                    ok[i] = True
-                    continue
-                result.n_quarantined += 1
-                result.reasons[reason] += 1
-                row = {k: (raw.column(k)[i].as_py() if k not in cols else cols[k][i])
-                       for k in RAW.names if k not in ("reader_reason", "reader_detail")}
-                quarantine.append({"source": source, "source_file": self.source_file,
-                                   "row_identity": str(cols["row_identity"][i]), "reason": reason,
-                                   "detail": detail, "raw": raw_summary(row), "ingest_id": self.ingest_id})
+        ok, quarantine = self._quarantine(raw, content, result)
         all_ok = bool(ok.all())
         ok_rows = _int64_array(np.flatnonzero(ok))
 
@@ -727,30 +684,27 @@ class _Batcher:
                     for h in part]
         return digests(views)
 
-    def _suspect_rows(self, raw: pa.Table, content: list[pa.Array]) -> np.ndarray:
-        """True for every row that fails at least one check (vectorised); False rows are valid."""
-        label_0, label_1 = raw.column("label_0"), raw.column("label_1")
-        prompt = raw.column("prompt")
-        hashes = content
-        uids = [raw.column("image_0_uid"), raw.column("image_1_uid")]
-        bad = pa.array(list(self.bad_images), pa.string())
-        checks = [
-            pc.is_valid(raw.column("reader_reason")),
-            pc.is_null(prompt), pc.equal(pc.utf8_trim_whitespace(prompt), ""),
-            pc.greater(pc.binary_length(prompt), self.config.max_prompt_bytes),
-            pc.is_null(label_0), pc.is_nan(label_0), pc.fill_null(pc.is_nan(label_1), False),
-            pc.less(label_0, 0.0), pc.greater(label_0, 1.0),
-            pc.fill_null(pc.greater(pc.abs(pc.subtract(pc.add(label_0, label_1), 1.0)), 1e-6), False),
-            pc.equal(hashes[0], hashes[1]),
-            pc.and_(pc.is_null(hashes[0]), pc.equal(uids[0], uids[1])),
-        ]
-        for side in (0, 1):
-            checks.append(pc.and_(pc.is_null(hashes[side]), pc.is_null(uids[side])))
-            checks.append(pc.is_in(hashes[side], value_set=bad))
-        suspect = checks[0]
-        for check in checks[1:]:
-            suspect = pc.or_(suspect, pc.fill_null(check, True))
-        return suspect.to_numpy(zero_copy_only=False)
+    def _quarantine(self, raw: pa.Table, content: list[pa.Array], result: IngestResult
+                    ) -> tuple[np.ndarray, list[dict]]:
+        """(ok: bool per row, the quarantine rows) of one batch: each row breaking a rule (rules.RULES)
+        is quarantined with the reason of the first it breaks."""
+        column = {name: _one_array(raw.column(name)) for name in
+                  ("prompt", "label_0", "label_1", "image_0_uid", "image_1_uid", "reader_reason", "reader_detail")}
+        checked = rules.RuleInput(column["prompt"], column["label_0"], column["label_1"], tuple(content),
+                                  (column["image_0_uid"], column["image_1_uid"]), column["reader_reason"],
+                                  column["reader_detail"], self.config.max_prompt_bytes, self.bad_images)
+        first = rules.first_broken(checked)
+        quarantine = []
+        for i, k in zip(*[a.tolist() for a in (np.flatnonzero(first >= 0), first[first >= 0])]):
+            reason, detail = rules.reason_and_detail(checked, i, k)
+            result.n_quarantined += 1
+            result.reasons[reason] += 1
+            row = {name: value for name, value in raw.slice(i, 1).to_pylist()[0].items()
+                   if name not in ("reader_reason", "reader_detail")}
+            quarantine.append({"source": self.config.source, "source_file": self.source_file,
+                               "row_identity": str(row["row_identity"]), "reason": reason, "detail": detail,
+                               "raw": raw_summary(row), "ingest_id": self.ingest_id})
+        return first < 0, quarantine
 
     def _new_images_and_refs(self, raw: pa.Table, rows: pa.Array, all_rows: bool, content: list[pa.Array],
                              images: "_BatchImages", decoded: dict) -> tuple[pa.Table, pa.Table]:
@@ -789,39 +743,6 @@ class _Batcher:
                                "image_id": image_ids.filter(with_ref).take(_int64_array(first[fresh])),
                                "ingest_id": _repeat(self.ingest_id, len(fresh))})
         return images, image_refs
-
-    def _check_row(self, cols: dict, blob_ids: list, i: int) -> tuple[str | None, str | None]:
-        """(reason, detail) of the first problem of row i, or (None, None) if it is acceptable."""
-        if cols["reader_reason"][i] is not None:
-            return cols["reader_reason"][i], cols["reader_detail"][i] or REASONS.get(cols["reader_reason"][i], "")
-        prompt = cols["prompt"][i]
-        if prompt is None or not prompt.strip():
-            return "empty_prompt", "prompt is missing or blank"
-        if len(prompt) * 4 > self.config.max_prompt_bytes and len(prompt.encode()) > self.config.max_prompt_bytes:
-            return "prompt_too_long", (f"prompt has {len(prompt.encode())} UTF-8 bytes, more than the limit of "
-                                       f"{self.config.max_prompt_bytes}")
-        label_0, label_1 = cols["label_0"][i], cols["label_1"][i]
-        if label_0 is None:
-            return "missing_label", "label_0 is missing"
-        if math.isnan(label_0) or (label_1 is not None and math.isnan(label_1)):
-            return "nan_label", f"label_0={label_0}, label_1={label_1}"
-        if not 0.0 <= label_0 <= 1.0:
-            return "label_out_of_range", f"label_0={label_0} is outside [0, 1]"
-        if label_1 is not None and abs(label_0 + label_1 - 1.0) > 1e-6:
-            return "inconsistent_labels", f"label_0 + label_1 = {label_0 + label_1}, expected 1"
-        for side in (0, 1):
-            content, uid = blob_ids[side][i], cols[f"image_{side}_uid"][i]
-            if content is None and uid is None:
-                return "missing_image", f"image_{side} has neither bytes nor a source id"
-            if content is not None and content in self.bad_images:
-                reason, detail = self.bad_images[content]
-                return reason, f"image_{side}: {detail}"
-        same_content = blob_ids[0][i] is not None and blob_ids[0][i] == blob_ids[1][i]
-        same_uid = (blob_ids[0][i] is None and cols["image_0_uid"][i] is not None
-                    and cols["image_0_uid"][i] == cols["image_1_uid"][i])
-        if same_content or same_uid:
-            return "identical_images", "image_0 and image_1 are the same image"
-        return None, None
 
 
 class _ReadAhead:
