@@ -5,16 +5,14 @@ from curation.ingest.jsonl import CsvReader, JsonlReader
 from curation.ingest.pickapic import PickAPicReader
 from curation.ingest.raw import RAW, UnreadableSourceError
 from curation.ingest.wmt import WMTRankingsReader
+from data_schemas.vocab import INPUT_FORMATS
 
 
-# format name -> reader factory; the CLI's --format choices are these keys.
-READERS = {
-    "pickapic": PickAPicReader,
-    "hpdv2": HPDv2Reader,
-    "jsonl": JsonlReader,
-    "csv": CsvReader,
-    "wmt": WMTRankingsReader,
-}
+# format name -> reader factory, one per name of data_schemas.vocab.INPUT_FORMATS (the CLI's --format choices);
+# a name without a reader fails at import.
+_BY_FORMAT = {reader.format: reader for reader in (PickAPicReader, HPDv2Reader, JsonlReader, CsvReader,
+                                                   WMTRankingsReader)}
+READERS = {fmt: _BY_FORMAT[fmt] for fmt in INPUT_FORMATS}
 
 
 def make_reader(fmt: str, **options):
