@@ -199,7 +199,7 @@ def run_reference(args, with_optimizer: bool = True) -> dict:
 
     from training import losses as L
     from training.components import encode_prompts, load_components
-    from training.snapshot import PairStream, open_snapshot
+    from training.snapshot_reader import PairStream, open_snapshot
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     dtype = dtype if device.type == "cuda" else torch.float32

@@ -267,7 +267,7 @@ def training_digest(snapshot: str, method: str) -> str:
 def _columns_digest(snapshot: str, skip: frozenset[str]) -> str:
     """sha256 of a snapshot's trainer-read columns except ``skip``; cached: methods sharing a snapshot read it once."""
     import pyarrow.parquet as pq
-    from training.snapshot import IMAGE_COLUMNS, META_COLUMNS, OPTIONAL_COLUMNS
+    from training.snapshot_reader import IMAGE_COLUMNS, META_COLUMNS, OPTIONAL_COLUMNS
 
     digest = hashlib.sha256()
     for shard in sorted(Path(snapshot, "shards").glob("*.parquet")):

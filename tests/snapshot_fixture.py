@@ -1,18 +1,18 @@
 """Test fixture: write a small training snapshot (manifest.json + Parquet shards in SNAPSHOT_PAIRS) from tiny
 PIL images. The real snapshot writer belongs to the curation stage; this one exists only so training tests
-have input, and follows the format documented in training/snapshot.py."""
+have input, and writes its shards and manifest through ``data_schemas.snapshot_contract``, as curation does."""
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from data_schemas import snapshot_contract as contract
 from data_schemas.tables import SNAPSHOT_PAIRS
 
 
@@ -27,9 +27,10 @@ def _png(rng: np.random.Generator, size: int) -> bytes:
 
 def write_test_snapshot(root: str | Path, *, n_pairs: int = 12, n_shards: int = 2, image_size: int = 40,
                         row_group_size: int = 3, seed: int = 0, label_smoothing: float = 0.0,
-                        drop_columns: tuple[str, ...] = ()) -> Path:
-    """``drop_columns`` writes a snapshot of an older format that lacked those (optional) columns."""
-    root = Path(root)
+                        drop_columns: tuple[str, ...] = (), adaptive: dict | None = None) -> Path:
+    """``drop_columns`` writes a snapshot of an older format that lacked those (optional) columns; ``adaptive``
+    is the manifest's Adaptive-DPO record (``data_schemas.adaptive.manifest_record``)."""
+    root, fs = Path(root), fsspec.filesystem("file")
     (root / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     prompts = ["a red cube", "a cat on a mat", "two blue birds", "a lighthouse at dusk"]
@@ -53,12 +54,9 @@ def write_test_snapshot(root: str | Path, *, n_pairs: int = 12, n_shards: int = 
             rows["vote_fraction"].append(float(0.75 if i % 3 else 1.0))
             rows["user_id"].append(f"user-{i % 3}")
             rows["label_smoothing"].append(label_smoothing)
-        path = root / "shards" / f"shard-{s:05d}.parquet"
         table = pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS).drop_columns(list(drop_columns))
-        pq.write_table(table, path, row_group_size=row_group_size)
-        entries.append({"path": f"shards/{path.name}", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                        "rows": len(ids)})
-    manifest = {"format": "prefcurate-snapshot", "version": 1, "name": "test", "snapshot_id": f"test-{seed}",
-                "policy": {"fixture": True}, "counts": {"pairs": n_pairs}, "shards": entries}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        entries.append(contract.write_shard(fs, str(root), s, table, row_group_size=row_group_size))
+    manifest = contract.build_manifest(name="test", snapshot_id=f"test-{seed}", shards=entries,
+                                       policy={"fixture": True}, counts={"pairs": n_pairs}, adaptive=adaptive)
+    contract.write_manifest(fs, str(root), manifest)
     return root

@@ -69,7 +69,7 @@ def test_accelerate_cpu_launch_runs_two_ranks_and_reduces_metrics(assets, straig
     assert all(r["pairs"] == 4 for r in log)  # 2 pairs on each of 2 ranks
     # step 1: LoRA B = 0, so policy = reference and each rank's loss is ln 2 x the mean curated weight of its
     # own 2 pairs; the logged loss is the mean over both ranks = ln 2 x the mean over the 4-pair global batch
-    from training.snapshot import PairStream, open_snapshot
+    from training.snapshot_reader import PairStream, open_snapshot
     snap = open_snapshot(assets["snapshot"])
     ranks = [next(PairStream(snap, batch_size=2, resolution=16, seed=0, decode_images=False, rank=r,
                              world_size=2).batches()) for r in (0, 1)]

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -21,12 +22,14 @@ from tests.snapshot_fixture import write_test_snapshot
 from training.checkpoint import checkpoint_dir, load_checkpoint
 from training.components import build_tiny_pipeline, load_components
 from training.config import TrainConfig, parse_args
-from training.losses import LOSS_TYPES
+from data_schemas import snapshot_contract
+from data_schemas.adaptive import manifest_record
+from data_schemas.vocab import LOSS_TYPES
 from training.lora import POLICY, add_policy_lora, ema_decay, encoder_features, lora_tensors
 from training.preflight import PreflightError, check_train_inputs
-from training.snapshot import PairStream, SnapshotError, open_snapshot
+from training.snapshot_reader import PairStream, SnapshotError, margin_beta_warning, open_snapshot
 from training.tracking import latest_validation
-from training.trainer import Trainer, main, train
+from training.trainer import LOSS_DISPATCH, Trainer, main, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,9 +84,9 @@ def test_tampered_or_incomplete_snapshot_is_refused(assets, tmp_path):
     bad = Path(shutil.copytree(assets["snapshot"], tmp_path / "bad"))
     shard = bad / "shards" / "shard-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-9] + b"tampered!")
-    with pytest.raises(SnapshotError, match="shard-00001.parquet: sha256"):
+    with pytest.raises(SnapshotError, match="shard-00001.parquet does not match its manifest hash"):
         open_snapshot(bad)
-    with pytest.raises(SnapshotError, match="shard-00001.parquet: sha256"):
+    with pytest.raises(SnapshotError, match="shard-00001.parquet does not match its manifest hash"):
         train(config(assets, "bad", snapshot=str(bad)))
     shard.unlink()
     with pytest.raises(SnapshotError, match="file missing"):
@@ -97,6 +100,40 @@ def test_tampered_or_incomplete_snapshot_is_refused(assets, tmp_path):
     (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
     with pytest.raises(SnapshotError, match="version"):
         open_snapshot(bad)
+
+
+def test_a_truncated_shard_with_a_matching_hash_fails_on_its_row_count(assets, tmp_path):
+    """The contract's verification checks row counts, not only digests: a shard rewritten with fewer rows (and
+    its hash updated, as a buggy writer would) is refused by the training reader."""
+    bad = Path(shutil.copytree(assets["snapshot"], tmp_path / "short"))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    shard = bad / manifest["shards"][0]["path"]
+    table = pq.read_table(shard)
+    data = snapshot_contract.encode_shard(table.slice(0, table.num_rows - 1), row_group_size=3)
+    shard.write_bytes(data)
+    manifest["shards"][0]["sha256"] = snapshot_contract.shard_entry("x", data, 0)["sha256"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    message = rf"{manifest['shards'][0]['path']}: {table.num_rows - 1} rows != manifest {table.num_rows}"
+    with pytest.raises(SnapshotError, match=message):
+        open_snapshot(bad)
+
+
+def test_the_snapshots_margin_beta_is_checked_against_the_run(tmp_path):
+    """An adaptive snapshot records the β its offline margins were computed for (2·beta_dpo = 2000); plain dpo
+    with the snapshot's weights at another β gets a warning naming both, nothing otherwise."""
+    snap = open_snapshot(write_test_snapshot(tmp_path / "s", n_pairs=2, n_shards=1, adaptive=manifest_record(
+        {"beta": 1000.0, "k1": 10.0, "c1": 1.0})))
+    assert snap.adaptive["beta"] == 2000.0
+    assert "beta 2000" in margin_beta_warning(snap, "dpo", 5000.0, True)
+    assert margin_beta_warning(snap, "dpo", 2000.0, True) is None
+    assert margin_beta_warning(snap, "dpo", 5000.0, False) is None  # margins not read
+    assert margin_beta_warning(snap, "adaptive-dpo", 5000.0, True) is None  # computes its own margins
+    plain = open_snapshot(write_test_snapshot(tmp_path / "p", n_pairs=2, n_shards=1))
+    assert plain.adaptive is None and margin_beta_warning(plain, "dpo", 5000.0, True) is None
+
+
+def test_every_loss_type_has_a_dispatch_entry():
+    assert set(LOSS_DISPATCH) == set(LOSS_TYPES)
 
 
 # ---------------------------------------------------------------- config and components

@@ -18,7 +18,7 @@ from training.components import (
 )
 from training.config import ADAPTIVE_RECIPE_BATCH, TrainConfig, build_parser, parse_args
 from training.recipes import RECIPES
-from training.snapshot import PairStream, open_snapshot
+from training.snapshot_reader import PairStream, open_snapshot
 from training.trainer import Trainer, main, train
 
 

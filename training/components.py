@@ -49,11 +49,6 @@ class Components:
     def is_sdxl(self) -> bool:
         return len(self.text_encoders) == 2
 
-    @property
-    def latent_scale(self) -> int:
-        """Pixels per latent cell: 2^(number of VAE down blocks − 1) (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
 
 def _missing_files(model_dir: Path) -> list[str]:
     missing = [f"{name} ({why})" for name, why in REQUIRED.items() if not (model_dir / name).is_file()]
@@ -121,7 +116,7 @@ def encode_prompts(components: Components, prompts: list[str], device: torch.dev
 
 
 def center_crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
-    """The geometry of ``training.snapshot.load_image``: resize the short side to ``resolution`` (bilinear),
+    """The geometry of ``training.snapshot_reader.load_image``: resize the short side to ``resolution`` (bilinear),
     then centre-crop a square. Returns (resized width, resized height, crop left, crop top), in pixels."""
     if width < 1 or height < 1 or resolution < 1:
         raise ValueError(f"image and target sizes must be >= 1, got {width}x{height} -> {resolution}")

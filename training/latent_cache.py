@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from training.components import Components, encode_prompts
-from training.snapshot import Snapshot, image_size, load_image
+from training.snapshot_reader import Snapshot, image_size, load_image
 
 
 COMPLETE = "complete.json"

@@ -3,7 +3,7 @@
 ``check_train_inputs(model=..., snapshot=..., output=..., ...)`` reads only small JSON files and directory
 listings: the diffusers pipeline folder layout (model_index.json, unet/, vae/, text encoder(s), tokenizer(s),
 scheduler/, and the weight files), the snapshot's manifest.json (format, version, shards present with the
-sizes it names; the sha256 of every shard is verified later by ``training.snapshot.open_snapshot``), the
+sizes it names; the sha256 of every shard is verified later by ``training.snapshot_reader.open_snapshot``), the
 output folder (writable; not an earlier run unless resuming it) and the optional packages asked for
 (bitsandbytes for 8-bit AdamW, wandb / tensorboard trackers). Every problem raises ``PreflightError`` whose
 message is one line naming all problems found, so the CLI can print it and exit 3.
@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_schemas.snapshot_contract import SnapshotError, read_manifest
 
-SNAPSHOT_FORMAT = "prefcurate-snapshot"  # manifest "format"; training.snapshot imports these two
-SNAPSHOT_VERSION = 1
+
 
 # Files every trainable pipeline folder holds, as diffusers ``save_pretrained`` / a hub download writes them
 # for runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0.
@@ -143,23 +143,14 @@ def check_snapshot(snapshot: str | Path) -> int:
     """Check ``manifest.json`` (format, version, snapshot_id, shards present with their byte-free row counts);
     returns the number of pairs it lists. Shard hashes are verified when the trainer opens the snapshot."""
     root = Path(snapshot)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise PreflightError(f"{manifest_path} not found: a training snapshot is a folder with manifest.json and "
-                             f"shards/*.parquet, written by `prefcurate snapshot`")
+    try:  # the header checks of the snapshot contract, as one-line PreflightErrors
+        manifest = read_manifest(str(root))
+    except SnapshotError as err:
+        raise PreflightError(str(err)) from None
     problems: list[str] = []
-    manifest = _read_json(manifest_path, problems)
-    if manifest is None:
-        raise PreflightError(f"snapshot {root} refused: {'; '.join(problems)}")
-    if manifest.get("format") != SNAPSHOT_FORMAT or manifest.get("version") != SNAPSHOT_VERSION:
-        raise PreflightError(f"{manifest_path}: expected format {SNAPSHOT_FORMAT!r} version {SNAPSHOT_VERSION}, "
-                             f"got {manifest.get('format')!r} version {manifest.get('version')!r}")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards or not manifest.get("snapshot_id"):
-        raise PreflightError(f"{manifest_path}: needs a snapshot_id and a non-empty 'shards' list")
     rows = 0
-    for entry in shards:
-        rel = entry.get("path") if isinstance(entry, dict) else None
+    for entry in manifest["shards"]:
+        rel = entry.get("path")
         if not rel or not (root / str(rel)).is_file():
             problems.append(f"shard {rel!r} missing")
         elif not isinstance(entry.get("rows"), int) or entry["rows"] < 0:

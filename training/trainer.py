@@ -18,7 +18,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,7 +50,9 @@ from training.lora import (
     POLICY, REFERENCE, LoraEMA, add_policy_lora, add_reference_lora, copy_adapter, encoder_features, lora_tensors,
     reference_view,
 )
-from training.snapshot import DataPosition, PairBatch, PairStream, SnapshotError, open_snapshot
+from training.snapshot_reader import (
+    DataPosition, PairBatch, PairStream, SnapshotError, margin_beta_warning, open_snapshot,
+)
 from training.tracking import log_validation, render_validation, save_validation, tracker_hparams, write_json_atomic
 
 
@@ -81,6 +84,68 @@ class TrainResult:
     last_checkpoint: Path | None
 
 
+def _optimizer(c: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over the LoRA tensors, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam``."""
+    opt_kw = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
+                  eps=c.adam_epsilon)
+    if not c.use_8bit_adam:
+        return torch.optim.AdamW(params, **opt_kw)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ValueError(f"--use-8bit-adam needs bitsandbytes, which cannot be imported ({err}): "
+                         f"pip install bitsandbytes (CUDA only), or drop --use-8bit-adam") from None
+    return bnb.optim.AdamW8bit(params, **opt_kw)
+
+
+@dataclass
+class LossInputs:
+    """Per-sample errors (B,) of one micro-step, split into winners and losers, and what the losses read."""
+
+    mw: Tensor  # policy, winners
+    ml: Tensor  # policy, losers
+    rw: Tensor | None  # reference, winners (None for the reference-free losses)
+    rl: Tensor | None
+    err: dict[str, Tensor]  # (2B,) per prediction: "policy", "ref"
+    ema_errors: list[Tensor]  # (2B,) per EMA annotator; empty outside Adaptive-DPO's online metric
+    weight: Tensor | None  # (B,) the snapshot's curated weight, None without use_snapshot_weights
+
+
+def _dpo(tr: Trainer, batch: PairBatch, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    c = tr.config
+    margin = batch.margin.to(tr.device) if c.use_snapshot_weights else None
+    smoothing = batch.label_smoothing.to(tr.device) if c.use_snapshot_weights else 0.0
+    return L.diffusion_dpo_loss(x.mw, x.ml, x.rw, x.rl, beta=c.beta, weight=x.weight, margin=margin,
+                                label_smoothing=smoothing)
+
+
+def _adaptive_dpo(tr: Trainer, batch: PairBatch, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    c, u = tr.config, tr._adaptive_u(x.err, x.ema_errors, batch)
+    return L.adaptive_dpo_loss(x.mw, x.ml, x.rw, x.rl, u, beta=c.beta, use_weight=c.use_weight,
+                               weight_type=c.weight_type, k1=c.k1, c1=c.c1, use_margin=c.use_margin,
+                               margin_type=c.margin_type, margin_scale=c.margin_scale)
+
+
+def _balanced_dpo(tr: Trainer, batch: PairBatch, x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    votes = batch.vote_fraction.to(tr.device) if tr.config.balanced_soft_target else None
+    if votes is not None and bool(votes.isnan().any()):
+        raise ValueError("balanced_soft_target needs vote_fraction in every snapshot row; some are NaN")
+    return L.balanced_dpo_loss(x.mw, x.ml, x.rw, x.rl, beta=tr.config.beta, winner_vote_fraction=votes)
+
+
+# One entry per data_schemas.vocab.LOSS_TYPES name (tests/test_trainer.py checks that none is missing).
+LOSS_DISPATCH: dict[str, Callable[[Trainer, PairBatch, LossInputs], tuple[Tensor, dict[str, Tensor]]]] = {
+    "dpo": _dpo,
+    "adaptive-dpo": _adaptive_dpo,
+    "balanced-dpo": _balanced_dpo,
+    "ncp-dpo": lambda tr, batch, x: L.ncp_dpo_loss(x.mw, x.ml, x.rw, x.rl, beta=tr.config.beta),
+    "cpo": lambda tr, batch, x: L.cpo_loss(x.mw, x.ml, beta=tr.config.beta, sft_weight=tr.config.cpo_lambda),
+    "sft": lambda tr, batch, x: L.sft_loss(x.mw),
+    "ipo": lambda tr, batch, x: L.ipo_loss(x.mw, x.ml, x.rw, x.rl, beta_ipo=tr.config.beta_ipo,
+                                           weight=x.weight),
+}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         if config.resolution is None:  # the model's own: UNet sample_size x VAE scale factor
@@ -106,6 +171,9 @@ class Trainer:
                 clear_run(c.output)
             self.accelerator.wait_for_everyone()
         self.snapshot = open_snapshot(c.snapshot)
+        mismatch = margin_beta_warning(self.snapshot, c.loss, c.beta, c.use_snapshot_weights)
+        if mismatch and self.accelerator.is_main_process:
+            warnings.warn(mismatch, UserWarning, stacklevel=2)
         torch.manual_seed(c.seed)  # LoRA A init; the step randomness has its own generator below
         self.components = comp = load_components(c.model)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
@@ -131,19 +199,8 @@ class Trainer:
         unet.train()
         self.emas = [LoraEMA(unet, d) for d in (c.ema_decay_long, c.ema_decay_short)] if c.needs_online_u else []
         # the only tensors with gradients: clipping and the optimiser touch these, never the 860M frozen weights
-        self.trainable = params = list(policy.values())
-        opt_kw = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
-                      eps=c.adam_epsilon)
-        if c.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as err:
-                raise ValueError(f"--use-8bit-adam needs bitsandbytes, which cannot be imported ({err}): "
-                                 f"pip install bitsandbytes (CUDA only), or drop --use-8bit-adam") from None
-            optimizer = bnb.optim.AdamW8bit(params, **opt_kw)
-        else:
-            optimizer = torch.optim.AdamW(params, **opt_kw)
-        self.model, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.trainable = list(policy.values())
+        self.model, self.optimizer = self.accelerator.prepare(unet, _optimizer(c, self.trainable))
         self.generator = torch.Generator().manual_seed(c.seed + self.accelerator.process_index)
         self.alphas_cumprod = comp.noise_scheduler.alphas_cumprod.to(self.device)
         self.prediction_type = comp.noise_scheduler.config.prediction_type  # epsilon, or v_prediction (SD2.x)
@@ -284,30 +341,10 @@ class Trainer:
         mw, ml = L.split_winner_loser(err["policy"])
         rw, rl = L.split_winner_loser(err["ref"]) if "ref" in err else (None, None)
         weight = batch.weight.to(self.device) if c.use_snapshot_weights else None
-        if c.loss == "dpo":
-            margin = batch.margin.to(self.device) if c.use_snapshot_weights else None
-            smoothing = batch.label_smoothing.to(self.device) if c.use_snapshot_weights else 0.0
-            return L.diffusion_dpo_loss(mw, ml, rw, rl, beta=c.beta, weight=weight, margin=margin,
-                                        label_smoothing=smoothing)
-        if c.loss == "adaptive-dpo":
-            u = self._adaptive_u(err, ema_errors, batch)
-            return L.adaptive_dpo_loss(mw, ml, rw, rl, u, beta=c.beta, use_weight=c.use_weight,
-                                       weight_type=c.weight_type, k1=c.k1, c1=c.c1, use_margin=c.use_margin,
-                                       margin_type=c.margin_type, margin_scale=c.margin_scale)
-        if c.loss == "balanced-dpo":
-            votes = batch.vote_fraction.to(self.device) if c.balanced_soft_target else None
-            if votes is not None and bool(votes.isnan().any()):
-                raise ValueError("balanced_soft_target needs vote_fraction in every snapshot row; some are NaN")
-            return L.balanced_dpo_loss(mw, ml, rw, rl, beta=c.beta, winner_vote_fraction=votes)
-        if c.loss == "ncp-dpo":
-            return L.ncp_dpo_loss(mw, ml, rw, rl, beta=c.beta)
-        if c.loss == "cpo":
-            return L.cpo_loss(mw, ml, beta=c.beta, sft_weight=c.cpo_lambda)
-        if c.loss == "sft":
-            return L.sft_loss(mw)
-        if c.loss == "ipo":
-            return L.ipo_loss(mw, ml, rw, rl, beta_ipo=c.beta_ipo, weight=weight)
-        raise ValueError(f"unknown loss {c.loss!r}; expected one of {L.LOSS_TYPES}")
+        compute = LOSS_DISPATCH.get(c.loss)
+        if compute is None:
+            raise ValueError(f"unknown loss {c.loss!r}; expected one of {', '.join(LOSS_DISPATCH)}")
+        return compute(self, batch, LossInputs(mw, ml, rw, rl, err, ema_errors, weight))
 
     # ------------------------------------------------------------------ state
     def _after_optimizer_step(self) -> None:

@@ -1,12 +1,8 @@
 """Read a curated training snapshot: verify its manifest, then stream batches of pairs with exact resume.
 
-A snapshot is a folder with ``manifest.json``::
-
-    {"format": "prefcurate-snapshot", "version": 1, "name": str, "snapshot_id": str, "policy": {...},
-     "counts": {...}, "shards": [{"path": "shards/shard-00000.parquet", "sha256": hex, "rows": int}, ...]}
-
-and Parquet shards in the ``data_schemas.tables.SNAPSHOT_PAIRS`` schema (winner first). Training never
-imports curation/: this module is the whole contract.
+The folder layout, manifest and verification are ``data_schemas.snapshot_contract`` (the same code the curation
+writer uses); shards are Parquet in the ``data_schemas.tables.SNAPSHOT_PAIRS`` schema (winner first). Training
+never imports curation/.
 
 Order (deterministic given the seed, never the whole dataset in memory): per epoch the shards are permuted,
 within a shard its row groups are permuted, and each row group (the unit Parquet reads, so the memory bound:
@@ -17,33 +13,25 @@ shard) is enough to resume exactly: the row groups before it are skipped from th
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch import Tensor
 
-from data_schemas.tables import SNAPSHOT_PAIRS
+from data_schemas import snapshot_contract as contract
+from data_schemas.snapshot_contract import OPTIONAL_COLUMNS, SnapshotError  # noqa: F401  (re-exported)
 
 
-SNAPSHOT_FORMAT = "prefcurate-snapshot"
-SNAPSHOT_VERSION = 1
 IMAGE_COLUMNS = ("winner_image", "loser_image")
 META_COLUMNS = ("pair_id", "prompt", "weight", "margin", "minority_score", "vote_fraction")
-# Columns a snapshot may lack (written before they existed) and the value that means "absent": the
-# conservative-DPO soft target ε of the reliability policy is 0 (plain DPO) in older snapshots.
-OPTIONAL_COLUMNS = {"label_smoothing": 0.0}
-
-
-class SnapshotError(ValueError):
-    """The snapshot folder is missing, malformed or does not match its manifest."""
 
 
 @dataclass(frozen=True)
@@ -59,59 +47,32 @@ class Snapshot:
     name: str
     snapshot_id: str
     shards: tuple[Shard, ...]
-
-    @property
-    def num_pairs(self) -> int:
-        return sum(s.rows for s in self.shards)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    adaptive: dict | None = None  # the manifest's Adaptive-DPO constants (adaptive policy), else None
 
 
 def open_snapshot(root: str | Path) -> Snapshot:
-    """Read and verify ``root/manifest.json``: format and version, then every shard's existence, sha256, row
-    count and columns. All problems are reported together in one ``SnapshotError``."""
+    """Read and verify ``root/manifest.json`` (``data_schemas.snapshot_contract.verify_snapshot``: format and
+    version, then every shard's existence, sha256, row count and columns). All problems are reported together
+    in one ``SnapshotError``."""
     root = Path(root)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise SnapshotError(f"{manifest_path} not found: a training snapshot is a folder with manifest.json and "
-                            f"shards/*.parquet, written by the curation stage")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise SnapshotError(f"{manifest_path} is not valid JSON: {err}") from None
-    if manifest.get("format") != SNAPSHOT_FORMAT or manifest.get("version") != SNAPSHOT_VERSION:
-        raise SnapshotError(f"{manifest_path}: expected format {SNAPSHOT_FORMAT!r} version {SNAPSHOT_VERSION}, got "
-                            f"{manifest.get('format')!r} version {manifest.get('version')!r}")
-    entries = manifest.get("shards")
-    if not isinstance(entries, list) or not entries or not manifest.get("snapshot_id"):
-        raise SnapshotError(f"{manifest_path}: needs a snapshot_id and a non-empty 'shards' list")
-    problems, shards = [], []
-    required = set(SNAPSHOT_PAIRS.names) - set(OPTIONAL_COLUMNS)
-    for entry in entries:
-        path = root / str(entry.get("path", ""))
-        if not path.is_file() or not entry.get("path"):
-            problems.append(f"{entry.get('path')!r}: file missing")
-            continue
-        actual = _sha256(path)
-        if actual != entry.get("sha256"):
-            problems.append(f"{entry['path']}: sha256 {actual} != manifest {entry.get('sha256')}")
-            continue
-        meta = pq.ParquetFile(path).metadata
-        if meta.num_rows != entry.get("rows"):
-            problems.append(f"{entry['path']}: {meta.num_rows} rows != manifest {entry.get('rows')}")
-        absent = required - set(meta.schema.names)
-        if absent:
-            problems.append(f"{entry['path']}: missing columns {sorted(absent)}")
-        shards.append(Shard(path, actual, meta.num_rows))
-    if problems:
-        raise SnapshotError(f"snapshot {root} refused, it does not match its manifest: {'; '.join(problems)}")
-    return Snapshot(root, str(manifest.get("name", "")), str(manifest["snapshot_id"]), tuple(shards))
+    manifest = contract.verify_snapshot(str(root), fsspec.filesystem("file"))
+    shards = tuple(Shard(root / e["path"], e["sha256"], int(e["rows"])) for e in manifest["shards"])
+    return Snapshot(root, str(manifest.get("name", "")), str(manifest["snapshot_id"]), shards,
+                    manifest.get("adaptive"))
+
+
+def margin_beta_warning(snapshot: Snapshot, loss: str, beta: float, use_snapshot_weights: bool) -> str | None:
+    """Why the snapshot's offline margins do not fit this run, or None. Gamma's u-term was divided by the
+    snapshot's beta_dpo; plain ``dpo`` with the snapshot's weights subtracts Gamma as written, so a different β
+    changes what the margin means. A warning, not an error: at the default margin_scale the margin is at most
+    1e-3 logits and the weights are unaffected, so a dpo run on the default (adaptive) snapshot stays valid,
+    and refusing it would break the default pipeline for a negligible term."""
+    recorded = (snapshot.adaptive or {}).get("beta")
+    if loss != "dpo" or not use_snapshot_weights or recorded is None or math.isclose(recorded, beta):
+        return None
+    return (f"snapshot {snapshot.snapshot_id}: its offline margins were computed for beta {recorded:g} "
+            f"(beta_dpo {snapshot.adaptive.get('beta_dpo', recorded / 2):g}) but this run uses beta {beta:g}; "
+            f"pass --beta {recorded:g} to keep their meaning, or --no-use-snapshot-weights to ignore them")
 
 
 @dataclass(frozen=True)
