@@ -1,9 +1,10 @@
 """Streaming ingest of preference-pair sources into the lake."""
-from curation.ingest.engine import REASONS, IngestConfig, IngestResult, ingest_file, inspect_image, quarantine_reasons
+from curation.ingest.engine import IngestConfig, IngestResult, ingest_file, inspect_image, quarantine_reasons
 from curation.ingest.hpdv2 import HPDv2Reader
 from curation.ingest.jsonl import CsvReader, JsonlReader
 from curation.ingest.pickapic import PickAPicReader
 from curation.ingest.raw import RAW, UnreadableSourceError
+from curation.ingest.rules import REASONS
 from curation.ingest.wmt import WMTRankingsReader
 from data_schemas.vocab import INPUT_FORMATS
 

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from curation import ids
 from curation.ingest import rules
 from curation.ingest.raw import UnreadableSourceError, raw_summary
-from curation.ingest.rules import REASONS  # noqa: F401  (re-exported: curation.ingest.REASONS)
 from curation.lake import Lake, check_partition_name
 
 

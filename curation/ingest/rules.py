@@ -74,7 +74,7 @@ class RuleInput:
 
 @dataclass(frozen=True)
 class Rule:
-    reason: str                                   # the quarantine reason code (None: the reader's own)
+    reason: str | None                            # the quarantine reason code (None: the reader's own)
     message: str                                  # what the code means (REASONS)
     broken: Callable[[RuleInput], pa.Array]       # True where a row breaks the rule; never null
     detail: Callable[[dict], str]                 # the detail text, from RuleInput.values of a breaking row
