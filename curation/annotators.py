@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from curation.votes import as_lazy
+from data_schemas.vocab import MINORITY_THRESHOLD
 
 
 RELIABILITY_METHODS = ("beta_binomial", "dawid_skene")
@@ -81,7 +82,7 @@ class AnnotatorStatsConfig:
     tie_penalty: float = 0.25
     """Reliability lost per unit of shrunk tie rate above the population's: ties carry no preference,
     but a tie-prone annotator's decisive labels can still be good, so the penalty is mild."""
-    minority_threshold: float = 0.5
+    minority_threshold: float = MINORITY_THRESHOLD
     """minority_rate = share of the annotator's pairs with minority_score above this. With the
     default PairMetricsConfig, u > 0.5 means the mean confidence in the label is below 1/2."""
     ds_prior_pseudo_votes: float = 1.0
@@ -169,32 +170,9 @@ def dawid_skene_pairs(
     n_items = prior_first.size
     prior_logit = np.log(prior_first) - np.log1p(-prior_first)  # (I,)
     label_type = 4 * worker.astype(np.int64) + 2 * chose_0.astype(np.int64) + flipped.astype(np.int64)  # (R,)
-    # Items with the same prior and the same multiset of label types have the same posterior: group
-    # them into patterns (a hash group-by over items, no sort) and run the EM over one representative
-    # item per pattern, its labels weighted by the pattern's item count. The multiset is identified by
-    # its size, its sum of types and two sums of independent 32-bit hashes of the types (integer sums,
-    # exact in float64 below 2^21 labels per item); distinct multisets agree on all of them with
-    # probability ~ 2^-64, which would only move the sufficient statistics by one item (the returned
-    # posterior is computed per item from its own labels).
-    mixed = _mix64(np.arange(4 * n_workers, dtype=np.uint64), np.zeros(1, np.uint64))[label_type]  # (R,) 64 bits per type
-    signature = pl.DataFrame({
-        "prior": prior_logit, "n": np.bincount(item, minlength=n_items),
-        "sum": np.bincount(item, label_type.astype(np.float64), n_items),
-        "hash_a": np.bincount(item, (mixed >> np.uint64(32)).astype(np.float64), n_items),
-        "hash_b": np.bincount(item, (mixed & np.uint64(0xFFFFFFFF)).astype(np.float64), n_items),
-    }).with_row_index("item").filter(pl.col("n") > 0)
-    patterns = (signature.group_by("prior", "n", "sum", "hash_a", "hash_b").agg(representative=pl.col("item").min(), count=pl.len())
-                .sort("representative"))  # sorted: the same sums in every run
-    n_patterns = patterns.height
-    pattern_of_item = np.full(n_items, -1, dtype=np.int64)
-    pattern_of_item[patterns["representative"].to_numpy()] = np.arange(n_patterns)
-    entry_rows = np.flatnonzero(pattern_of_item[item] >= 0)  # (E,) the labels of the representative items
-    # ordered by (pattern, type), so that the EM's float sums over them do not depend on the row order
-    entry_rows = entry_rows[np.lexsort((label_type[entry_rows], pattern_of_item[item[entry_rows]]))]
-    entry_pattern = pattern_of_item[item[entry_rows]]
-    entry_type = label_type[entry_rows]
-    pattern_prior = patterns["prior"].to_numpy()  # (P,)
-    entry_weight = patterns["count"].to_numpy().astype(float)[entry_pattern]  # (E,) items the entry stands for
+    entry_pattern, entry_type, entry_weight, pattern_prior = _label_patterns(label_type, item, prior_logit,
+                                                                             n_workers)
+    n_patterns = pattern_prior.size
     type_count = np.bincount(entry_type, entry_weight, 4 * n_workers)  # (4W,) labels of each type
     entry_orient = np.where(entry_type % 2 == 1, -1.0, 1.0)  # maps "image_0 better" log-odds to the item's order
     counts = type_count.reshape(n_workers, 2, 2)  # (W, chose_0, flipped)
@@ -227,6 +205,43 @@ def dawid_skene_pairs(
     row_llr = llr[2 * worker + chose_0.astype(np.int64)] * np.where(flipped, -1.0, 1.0)  # (R,) in the item's order
     posterior = 1.0 / (1.0 + np.exp(-(prior_logit + np.bincount(item, row_llr, n_items))))  # (I,)
     return sens, spec, posterior
+
+
+def _label_patterns(label_type: np.ndarray, item: np.ndarray, prior_logit: np.ndarray,
+                    n_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sufficient statistics of `dawid_skene_pairs`: (entry_pattern, entry_type, entry_weight) (E,) over the
+    labels of one representative item per pattern, and pattern_prior (P,) the patterns' prior log-odds.
+    label_type (R,) = 4 worker + 2 chose_0 + flipped; item (R,); prior_logit (I,)."""
+    n_items = prior_logit.size
+    # Items with the same prior and the same multiset of label types have the same posterior: group
+    # them into patterns (a hash group-by over items, no sort) and run the EM over one representative
+    # item per pattern, its labels weighted by the pattern's item count. The multiset is identified by
+    # its size, its sum of types and two sums of independent 32-bit hashes of the types (integer sums,
+    # exact in float64 below 2^21 labels per item); distinct multisets agree on all of them with
+    # probability ~ 2^-64, which would only move the sufficient statistics by one item (the returned
+    # posterior is computed per item from its own labels).
+    # (R,) 64 bits per label type
+    mixed = _mix64(np.arange(4 * n_workers, dtype=np.uint64), np.zeros(1, np.uint64))[label_type]
+    signature = pl.DataFrame({
+        "prior": prior_logit, "n": np.bincount(item, minlength=n_items),
+        "sum": np.bincount(item, label_type.astype(np.float64), n_items),
+        "hash_a": np.bincount(item, (mixed >> np.uint64(32)).astype(np.float64), n_items),
+        "hash_b": np.bincount(item, (mixed & np.uint64(0xFFFFFFFF)).astype(np.float64), n_items),
+    }).with_row_index("item").filter(pl.col("n") > 0)
+    patterns = (signature.group_by("prior", "n", "sum", "hash_a", "hash_b")
+                .agg(representative=pl.col("item").min(), count=pl.len())
+                .sort("representative"))  # sorted: the same sums in every run
+    n_patterns = patterns.height
+    pattern_of_item = np.full(n_items, -1, dtype=np.int64)
+    pattern_of_item[patterns["representative"].to_numpy()] = np.arange(n_patterns)
+    entry_rows = np.flatnonzero(pattern_of_item[item] >= 0)  # (E,) the labels of the representative items
+    # ordered by (pattern, type), so that the EM's float sums over them do not depend on the row order
+    entry_rows = entry_rows[np.lexsort((label_type[entry_rows], pattern_of_item[item[entry_rows]]))]
+    entry_pattern = pattern_of_item[item[entry_rows]]
+    entry_type = label_type[entry_rows]
+    pattern_prior = patterns["prior"].to_numpy()  # (P,)
+    entry_weight = patterns["count"].to_numpy().astype(float)[entry_pattern]  # (E,) items the entry stands for
+    return entry_pattern, entry_type, entry_weight, pattern_prior
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -288,18 +303,8 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
                     label_model: pl.DataFrame | None = None) -> pl.DataFrame:
     """`annotator_stats` from the compact rows of `annotator_rows` (which the curate stage gathers one
     chunk of pairs at a time and concatenates)."""
-    excess = pl.col("votes_for_0") / pl.col("n_scorers") - 0.5  # null/NaN when no scorer voted
-    if config.agreement_reference == "scorer_majority":
-        reference = pl.when(pl.col("n_scorers") > 0).then(
-            pl.when(excess > 0).then(1.0).when(excess < 0).then(0.0))
-    else:
-        reference = pl.col("consensus_label")
     by_margin = config.agreement_weighting == "vote_margin" and config.agreement_reference == "scorer_majority"
-    reference_weight = (2.0 * excess.abs()) if by_margin else pl.lit(1.0)
-    both = rows.select(_reference=reference.cast(pl.Float32).fill_null(np.nan),
-                       _weight=reference_weight.cast(pl.Float32).fill_null(0.0).fill_nan(0.0))
-    reference, weight = both["_reference"].to_numpy(), both["_weight"].to_numpy()  # (R,); NaN: no reference
-    del both
+    reference, weight = _scorer_reference(rows, config.agreement_reference, by_margin)
     h0, h1 = rows["_h0"].to_numpy(), rows["_h1"].to_numpy()
     flip = h0 > h1  # (R,) the row's image_0 is its item's second image
     _, item = np.unique(_mix64(np.minimum(h0, h1), np.maximum(h0, h1)), return_inverse=True)  # (R,) item codes
@@ -309,24 +314,13 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
     decisive = (label == 0.0) | (label == 1.0)
     first = decisive & ((label == 1.0) != flip)  # (R,) decisive label for the item's first image
     minority = rows["minority_score"].cast(pl.Float32).fill_null(np.nan).to_numpy()
-    # (R,) sum over the row's item; float32 holds these counts exactly (an item has < 2^24 labels)
-    per_item = lambda x: np.bincount(item, x, n_items).astype(np.float32)[item]  # noqa: E731
     per_user = lambda x: np.bincount(worker, x, n_workers)  # noqa: E731  (W,) sum over the annotator's rows
 
-    def ratio(num: np.ndarray, den: np.ndarray) -> pl.Series:  # (W,), null where den is 0
-        return pl.Series(np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)).fill_nan(None)
-
     # Peer agreement: other users' decisive labels on the same item (the user's own excluded).
-    n_item, k_item = per_item(decisive), per_item(first)
-    n_own, k_own = decisive.astype(np.float32), first.astype(np.float32)  # (R,) the user's own labels on the item
-    shared = np.bincount(item, minlength=n_items)[item] > 1  # (R,) rows whose item has other labels
-    _, own = np.unique(item[shared] * n_workers + worker[shared], return_inverse=True)  # index of (item, user)
-    n_own[shared], k_own[shared] = np.bincount(own, decisive[shared])[own], np.bincount(own, first[shared])[own]
-    others, others_first = n_item - n_own, k_item - k_own  # (R,) the other annotators' labels on the item
-    del n_item, k_item, n_own, k_own, shared, own
+    others, others_first = _other_labels(item, worker, decisive, first, n_items, n_workers)
     peer_total = np.where(decisive, others, 0.0)
     peer_agree = np.where(decisive, np.where(first, others_first, others - others_first), 0.0)
-    peer_agreement = ratio(per_user(peer_agree), per_user(peer_total))
+    peer_agreement = _ratio(per_user(peer_agree), per_user(peer_total))
     n_peer_pairs = per_user(peer_total > 0).astype(np.int64)
     del peer_total, peer_agree
 
@@ -343,7 +337,8 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
     # |2 * (share of the others for the item's first image) - 1|, 0 on a split.
     share_first = np.divide(others_first, others, out=np.full(others.shape, 0.5, np.float32), where=others > 0)
     has_majority = decisive & (others > 0) & (share_first != 0.5)
-    use_peers = has_majority & ~has_reference if config.agreement_fallback == "peer_majority" else np.zeros_like(decisive)
+    use_peers = (has_majority & ~has_reference if config.agreement_fallback == "peer_majority"
+                 else np.zeros_like(decisive))
     peer_weight = np.abs(2.0 * share_first - 1.0) if by_margin else np.ones_like(share_first)
     peer_agrees = first == (share_first > 0.5)  # (R,) the label is for the side most others chose
     w_peer_reference = per_user(np.where(use_peers, peer_weight, 0.0))
@@ -367,37 +362,79 @@ def annotator_table(rows: pl.DataFrame, config: AnnotatorStatsConfig = Annotator
     if label_model is not None:
         sens, spec, reliability_ds = _joint_columns(user_names, label_model)
     else:
-        # Dawid-Skene over decisive labels; the prior on each item's winner comes from the scorer votes:
-        # (mean votes for the item's first image + a) / (mean n_scorers + 2a) over its decisive rows.
-        n_scorers = rows["n_scorers"].cast(pl.Float64).fill_null(0.0).to_numpy()
-        votes_for_0 = rows["votes_for_0"].cast(pl.Float64).fill_null(0.0).to_numpy()
-        votes_first = np.where(flip, n_scorers - votes_for_0, votes_for_0)
-        item_rows = np.maximum(np.bincount(item, decisive, n_items), 1.0)  # (I,)
-        a = config.ds_prior_pseudo_votes
-        prior_first = ((np.bincount(item, np.where(decisive, votes_first, 0.0), n_items) / item_rows + a)
-                       / (np.bincount(item, np.where(decisive, n_scorers, 0.0), n_items) / item_rows + 2 * a))
-        sens, spec, _ = dawid_skene_pairs(
-            worker[decisive], item[decisive], flip[decisive], label[decisive] == 1.0,
-            np.clip(prior_first, 1e-6, 1 - 1e-6), n_workers=n_workers,
-            accuracy_prior_strength=config.ds_accuracy_prior_strength, max_iter=config.ds_max_iter, tol=config.ds_tol)
+        sens, spec = _equal_vote_dawid_skene(rows, item, worker, flip, label, n_workers, config)
         reliability_ds = (sens + spec) / 2
-
-
     return pl.DataFrame({
         "user_id": user_names,
-        "n_labels": n_labels.astype(np.int64), "n_ties": n_ties.astype(np.int64), "tie_rate": ratio(n_ties, n_labels),
-        "n_decisive": n_decisive.astype(np.int64), "left_rate": ratio(n_left, n_decisive),
-        "n_reference": per_user(has_reference).astype(np.int64), "consensus_agreement": ratio(w_agree, w_reference),
+        "n_labels": n_labels.astype(np.int64), "n_ties": n_ties.astype(np.int64), "tie_rate": _ratio(n_ties, n_labels),
+        "n_decisive": n_decisive.astype(np.int64), "left_rate": _ratio(n_left, n_decisive),
+        "n_reference": per_user(has_reference).astype(np.int64), "consensus_agreement": _ratio(w_agree, w_reference),
         "n_peer_majority": per_user(use_peers).astype(np.int64),
-        "peer_majority_agreement": ratio(w_peer_agree, w_peer_reference), "agreement_shrunk": agreement_shrunk,
+        "peer_majority_agreement": _ratio(w_peer_agree, w_peer_reference), "agreement_shrunk": agreement_shrunk,
         "peer_agreement": peer_agreement, "n_peer_pairs": n_peer_pairs,
-        "mean_minority_score": ratio(per_user(np.where(has_minority, minority, 0.0)), n_minority),
-        "minority_rate": ratio(per_user(has_minority & (minority > config.minority_threshold)), n_minority),
+        "mean_minority_score": _ratio(per_user(np.where(has_minority, minority, 0.0)), n_minority),
+        "minority_rate": _ratio(per_user(has_minority & (minority > config.minority_threshold)), n_minority),
         "sensitivity": sens, "specificity": spec,
         "reliability_beta_binomial": reliability_bb, "reliability_dawid_skene": reliability_ds,
         "reliability": reliability_bb if config.reliability_method == "beta_binomial" else reliability_ds,
         "reliability_method": pl.Series([config.reliability_method] * n_workers, dtype=pl.String),
     })
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> pl.Series:
+    """(W,) num / den, null where den is 0."""
+    return pl.Series(np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)).fill_nan(None)
+
+
+def _scorer_reference(rows: pl.DataFrame, agreement_reference: str, by_margin: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, weight), each (R,) float32, of `annotator_table`'s rows: the label each row is compared
+    with (NaN: none) and the comparison's weight (2 |share of scorer votes for image_0 - 1/2| by margin, else 1)."""
+    excess = pl.col("votes_for_0") / pl.col("n_scorers") - 0.5  # null/NaN when no scorer voted
+    if agreement_reference == "scorer_majority":
+        reference = pl.when(pl.col("n_scorers") > 0).then(
+            pl.when(excess > 0).then(1.0).when(excess < 0).then(0.0))
+    else:
+        reference = pl.col("consensus_label")
+    reference_weight = (2.0 * excess.abs()) if by_margin else pl.lit(1.0)
+    both = rows.select(_reference=reference.cast(pl.Float32).fill_null(np.nan),
+                       _weight=reference_weight.cast(pl.Float32).fill_null(0.0).fill_nan(0.0))
+    return both["_reference"].to_numpy(), both["_weight"].to_numpy()
+
+
+def _other_labels(item: np.ndarray, worker: np.ndarray, decisive: np.ndarray, first: np.ndarray, n_items: int,
+                  n_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(others, others_first), each (R,) float32: the other annotators' decisive labels on the row's item, and
+    how many of them are for the item's first image (the annotator's own labels on the item excluded).
+    float32 holds these counts exactly (an item has < 2^24 labels)."""
+    n_item = np.bincount(item, decisive, n_items).astype(np.float32)[item]
+    k_item = np.bincount(item, first, n_items).astype(np.float32)[item]
+    n_own, k_own = decisive.astype(np.float32), first.astype(np.float32)  # (R,) the user's own labels on the item
+    shared = np.bincount(item, minlength=n_items)[item] > 1  # (R,) rows whose item has other labels
+    _, own = np.unique(item[shared] * n_workers + worker[shared], return_inverse=True)  # index of (item, user)
+    n_own[shared], k_own[shared] = np.bincount(own, decisive[shared])[own], np.bincount(own, first[shared])[own]
+    return n_item - n_own, k_item - k_own
+
+
+def _equal_vote_dawid_skene(rows: pl.DataFrame, item: np.ndarray, worker: np.ndarray, flip: np.ndarray,
+                            label: np.ndarray, n_workers: int,
+                            config: AnnotatorStatsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(sensitivity, specificity), each (W,): Dawid-Skene over the decisive labels, the prior on each item's
+    winner from the scorer votes: (mean votes for the item's first image + a) / (mean n_scorers + 2a) over
+    its decisive rows."""
+    decisive = (label == 0.0) | (label == 1.0)
+    n_items = int(item.max()) + 1 if item.size else 0
+    n_scorers = rows["n_scorers"].cast(pl.Float64).fill_null(0.0).to_numpy()
+    votes_for_0 = rows["votes_for_0"].cast(pl.Float64).fill_null(0.0).to_numpy()
+    votes_first = np.where(flip, n_scorers - votes_for_0, votes_for_0)
+    item_rows = np.maximum(np.bincount(item, decisive, n_items), 1.0)  # (I,)
+    a = config.ds_prior_pseudo_votes
+    prior_first = ((np.bincount(item, np.where(decisive, votes_first, 0.0), n_items) / item_rows + a)
+                   / (np.bincount(item, np.where(decisive, n_scorers, 0.0), n_items) / item_rows + 2 * a))
+    sens, spec, _ = dawid_skene_pairs(
+        worker[decisive], item[decisive], flip[decisive], label[decisive] == 1.0,
+        np.clip(prior_first, 1e-6, 1 - 1e-6), n_workers=n_workers,
+        accuracy_prior_strength=config.ds_accuracy_prior_strength, max_iter=config.ds_max_iter, tol=config.ds_tol)
+    return sens, spec
 
 
 ANNOTATOR_ROWS_SCHEMA = {
