@@ -1,25 +1,25 @@
 """The scoring stage: every image the pairs table needs, scored once per (scorer version, image, prompt).
 
-1. `plan_work` lists the work with DuckDB: the distinct (image_id, prompt_id) pairs of the pairs table,
-   metadata-only ids ('<source>:<uid>') resolved through image_refs, pairs with an image that has no bytes
-   in the lake skipped and counted, minus what `scores` already holds for the same scorer AND
-   scorer_version. Prompt-free scorers need each image once, under `votes.PROMPT_FREE_PROMPT_ID`.
-2. `score_shard` reads only the needed rows of the images table (the Parquet files the plan names, with an
-   IN filter on image_id that DuckDB applies inside the scan), decodes and preprocesses in worker processes
-   (they get the picklable `image_transform`, or the weight-free pixel scorer, never a model), runs the
+Three concerns, three modules; the names callers use are importable from here:
+1. planning (curation/scoring_plan.py): `plan_work` lists the (image, prompt) work the pairs need, minus what
+   `scores` holds for the same scorer AND scorer_version; `WorkPlan.shards` cuts it between images;
+2. the worker side (curation/scoring_worker.py): `make_pool` starts the decode/preprocess processes, which get
+   the picklable `image_transform`, or the weight-free pixel scorer, never a model;
+3. running (this module): `score_shard` reads only the needed rows of the images table (the Parquet files the
+   plan names, with an IN filter on image_id that DuckDB applies inside the scan), feeds the workers, runs the
    scorer's batched inference path, and writes `scores/<scorer>/` in lake transactions of `commit_every`
-   batches: a crash loses at most the batches since the last commit.
+   batches: a crash loses at most the batches since the last commit. `run_scoring` does it all in-process.
 
-Concurrency and crash safety. A transaction is begun, written and committed while holding the lake's
-writer lock (`Lake.writing(wait_s)`, which waits up to `lock_timeout_s` for another writer), and only
-then: scoring itself holds no lock and leaves nothing staged. So shards scored in parallel (threads of one
-process, or processes) serialise only their short commits, and an ingest is never kept waiting for a
-whole scoring run. Under the lock, each commit first drops the rows that the scores table already holds
-for the same (image, prompt, scorer, version): another `score` run planned at the same moment may have
-committed them since our plan, and two runs at once must never store a key twice (`_CommittedKeys`
-reads only the score files that appeared since its last look). `run_scoring` (and the flow) recover
-before planning (`Lake.recover`, waiting for the lock like a commit), so a transaction committed just
-before a crash is rolled forward before the plan is computed: it is never scored twice.
+Concurrency and crash safety. Each commit is one `Lake.transaction` (the lake's writer lock, waiting up to
+`lock_timeout_s` for another writer, then one transaction), and only then: scoring itself holds no lock and
+leaves nothing staged. So shards scored in parallel (threads of one process, or processes) serialise only
+their short commits, and an ingest is never kept waiting for a whole scoring run. Under the lock, each commit
+first drops the rows that the scores table already holds for the same (image, prompt, scorer, version):
+another `score` run planned at the same moment may have committed them since our plan, and two runs at once
+must never store a key twice (`Lake.committed_keys` reads only the score files that appeared since its last
+look). `run_scoring` (and the flow) call `Lake.recover` before planning (waiting for the lock like a commit),
+so a transaction committed just before a crash is rolled forward before the plan is computed: it is never
+scored twice.
 
 Failures are never silent. An image that does not decode, or whose header claims more pixels than
 `max_image_pixels` (a decompression bomb, refused before any decode), and a scorer output that is NaN
@@ -30,11 +30,9 @@ that started them, even after `kill -9` (curation.child_guard).
 from __future__ import annotations
 
 import inspect
-import io
-import multiprocessing
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,24 +41,16 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
-from curation.child_guard import die_with_parent
-from curation.lake import Lake
+from curation.lake import DEFAULT_WAIT_S, Lake
 from curation.scorers import SCORERS, NeuralScorer, Scorer, build_scorer
-from curation.votes import PROMPT_FREE_PROMPT_ID
+from curation.scoring_plan import WORK_SCHEMA, WorkPlan, plan_work, sql_str
+from curation.scoring_worker import FAILURES, MAX_IMAGE_PIXELS, _prepare, _ready, make_pool, worker_pids
 
 
-WORK_SCHEMA = pa.schema([("image_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
-                         ("file", pa.string())])  # file: the images Parquet file holding the bytes
-# Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, ~89.5 Mpx): the same default as ingest.
-MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-# Failure reasons (ShardResult.failures keys); each such (image, prompt) is stored with a NaN score.
-FAILURES = {
-    "undecodable_image": "the stored bytes do not decode (damage the ingest's structure check cannot see)",
-    "image_too_large": "the image header claims more than max_image_pixels pixels: refused before decoding",
-    "nan_score": "the scorer returned NaN for a decodable image",
-}
+__all__ = ["FAILURES", "MAX_IMAGE_PIXELS", "WORK_SCHEMA", "ScorerSummary", "ScoringConfig", "ScoringResult",
+           "ShardResult", "WorkPlan", "commit_scores", "load_scorers", "make_pool", "plan_work", "run_scoring",
+           "score_shard", "worker_pids"]
 
 
 @dataclass
@@ -71,36 +61,8 @@ class ScoringConfig:
     commit_every: int = 8           # batches per lake transaction: what a crash can lose, vs. files per run
     mp_context: str = "forkserver"  # workers fork from a clean server process, never from a parent that
                                     # runs threads (Prefect, Ray, CUDA), which plain fork does not survive
-    lock_timeout_s: float = 600.0   # how long a commit waits for another writer (an ingest) to finish
+    lock_timeout_s: float = DEFAULT_WAIT_S  # how long a commit waits for another writer (an ingest) to finish
     max_image_pixels: int = MAX_IMAGE_PIXELS  # images claiming more are not decoded (failure image_too_large)
-
-
-@dataclass
-class WorkPlan:
-    scorer: str
-    scorer_version: str
-    items: pa.Table       # WORK_SCHEMA rows still to score, ordered by file, image_id, prompt_id
-    n_pairs: int          # pairs in the lake
-    n_pairs_skipped: int  # pairs with an image whose bytes are not in the lake yet
-    n_needed: int         # distinct (image, prompt) the scorable pairs need
-    n_done: int           # of those, already scored by this scorer_version
-
-    def shards(self, shard_size: int) -> list[pa.Table]:
-        """Consecutive slices of about `shard_size` items, cut only between images."""
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        image_ids = self.items.column("image_id").to_pylist()
-        out, start = [], 0
-        while start < len(image_ids):
-            end = min(start + shard_size, len(image_ids))
-            while end < len(image_ids) and image_ids[end] == image_ids[end - 1]:
-                end += 1
-            out.append(self.items.slice(start, end - start))
-            start = end
-        return out
-
-    def skipped_line(self) -> str:
-        return f"{self.n_pairs_skipped} pairs skipped: images not in the lake yet"
 
 
 @dataclass
@@ -150,135 +112,7 @@ class ScoringResult:
         return [s.line() for s in self.scorers]
 
 
-# ---- planning ----------------------------------------------------------------------------------------------
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _source(lake: Lake, table: str, columns: str) -> str:
-    """A FROM-clause source for a lake table's committed files, or an empty typed relation."""
-    files = lake.files(table)
-    if files:
-        return f"(SELECT {columns} FROM read_parquet({lake.sql_file_list(files)}, filename=true))"
-    cols = {"image_id": "NULL::VARCHAR AS image_id", "ref_id": "NULL::VARCHAR AS ref_id",
-            "prompt_id": "NULL::VARCHAR AS prompt_id", "filename": "NULL::VARCHAR AS filename",
-            "scorer": "NULL::VARCHAR AS scorer", "scorer_version": "NULL::VARCHAR AS scorer_version"}
-    return "(SELECT " + ", ".join(cols[c.strip()] for c in columns.split(",")) + " WHERE false)"
-
-
-def plan_work(lake: Lake, scorer: Scorer) -> WorkPlan:
-    """What `scorer` (at its version) still has to score for the lake's pairs; see the module docstring."""
-    con = duckdb.connect(":memory:")
-    try:
-        pairs = lake.files("pairs")
-        if not pairs:
-            return WorkPlan(scorer.name, scorer.version, WORK_SCHEMA.empty_table(), 0, 0, 0, 0)
-        key = ("r.prompt_id", "min(r.prompt)") if scorer.uses_prompt else (
-            _sql_str(PROMPT_FREE_PROMPT_ID), "NULL::VARCHAR")
-        pair_files = lake.sql_file_list(pairs)
-        con.sql(f"""
-            CREATE TEMP TABLE resolved AS
-            WITH sides AS (
-                SELECT pair_id, prompt_id, prompt, image_0_id AS ref FROM read_parquet({pair_files})
-                UNION ALL
-                SELECT pair_id, prompt_id, prompt, image_1_id FROM read_parquet({pair_files})),
-            refs AS (SELECT ref_id, min(image_id) AS image_id FROM {_source(lake, 'image_refs', 'ref_id, image_id')}
-                     GROUP BY ref_id),
-            stored AS (SELECT image_id, min(filename) AS file FROM {_source(lake, 'images', 'image_id, filename')}
-                       GROUP BY image_id)
-            SELECT s.pair_id, s.prompt_id, s.prompt, st.image_id, st.file FROM sides s
-            LEFT JOIN refs ON refs.ref_id = s.ref
-            LEFT JOIN stored st ON st.image_id = coalesce(refs.image_id, s.ref)""")
-        con.sql(f"""
-            CREATE TEMP TABLE needed AS
-            SELECT r.image_id, {key[0]} AS prompt_id, {key[1]} AS prompt, min(r.file) AS file
-            FROM resolved r ANTI JOIN (SELECT pair_id FROM resolved WHERE image_id IS NULL) USING (pair_id)
-            GROUP BY 1, 2""")
-        n_pairs, n_skipped = con.sql("SELECT count(DISTINCT pair_id), count(DISTINCT pair_id) "
-                                     "FILTER (WHERE image_id IS NULL) FROM resolved").fetchall()[0]
-        done_files = lake.glob_parquet(f"scores/{scorer.name}")
-        done = (f"(SELECT DISTINCT image_id, prompt_id FROM read_parquet({lake.sql_file_list(done_files)}) "
-                f"WHERE scorer = {_sql_str(scorer.name)} AND scorer_version = {_sql_str(scorer.version)})"
-                if done_files else "(SELECT NULL::VARCHAR AS image_id, NULL::VARCHAR AS prompt_id WHERE false)")
-        n_needed = con.sql("SELECT count(*) FROM needed").fetchall()[0][0]
-        items = con.sql(f"SELECT n.image_id, n.prompt_id, n.prompt, n.file FROM needed n "
-                        f"ANTI JOIN {done} d USING (image_id, prompt_id) "
-                        f"ORDER BY n.file, n.image_id, n.prompt_id").to_arrow_table()
-    finally:
-        con.close()
-    items = items.cast(WORK_SCHEMA)
-    return WorkPlan(scorer.name, scorer.version, items, int(n_pairs), int(n_skipped), int(n_needed),
-                    int(n_needed) - items.num_rows)
-
-
-# ---- worker side: decode + preprocess (or score, for weight-free scorers) ----------------------------------
-
-def _worker_init() -> None:
-    die_with_parent()  # a kill -9 of the scoring process must not leave its workers running
-    torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
-
-
-def _ready() -> bool:
-    return True
-
-
-def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str | None]:
-    """(decoded image, None) or (None, FAILURES reason). The size comes from the header, before any decode."""
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        return None, "image_too_large"
-    except Exception:  # any decoder failure: the image cannot be scored, the rest of the batch can
-        return None, "undecodable_image"
-    if image.width * image.height > max_pixels:
-        return None, "image_too_large"
-    try:
-        image.load()
-    except Exception:
-        return None, "undecodable_image"
-    return image, None
-
-
-def _prepare(job: tuple) -> tuple[np.ndarray | None, list[str | None]]:
-    """Worker body. job = (fn, is_neural, blobs, prompt_lists, max_pixels) -> (array, failure reason or None
-    per image). Neural: fn is the image transform; array (n_decoded, 3, H, W) float32 of the decodable images.
-    Pixel: fn is the scorer; array holds one float64 per (image, prompt), NaN for a failed image.
-    Ingest checks headers and file structure; damage it cannot see only shows here."""
-    fn, is_neural, blobs, prompt_lists, max_pixels = job
-    images, bad = [], []
-    for data in blobs:
-        image, reason = _decode(data, max_pixels)
-        images.append(image)
-        bad.append(reason)
-    if is_neural:
-        decoded = [fn(im).numpy() for im in images if im is not None]
-        return (np.stack(decoded) if decoded else None), bad
-    scores = [np.full(len(prompts), np.nan) if im is None else fn.score([im] * len(prompts),
-                                                                      None if prompts == [None] else prompts)
-              for im, prompts in zip(images, prompt_lists)]
-    return np.concatenate(scores), bad
-
-
-def make_pool(workers: int, mp_context: str = "forkserver") -> ProcessPoolExecutor | None:
-    """The decode/preprocess worker pool (None for workers=0). Forkserver workers start from a server
-    that has imported this module once, so each new worker costs a fork, not a torch import."""
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    if workers == 0:
-        return None
-    context = multiprocessing.get_context(mp_context)
-    if mp_context == "forkserver":
-        context.set_forkserver_preload(["curation.scoring"])
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
-
-
-def worker_pids(pool: ProcessPoolExecutor | None) -> list[int]:
-    """Process ids of the pool's started workers (for tests and diagnostics)."""
-    return sorted((getattr(pool, "_processes", None) or {}).keys()) if pool is not None else []
-
-
-# ---- main side ---------------------------------------------------------------------------------------------
+# ---- running -----------------------------------------------------------------------------------------------
 
 def _image_batches(lake: Lake, shard: pa.Table, batch_rows: int):
     """(image_ids, blobs) batches of the shard's images: only the files the plan names, only the rows the
@@ -289,9 +123,9 @@ def _image_batches(lake: Lake, shard: pa.Table, batch_rows: int):
         return
     con = duckdb.connect(":memory:")
     try:
-        listing = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+        listing = "[" + ", ".join(sql_str(f) for f in files) + "]"
         relation = con.sql(f"SELECT image_id, bytes FROM read_parquet({listing}) "
-                           f"WHERE image_id IN ({', '.join(_sql_str(i) for i in ids)})")
+                           f"WHERE image_id IN ({', '.join(sql_str(i) for i in ids)})")
         seen: set[str] = set()
         ids_out, blobs_out = [], []
         for batch in relation.to_arrow_reader(batch_rows):  # DuckDB's batch sizes vary: re-cut to batch_rows
@@ -327,19 +161,12 @@ def _ordered(pool: ProcessPoolExecutor | None, jobs, depth: int):
         yield head_meta, future.result()
 
 
-def commit_scores(lake: Lake, scorer_name: str, rows: pa.Table, timeout_s: float = 600.0) -> int:
+def commit_scores(lake: Lake, scorer_name: str, rows: pa.Table, timeout_s: float = DEFAULT_WAIT_S) -> int:
     """One lake transaction appending `rows` (SCORES columns) to scores/<scorer_name>/, under the writer lock
     (waiting up to `timeout_s` for another writer). Rows whose (image, prompt, scorer, version) the table
     already holds (another run committed them since our plan) are dropped; returns how many."""
-    with lake.writing(timeout_s):
-        tx = lake.begin(f"score-{uuid.uuid4().hex}")
-        try:
-            dropped = tx.write("scores", rows, partition=scorer_name, skip_existing=True)
-            tx.commit({})
-        except BaseException:
-            tx.abort()
-            raise
-    return dropped
+    with lake.transaction(f"score-{uuid.uuid4().hex}", timeout_s) as tx:
+        return tx.write("scores", rows, partition=scorer_name, skip_existing=True)
 
 
 def score_shard(lake: Lake, scorer: Scorer, shard: pa.Table, config: ScoringConfig | None = None,

@@ -288,7 +288,7 @@ def test_score_waits_for_another_writer_then_fails_after_its_timeout(sample_lake
 
 POOL_SCRIPT = textwrap.dedent("""
     import os, sys, time
-    from curation.scoring import make_pool, worker_pids, _ready
+    from curation.scoring_worker import make_pool, worker_pids, _ready
     if __name__ == "__main__":
         pool = make_pool(2)
         [f.result() for f in [pool.submit(_ready) for _ in range(2)]]
