@@ -178,91 +178,106 @@ def _figures(con, summary: dict, run_dir: str | os.PathLike | None, config: Repo
     no_run = "run `prefcurate curate` (no curation run yet)" if run is None else None
     no_votes = None if run is None or run["counts"]["pairs_with_votes"] else \
         "run `prefcurate score`, then `prefcurate curate` (the curation run has no scorer votes)"
+    needs = no_run or no_votes
     threshold = float(run["counts"]["minority_threshold"]) if run else 0.5
-    figures = []
+    figures = [_annotator_figure(con, needs, threshold), _minority_figure(con, needs, threshold, config),
+               _agreement_figure(con, needs), _source_figure(con, needs)]
+    if run_dir is not None:
+        figures.append(_training_figure(run_dir))
+        validation = validation_figure(run_dir)
+        if validation is not None:
+            figures.append(validation)
+    return figures
 
+
+def _annotator_figure(con, needs: str | None, threshold: float) -> ReportFigure:
     fig = ReportFigure("annotator-scatter", "Annotators: confidence against minority rate",
                        "Scatter plot, one point per annotator: mean confidence of the scorers toward their labels "
                        "on the x axis, share of their labels that are minority pairs on the y axis, point size "
                        "by number of labels, colour by reliability.",
                        "Upper left: the scorers confidently and consistently reject the annotator's labels "
                        "(Adaptive-DPO's minority region, u = (1 − c)·v); the five least reliable are named.",
-                       needs=no_run or no_votes)
-    if fig.needs is None:
-        points = annotator_points(con)
-        if points.height:
-            fig.png = plots.annotator_scatter(
-                points["mean_confidence"].to_numpy(), points["minority_rate"].to_numpy(),
-                points["n_labels"].to_numpy(), points["reliability"].to_numpy(), points["user_id"].to_list(),
-                threshold)
-            stability = points["mean_stability"]
-            fig.caption += (f" Mean stability v per annotator ranges {stability.min():.2f}–{stability.max():.2f} "
-                            "(v is capped at 1).")
-            fig.values = {"annotators": points.height,
-                          "mean_confidence": dict(zip(points["user_id"], points["mean_confidence"].round(6))),
-                          "minority_rate": dict(zip(points["user_id"], points["minority_rate"].round(6)))}
-        else:
-            fig.needs = "ingest labelled pairs with images, then score and curate (no annotator has scored pairs)"
-    figures.append(fig)
+                       needs=needs)
+    if fig.needs is not None:
+        return fig
+    points = annotator_points(con)
+    if not points.height:
+        fig.needs = "ingest labelled pairs with images, then score and curate (no annotator has scored pairs)"
+        return fig
+    fig.png = plots.annotator_scatter(
+        points["mean_confidence"].to_numpy(), points["minority_rate"].to_numpy(),
+        points["n_labels"].to_numpy(), points["reliability"].to_numpy(), points["user_id"].to_list(),
+        threshold)
+    stability = points["mean_stability"]
+    fig.caption += (f" Mean stability v per annotator ranges {stability.min():.2f}–{stability.max():.2f} "
+                    "(v is capped at 1).")
+    fig.values = {"annotators": points.height,
+                  "mean_confidence": dict(zip(points["user_id"], points["mean_confidence"].round(6))),
+                  "minority_rate": dict(zip(points["user_id"], points["minority_rate"].round(6)))}
+    return fig
 
+
+def _minority_figure(con, needs: str | None, threshold: float, config: ReportConfig) -> ReportFigure:
     fig = ReportFigure("minority-histogram", "Minority score of the pairs",
                        f"Histogram of the pairs' minority scores from 0 to 1, threshold {threshold:g} marked.",
                        "u = (1 − c)·v is high when the scorers consistently prefer the image the human rejected; "
-                       "pairs right of the line are counted as minority pairs.", needs=no_run or no_votes)
+                       "pairs right of the line are counted as minority pairs.", needs=needs)
     if fig.needs is None:
         edges, counts, n_above = minority_counts(con, config.histogram_bins, threshold)
         fig.png = plots.minority_histogram(edges, counts, threshold, n_above)
         fig.values = {"counts": counts.tolist(), "threshold": threshold, "above_threshold": n_above}
-    figures.append(fig)
+    return fig
 
+
+def _agreement_figure(con, needs: str | None) -> ReportFigure:
     fig = ReportFigure("scorer-agreement", "Scorer agreement",
                        "Heatmap of the share of common pairs on which two voters vote the same; the voters are "
                        "the scorers and the human label, each cell printed.",
                        "Each row/column is a scorer, plus `human` (decisive human labels). A scorer far from all "
                        "others, or near 0.5 with the human, adds noise to the consensus.",
-                       needs=no_run or no_votes)
+                       needs=needs)
     if fig.needs is None:
         voters, share, n = scorer_agreement(con)
         fig.png = plots.agreement_heatmap(voters, share, n)
         fig.values = {"voters": voters, "share": [[None if np.isnan(x) else round(float(x), 6) for x in row]
                                                    for row in share], "pairs": n.tolist()}
-    figures.append(fig)
+    return fig
 
+
+def _source_figure(con, needs: str | None) -> ReportFigure:
     fig = ReportFigure("source-agreement", "Human and consensus agreement per source",
                        "Horizontal bar chart: per source, the share of decisive pairs where the human label "
                        "equals the scorers' consensus.",
                        "0.5 is chance. A source far below the others has noisier labels or a different taste.",
-                       needs=no_run or no_votes)
-    if fig.needs is None:
-        per_source = source_agreement(con)
-        if per_source.height:
-            fig.png = plots.source_agreement_bars(per_source["source"].to_list(), per_source["agreement"].to_numpy(),
-                                                  per_source["pairs"].to_numpy())
-            fig.values = {row["source"]: {"agreement": round(row["agreement"], 6), "pairs": row["pairs"]}
-                          for row in per_source.iter_rows(named=True)}
-        else:
-            fig.needs = "no decisive human label meets a scorer consensus yet: ingest labelled pairs, score, curate"
-    figures.append(fig)
+                       needs=needs)
+    if fig.needs is not None:
+        return fig
+    per_source = source_agreement(con)
+    if not per_source.height:
+        fig.needs = "no decisive human label meets a scorer consensus yet: ingest labelled pairs, score, curate"
+        return fig
+    fig.png = plots.source_agreement_bars(per_source["source"].to_list(), per_source["agreement"].to_numpy(),
+                                          per_source["pairs"].to_numpy())
+    fig.values = {row["source"]: {"agreement": round(row["agreement"], 6), "pairs": row["pairs"]}
+                  for row in per_source.iter_rows(named=True)}
+    return fig
 
-    if run_dir is not None:
-        metrics = read_training_metrics(run_dir)
-        name = Path(run_dir).resolve().name
-        fig = ReportFigure("training-curves", f"Training: {name}",
-                           "Two line plots over optimizer steps: the training loss and the implicit accuracy.",
-                           f"From {Path(run_dir) / 'metrics.jsonl'}. Implicit accuracy: share of pairs whose "
-                           "implicit reward prefers the winner (ties count half); 0.5 is chance.",
-                           needs=None if metrics.height else "the run has no optimizer step in metrics.jsonl yet")
-        if metrics.height:
-            fig.png = plots.training_curves(metrics["step"].to_numpy(), metrics["loss"].to_numpy(),
-                                            metrics["implicit_acc"].to_numpy(), name)
-            fig.values = {"steps": metrics.height, "last_step": int(metrics["step"][-1]),
-                          "last_loss": float(metrics["loss"][-1]),
-                          "last_implicit_acc": float(metrics["implicit_acc"][-1])}
-        figures.append(fig)
-        validation = validation_figure(run_dir)
-        if validation is not None:
-            figures.append(validation)
-    return figures
+
+def _training_figure(run_dir: str | os.PathLike) -> ReportFigure:
+    metrics = read_training_metrics(run_dir)
+    name = Path(run_dir).resolve().name
+    fig = ReportFigure("training-curves", f"Training: {name}",
+                       "Two line plots over optimizer steps: the training loss and the implicit accuracy.",
+                       f"From {Path(run_dir) / 'metrics.jsonl'}. Implicit accuracy: share of pairs whose "
+                       "implicit reward prefers the winner (ties count half); 0.5 is chance.",
+                       needs=None if metrics.height else "the run has no optimizer step in metrics.jsonl yet")
+    if metrics.height:
+        fig.png = plots.training_curves(metrics["step"].to_numpy(), metrics["loss"].to_numpy(),
+                                        metrics["implicit_acc"].to_numpy(), name)
+        fig.values = {"steps": metrics.height, "last_step": int(metrics["step"][-1]),
+                      "last_loss": float(metrics["loss"][-1]),
+                      "last_implicit_acc": float(metrics["implicit_acc"][-1])}
+    return fig
 
 
 def validation_figure(run_dir: str | os.PathLike, cell: int = 160) -> ReportFigure | None:
