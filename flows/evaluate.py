@@ -1,9 +1,9 @@
 """Model evaluation (methods.md §5): base vs tuned images for the same prompts and seeds, scored by the chosen
 scorers, summarised as win rates with confidence intervals, written as eval.json, eval.md and scores.csv.
 
-`run_eval(config)` is the plain function the CLI calls; `eval_flow(config)` runs the same three steps as Prefect
-tasks. Flows may import both sides: generation comes from `training.generate`, scoring from
-`curation.scorers`, the statistics from `curation.winrate`.
+`run_eval(config)` is the plain function the CLI calls (no Prefect needed). Flows may import both sides:
+generation comes from `training.generate`, scoring from `curation.scorers`, the statistics from
+`curation.winrate`.
 
 "Base" is the model folder with the LoRA bypassed and "tuned" the same weights with the LoRA active, so one copy
 of the model is in memory. Without a LoRA, the model is compared with itself: every comparison ties (win rate
@@ -20,8 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from curation.scorers import Scorer, build_scorer
 from curation.winrate import CI_METHODS, summarize
@@ -222,24 +220,3 @@ def run_eval(config: EvalConfig) -> dict:
     report = summarise(scores, config)
     report["files"] = write_report(report, scores, config.out)
     return report
-
-
-@task(task_run_name="sample and score", cache_policy=NO_CACHE)
-def sample_and_score_task(config: EvalConfig) -> EvalScores:
-    scores = sample_and_score(config)
-    get_run_logger().info("%d prompts × %d seeds sampled twice and scored in %.1f s", len(scores.prompts),
-                          len(scores.seeds), scores.meta["seconds"])
-    return scores
-
-
-@task(task_run_name="summarise and write", cache_policy=NO_CACHE)
-def report_task(scores: EvalScores, config: EvalConfig) -> dict:
-    report = summarise(scores, config)
-    report["files"] = write_report(report, scores, config.out)
-    return report
-
-
-@flow(name="prefcurate-eval")
-def eval_flow(config: EvalConfig) -> dict:
-    """The evaluation as a Prefect flow (same steps and outputs as run_eval)."""
-    return report_task(sample_and_score_task(config), config)

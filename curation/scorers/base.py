@@ -115,9 +115,6 @@ class NeuralScorer(Scorer):
                 self._text_cache.update(zip(new, self._encode_texts(new)))
         return [self._text_cache[p] for p in prompts]
 
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
-
     def score_tensors(self, pixel_batch: torch.Tensor, prompts: Sequence[str] | None = None) -> np.ndarray:
         """Score preprocessed images: pixel_batch (N, 3, H, W) from `preprocess`, any N (chunked by
         `batch_size`). Returns (N,) float64."""
