@@ -120,7 +120,8 @@ def resolved_pairs_sql(lake: Lake, files: dict[str, list[str]], extra_columns: t
     refs = (f"SELECT ref_id, min(image_id) AS image_id FROM read_parquet({lake.sql_file_list(files['image_refs'])}) "
             f"GROUP BY ref_id" if files["image_refs"] else
             "SELECT NULL::VARCHAR AS ref_id, NULL::VARCHAR AS image_id WHERE false")
-    stored = (f"SELECT DISTINCT image_id FROM read_parquet({lake.sql_file_list(files['images'])})" if files["images"] else
+    stored = (f"SELECT DISTINCT image_id FROM read_parquet({lake.sql_file_list(files['images'])})"
+              if files["images"] else
               "SELECT NULL::VARCHAR AS image_id WHERE false")
     return f"""
         WITH p AS (SELECT * FROM read_parquet({lake.sql_file_list(files['pairs'])})),
@@ -174,7 +175,7 @@ def input_versions(lake: Lake) -> dict:
 
 
 def current_run(lake: Lake) -> dict | None:
-    path = lake._join(CURRENT)
+    path = lake.join(CURRENT)
     return json.loads(lake.fs.cat_file(path)) if lake.fs.exists(path) else None
 
 
@@ -206,7 +207,8 @@ def curate(lake: Lake, config: CurateConfig = CurateConfig(), *, chunk_pairs: in
         con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": f"{scratch}/spill",
                                      **({"threads": int(duckdb_threads)} if duckdb_threads else {})})
         try:
-            scores_sql = (f"SELECT image_id, prompt_id, scorer, score FROM read_parquet({lake.sql_file_list(files['scores'])})"
+            scores_sql = ("SELECT image_id, prompt_id, scorer, score FROM "
+                          f"read_parquet({lake.sql_file_list(files['scores'])})"
                           if files["scores"] else None)
             present = sorted(r[0] for r in con.sql(f"SELECT DISTINCT scorer FROM ({scores_sql})").fetchall()) \
                 if scores_sql else []
@@ -267,99 +269,123 @@ def _curate_pass(lake: Lake, con, files: dict, scores_sql: str | None, scorers: 
         query = "SELECT * FROM _wide"  # insertion order (DuckDB's preserve_insertion_order): by pair_id
     else:
         query = f"SELECT {', '.join(PAIR_COLUMNS)} FROM ({pairs_sql}) ORDER BY pair_id"
-
-    sinks = {name: _ParquetSink(lake, f"{run_dir}/{name}.parquet") for name in ("votes", "consensus")}
-    staged_metrics: list[str] = []  # pair_metrics chunks, completed by the label model at the end
-    label_rows: list[str] = []  # the annotator table's compact rows, staged per chunk, read after the label model
-    model_files: dict[str, list[str]] = {"pairs": [], "votes": []}  # the label model's inputs, staged per chunk
-    counts = {"pairs": 0, "pairs_with_votes": 0, "minority_pairs": 0, "pairs_without_images": 0}
-    agree, decided = 0, 0
-    threshold = config.annotators.minority_threshold
+    run = _ChunkedRun(lake, run_dir, scratch, traits, spreads, config)
     _phase("chunks")
     try:
         for batch in con.sql(query).to_arrow_reader(chunk_pairs):
-            if batch.num_rows == 0:
-                continue
-            # Votes, consensus and pair metrics of the chunk as column-wise sums over its wide score
-            # columns (M scorers x P pairs): no group-by or join on the 32-character pair ids.
-            wide = WideVotes.from_arrow(batch, traits, spreads)
-            pair_id = batch.column("pair_id").cast(pa.large_string())
-            human = pl.from_arrow(batch.column("label_0")).cast(pl.Float64)  # NULL stays null (no label)
-            agreed = consensus_from_counts(pl.DataFrame({"human_label": human, **wide.counts()}), config.tie_policy)
-            label = human if config.pair_metrics.label_source == "human" else agreed["consensus_label"]
-            metrics = pair_metrics_from_sums(pl.DataFrame({
-                "human": human, "label": label,
-                **wide_sums(wide.normalized_margin, wide.voted, config.pair_metrics)}), config.pair_metrics)
-            metrics = pl.concat([metrics, agreed.select("consensus_label", "vote_fraction", "human_agrees")],
-                                how="horizontal")
-            sinks["votes"].write(wide.table(pair_id))
-            sinks["consensus"].write(_with_pair_id(pair_id, agreed))
-            staged_metrics.append(f"{scratch}/pair_metrics-{len(staged_metrics):05d}.arrow")
-            _write_ipc(staged_metrics[-1], _with_pair_id(pair_id, metrics))
-            frame = pl.from_arrow(batch.select(["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]))
-            ids = frame["pair_id"]
-            label_rows.append(f"{scratch}/annotator-rows-{len(label_rows):05d}.arrow")
-            annotator_rows(frame, agreed.with_columns(pair_id=ids), metrics.with_columns(pair_id=ids)).write_ipc(
-                label_rows[-1])
-            # The joint label model gets integer surrogate pair ids (the global row number, which orders the
-            # pairs as their ids do: the pairs stream in pair_id order), hashed image ids and categorical
-            # scorer names: the same model at a fraction of the memory of the lake's strings. Staged on
-            # disk, it is read only when the model runs, after the chunk loop.
-            offset = counts["pairs"]
-            row_id = pl.Series(np.arange(offset, offset + batch.num_rows, dtype=np.int64))
-            model_files["pairs"].append(f"{scratch}/model-pairs-{len(model_files['pairs']):05d}.arrow")
-            frame.select(pair_id=row_id, user_id="user_id", label_0="label_0",
-                         image_0_id=pl.col("image_0_id").hash(),
-                         image_1_id=pl.col("image_1_id").hash()).write_ipc(model_files["pairs"][-1])
-            model_files["votes"].append(f"{scratch}/model-votes-{len(model_files['votes']):05d}.arrow")
-            scorer_of_row, pair_of_row = np.nonzero(wide.voted & (wide.vote != 0.5))  # decisive votes
-            pl.DataFrame({
-                "pair_id": row_id.gather(pair_of_row),
-                "scorer": pl.Series(np.array(wide.names, dtype=object)[scorer_of_row], dtype=pl.Categorical),
-                "vote": wide.vote[scorer_of_row, pair_of_row],
-                "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row],
-            }).write_ipc(model_files["votes"][-1])
-            counts["pairs"] += batch.num_rows
-            counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())
-            counts["minority_pairs"] += int((metrics["minority_score"] > threshold).sum())
-            counts["pairs_without_images"] += int(pc.sum(pc.invert(batch.column("images_available"))).as_py() or 0)
-            judged = agreed.filter(pl.col("human_agrees").is_not_null() & (pl.col("n_scorers") > 0))["human_agrees"]
-            agree, decided = agree + int(judged.sum()), decided + judged.len()
-            del wide, agreed, metrics, frame
+            if batch.num_rows:
+                run.add(batch)
         con.close()  # DuckDB's buffers (up to DUCKDB_MEMORY_LIMIT) go before the whole-lake models start
-        if not counts["pairs"]:
-            for sink in sinks.values():
-                sink.abort()
+        if not run.counts["pairs"]:
+            run.abort()
             return None
+        return run.finish()
+    except BaseException:
+        run.abort()
+        raise
+
+
+class _ChunkedRun:
+    """The chunk loop's state: the run's Parquet sinks, the files staged on disk for the whole-lake phases
+    (pair metrics to complete, the annotator table's rows, the label model's inputs) and the counts."""
+
+    def __init__(self, lake: Lake, run_dir: str, scratch: str, traits: dict[str, bool], spreads: dict[str, float],
+                 config: CurateConfig):
+        self.lake, self.run_dir, self.scratch = lake, run_dir, scratch
+        self.traits, self.spreads, self.config = traits, spreads, config
+        self.sinks = {name: _ParquetSink(lake, f"{run_dir}/{name}.parquet") for name in ("votes", "consensus")}
+        self.staged_metrics: list[str] = []  # pair_metrics chunks, completed by the label model at the end
+        self.label_rows: list[str] = []  # the annotator table's compact rows, read after the label model
+        self.model_files: dict[str, list[str]] = {"pairs": [], "votes": []}  # the label model's inputs
+        self.counts = {"pairs": 0, "pairs_with_votes": 0, "minority_pairs": 0, "pairs_without_images": 0}
+        self.agree, self.decided = 0, 0
+
+    def _staged(self, kind: str, files: list[str]) -> str:
+        files.append(f"{self.scratch}/{kind}-{len(files):05d}.arrow")
+        return files[-1]
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Votes, consensus and pair metrics of one chunk as column-wise sums over its wide score columns
+        (M scorers x P pairs): no group-by or join on the 32-character pair ids."""
+        config, counts = self.config, self.counts
+        wide = WideVotes.from_arrow(batch, self.traits, self.spreads)
+        pair_id = batch.column("pair_id").cast(pa.large_string())
+        human = pl.from_arrow(batch.column("label_0")).cast(pl.Float64)  # NULL stays null (no label)
+        agreed = consensus_from_counts(pl.DataFrame({"human_label": human, **wide.counts()}), config.tie_policy)
+        label = human if config.pair_metrics.label_source == "human" else agreed["consensus_label"]
+        metrics = pair_metrics_from_sums(pl.DataFrame({
+            "human": human, "label": label,
+            **wide_sums(wide.normalized_margin, wide.voted, config.pair_metrics)}), config.pair_metrics)
+        metrics = pl.concat([metrics, agreed.select("consensus_label", "vote_fraction", "human_agrees")],
+                            how="horizontal")
+        self.sinks["votes"].write(wide.table(pair_id))
+        self.sinks["consensus"].write(_with_pair_id(pair_id, agreed))
+        _write_ipc(self._staged("pair_metrics", self.staged_metrics), _with_pair_id(pair_id, metrics))
+        frame = pl.from_arrow(batch.select(["pair_id", "user_id", "label_0", "image_0_id", "image_1_id"]))
+        ids = frame["pair_id"]
+        annotator_rows(frame, agreed.with_columns(pair_id=ids), metrics.with_columns(pair_id=ids)).write_ipc(
+            self._staged("annotator-rows", self.label_rows))
+        self._stage_model_inputs(frame, wide)
+        counts["pairs"] += batch.num_rows
+        counts["pairs_with_votes"] += int((agreed["n_scorers"] > 0).sum())
+        counts["minority_pairs"] += int((metrics["minority_score"] > config.annotators.minority_threshold).sum())
+        counts["pairs_without_images"] += int(pc.sum(pc.invert(batch.column("images_available"))).as_py() or 0)
+        judged = agreed.filter(pl.col("human_agrees").is_not_null() & (pl.col("n_scorers") > 0))["human_agrees"]
+        self.agree, self.decided = self.agree + int(judged.sum()), self.decided + judged.len()
+
+    def _stage_model_inputs(self, frame: pl.DataFrame, wide: WideVotes) -> None:
+        """The joint label model gets integer surrogate pair ids (the global row number, which orders the
+        pairs as their ids do: the pairs stream in pair_id order), hashed image ids and categorical scorer
+        names: the same model at a fraction of the memory of the lake's strings. Staged on disk, it is read
+        only when the model runs, after the chunk loop. Call before counting the chunk's pairs."""
+        offset = self.counts["pairs"]
+        row_id = pl.Series(np.arange(offset, offset + frame.height, dtype=np.int64))
+        frame.select(pair_id=row_id, user_id="user_id", label_0="label_0",
+                     image_0_id=pl.col("image_0_id").hash(),
+                     image_1_id=pl.col("image_1_id").hash()).write_ipc(
+            self._staged("model-pairs", self.model_files["pairs"]))
+        scorer_of_row, pair_of_row = np.nonzero(wide.voted & (wide.vote != 0.5))  # decisive votes
+        pl.DataFrame({
+            "pair_id": row_id.gather(pair_of_row),
+            "scorer": pl.Series(np.array(wide.names, dtype=object)[scorer_of_row], dtype=pl.Categorical),
+            "vote": wide.vote[scorer_of_row, pair_of_row],
+            "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row],
+        }).write_ipc(self._staged("model-votes", self.model_files["votes"]))
+
+    def finish(self) -> dict:
+        """The whole-lake phases after the chunk loop (label model, annotator table), then the run's files;
+        returns the run's counts."""
+        config, lake, run_dir = self.config, self.lake, self.run_dir
         _phase("label_model")
-        posterior, scorer_reliability, joint = label_model(pl.scan_ipc(model_files["pairs"]),
-                                                           pl.scan_ipc(model_files["votes"]), config.label_model)
+        posterior, scorer_reliability, joint = label_model(pl.scan_ipc(self.model_files["pairs"]),
+                                                           pl.scan_ipc(self.model_files["votes"]), config.label_model)
         _phase("annotators")
-        rows = pl.scan_ipc(label_rows).collect()  # ~60 bytes a labelled pair, on disk until now
+        rows = pl.scan_ipc(self.label_rows).collect()  # ~60 bytes a labelled pair, on disk until now
         annotators = annotator_table(rows, config.annotators, joint)
         del rows
         _phase("write")
         metrics_sink, offset = _ParquetSink(lake, f"{run_dir}/pair_metrics.parquet"), 0
-        for path in staged_metrics:
+        for path in self.staged_metrics:
             with pa.memory_map(path) as source:
                 chunk = pl.from_arrow(pa.ipc.open_file(source).read_all())
             metrics_sink.write(pl.concat([chunk, posterior.slice(offset, chunk.height).drop("pair_id")],
                                          how="horizontal"))
             offset += chunk.height
             os.remove(path)
-        sinks["pair_metrics"] = metrics_sink
-        for sink in sinks.values():
+        self.sinks["pair_metrics"] = metrics_sink
+        for sink in self.sinks.values():
             sink.close()
         lake.write_frame_atomic(f"{run_dir}/annotators.parquet", annotators)
         lake.write_frame_atomic(f"{run_dir}/scorer_reliability.parquet", scorer_reliability)
         _phase("end")
-    except BaseException:
-        for sink in sinks.values():
+        self.counts.update(annotators=annotators.height,
+                           human_agreement=self.agree / self.decided if self.decided else None,
+                           minority_threshold=config.annotators.minority_threshold)
+        return self.counts
+
+    def abort(self) -> None:
+        for sink in self.sinks.values():
             sink.abort()
-        raise
-    counts.update(annotators=annotators.height, human_agreement=agree / decided if decided else None,
-                  minority_threshold=threshold)
-    return counts
 
 
 class _ParquetSink:
@@ -455,7 +481,7 @@ def compute_tables(pairs: pl.DataFrame, scores: pl.DataFrame, scorers: list[str]
 
 
 def _prune_runs(lake: Lake, keep: str) -> None:
-    root = lake._join("curation")
+    root = lake.join("curation")
     runs = [p for p in lake.fs.ls(root, detail=True) if p["type"] == "directory"]
     runs.sort(key=lambda p: p.get("mtime", 0) or p.get("created", 0), reverse=True)
     for run in runs[RUNS_KEPT:]:
