@@ -413,7 +413,8 @@ def _existing_ingest(lake: Lake, ingest_id: str) -> dict | None:
 
 
 def _binary_views(array: pa.Array) -> list[memoryview]:
-    """The values of a null-free binary array as memoryviews of its data buffer (zero-copy)."""
+    """The values of a binary array as memoryviews of its data buffer (zero-copy; a null slot's view is
+    whatever its offsets span, usually empty: callers skip nulls)."""
     if len(array) == 0:
         return []
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset:array.offset + len(array) + 1]
@@ -653,11 +654,10 @@ class _Batcher:
         content, side_views = [], []
         for side in sides:
             views = _binary_views(side)
-            present = views if side.null_count == 0 else [v for v, ok in zip(views, side.is_valid().to_pylist()) if ok]
-            digests = iter(self._digests(present, sum(len(v) for v in present)))
-            ids_ = digests if side.null_count == 0 else (next(digests) if ok else None
-                                                         for ok in side.is_valid().to_pylist())
-            content.append(pa.array(list(ids_), pa.string()))
+            valid = side.is_valid().to_pylist() if side.null_count else [True] * len(side)
+            present = [v for v, ok in zip(views, valid) if ok]  # a null slot's view is empty: not an image
+            digests = iter(self._digests(present, sum(map(len, present))))
+            content.append(pa.array([next(digests) if ok else None for ok in valid], pa.string()))
             side_views.append(views)
         n = len(sides[0])
         encoded = pc.dictionary_encode(pa.concat_arrays(content))  # 32-char ids: cheap to encode
