@@ -83,12 +83,13 @@ SMALL_TEXT = {"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 256,
 
 def write_snapshot(root: Path, n_pairs: int, image_size: int, row_group_size: int = 8) -> Path:
     """A training snapshot (manifest.json + one Parquet shard in ``SNAPSHOT_PAIRS``) of random blocky PNG pairs,
-    in the format ``training.snapshot`` reads; columns the benchmark does not vary get neutral values."""
+    written through ``data_schemas.snapshot_contract``; columns the benchmark does not vary get neutral values."""
+    import fsspec
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
+    from data_schemas import snapshot_contract as contract
     from data_schemas.tables import SNAPSHOT_PAIRS
     rng = np.random.default_rng(0)
 
@@ -117,13 +118,11 @@ def write_snapshot(root: Path, n_pairs: int, image_size: int, row_group_size: in
                 value = 0.0 if pa.types.is_floating(f.type) else None
             rows[f.name].append(value)
     (root / "shards").mkdir(parents=True, exist_ok=True)
-    path = root / "shards" / "shard-00000.parquet"
-    pq.write_table(pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS), path, row_group_size=row_group_size)
-    manifest = {"format": "prefcurate-snapshot", "version": 1, "name": "bench", "snapshot_id": "bench-0",
-                "policy": {"benchmark": True}, "counts": {"pairs": n_pairs},
-                "shards": [{"path": "shards/shard-00000.parquet",
-                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": n_pairs}]}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    fs = fsspec.filesystem("file")
+    shard = contract.write_shard(fs, str(root), 0, pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS),
+                                 row_group_size=row_group_size, compression="snappy")
+    contract.write_manifest(fs, str(root), contract.build_manifest(
+        name="bench", snapshot_id="bench-0", shards=[shard], policy={"benchmark": True}, counts={"pairs": n_pairs}))
     return root
 
 

@@ -55,7 +55,8 @@ def write_test_snapshot(root: str | Path, *, n_pairs: int = 12, n_shards: int = 
             rows["user_id"].append(f"user-{i % 3}")
             rows["label_smoothing"].append(label_smoothing)
         table = pa.Table.from_pydict(rows, schema=SNAPSHOT_PAIRS).drop_columns(list(drop_columns))
-        entries.append(contract.write_shard(fs, str(root), s, table, row_group_size=row_group_size))
+        entries.append(contract.write_shard(fs, str(root), s, table, row_group_size=row_group_size,
+                                            compression="snappy"))  # pyarrow's default, as before
     manifest = contract.build_manifest(name="test", snapshot_id=f"test-{seed}", shards=entries,
                                        policy={"fixture": True}, counts={"pairs": n_pairs}, adaptive=adaptive)
     contract.write_manifest(fs, str(root), manifest)

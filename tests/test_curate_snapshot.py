@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -17,7 +18,8 @@ from curation.sample import SampleConfig, generate_sample
 from curation.scoring import run_scoring
 from curation.snapshot import SnapshotError, SnapshotPolicy, resolve_snapshot, verify_snapshot, write_snapshot
 from curation.sql import query_polars
-from data_schemas import SNAPSHOT_PAIRS
+from data_schemas import SNAPSHOT_PAIRS, snapshot_contract
+from data_schemas.adaptive import manifest_record
 from tests.shared_data import shared_data
 
 
@@ -144,6 +146,9 @@ def test_snapshot_policies(curated, tmp_path, kind):
         assert np.allclose(ratio, ratio[0]) and ratio[0] > 1  # W rescaled, never reordered
         assert check.filter(pl.col("minority_score_m") <= 0.5)["weight"].mean() == pytest.approx(1.0)
         assert (frame["weight"] < 0.5).any()  # the suspect pairs stay down-weighted
+        # the constants W and Gamma were computed with, for the trainer's beta check
+        assert manifest["adaptive"] == manifest_record(current_run(lake)["config"]["pair_metrics"])
+        assert manifest["adaptive"]["beta"] == 2 * manifest["adaptive"]["beta_dpo"] == 2000.0
     elif kind == "reliability":
         metrics = query_polars(lake, "SELECT pair_id, label_posterior FROM pair_metrics")
         check = frame.join(metrics, on="pair_id")
@@ -154,6 +159,8 @@ def test_snapshot_policies(curated, tmp_path, kind):
     else:
         assert (frame["weight"] == 1.0).all() and (frame["margin"] == 0.0).all()
         assert (frame["label_smoothing"] == 0.0).all()
+    if kind != "adaptive":
+        assert manifest["adaptive"] is None
     if kind == "filter":
         assert (frame["minority_score"] <= 0.5).all() and info.counts["filtered"] > 0
 
@@ -185,6 +192,32 @@ def test_snapshot_is_immutable_content_addressed_and_verified(curated, tmp_path)
     os.remove(shard)
     with pytest.raises(SnapshotError, match="missing"):
         verify_snapshot(first.path)
+
+
+def test_a_truncated_shard_fails_on_its_row_count_on_both_sides(curated, tmp_path):
+    """A pairs file cut short and re-hashed (its digest matches the manifest, its row count does not) is refused
+    by the writer-side verify_snapshot and by the training reader, with the row-count message: both run the one
+    verification of data_schemas.snapshot_contract."""
+    from training.snapshot_reader import open_snapshot
+
+    info = write_snapshot(curated["lake"], "short", SnapshotPolicy(kind="plain", pairs_per_shard=700),
+                          str(tmp_path))
+    manifest_path = os.path.join(info.path, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    entry = manifest["shards"][0]
+    shard = os.path.join(info.path, entry["path"])
+    data = snapshot_contract.encode_shard(pq.read_table(shard).slice(0, entry["rows"] - 5), row_group_size=256)
+    with open(shard, "wb") as f:
+        f.write(data)
+    entry["sha256"] = snapshot_contract.shard_entry(entry["path"], data, 0)["sha256"]
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    message = rf"{entry['path']}: {entry['rows'] - 5} rows != manifest {entry['rows']}"
+    with pytest.raises(SnapshotError, match=message):
+        verify_snapshot(info.path)
+    with pytest.raises(SnapshotError, match=message):
+        open_snapshot(info.path)
 
 
 def test_policies_that_need_statistics_refuse_an_uncurated_lake(tmp_path):
