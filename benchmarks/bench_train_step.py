@@ -402,7 +402,8 @@ def loss_sweep(work: Path, args, resolution: int) -> dict:
         results[loss] = {"off": pair[False], "on": pair[True]}
         if pair[False] and pair[True]:
             off, on = pair[False], pair[True]
-            rows.append(f"| {loss} | {off['step_s']:.3f} s | {on['step_s']:.3f} s | {on['step_s'] / off['step_s']:.2f}x "
+            rows.append(f"| {loss} | {off['step_s']:.3f} s | {on['step_s']:.3f} s | "
+                        f"{on['step_s'] / off['step_s']:.2f}x "
                         f"| {off['peak_above_baseline_mib']:,.0f} MiB | {on['peak_above_baseline_mib']:,.0f} MiB | "
                         f"{on['peak_above_baseline_mib'] / off['peak_above_baseline_mib']:.2f}x |")
     print("| loss | step, checkpointing off | on | time on/off | peak above imports, off | on | memory on/off |")

@@ -9,8 +9,9 @@ where SNAPSHOTS defaults to LAKE/snapshots. `snapshot_id` hashes the policy and 
 (pair id, winner, weight, margin, metrics): the same selection always has the same id, so writing it
 again is a no-op, and a different selection can never overwrite it. The manifest holds the policy,
 the curation run and input versions it came from, counts, and the sha256 and row count of every
-shard; `verify_snapshot` refuses a folder whose files no longer match. The folder is written under
-a temporary name and renamed into place when complete. `SNAPSHOTS/_names/<name>.json` lists the
+shard; `verify_snapshot` refuses a folder whose files no longer match. The format, the manifest and that
+verification are `data_schemas.snapshot_contract`, which the training reader uses too. The folder is
+written under a temporary name and renamed into place when complete. `SNAPSHOTS/_names/<name>.json` lists the
 snapshots written under each name (newest last), which `resolve_snapshot` uses for "latest".
 
 Policies:

@@ -232,7 +232,8 @@ def test_annotator_statistics_on_real_wmt13_judgements(tmp_path):
     """Real labels with no images and no scorers: 218 WMT13 judges ranking translations. Reliability
     must then come from the judges' agreement with each other (Dawid-Skene on peer labels)."""
     lake = Lake(str(tmp_path / "lake"), create=True)
-    ingest_file(lake, str(shared_data("wmt13_fr-en_rankings_train.csv")), IngestConfig("wmt13", "wmt"), make_reader("wmt"))
+    ingest_file(lake, str(shared_data("wmt13_fr-en_rankings_train.csv")), IngestConfig("wmt13", "wmt"),
+                make_reader("wmt"))
     result = curate(lake)
     assert result.counts["scorers"] == 0 and result.counts["human_agreement"] is None
     stats = query_polars(lake, "SELECT * FROM annotators")
@@ -368,8 +369,9 @@ def test_scorer_reliability_table_and_calibrated_consensus(curated):
     # prompt_colour measures the largest share of the planted utility (0.45): the most reliable
     assert table["scorer"][0] == "prompt_colour" and (table["reliability"] > 0.5).all()
     truth = pair_truth_from_sample_frame(curated)
-    metrics = query_polars(lake, "SELECT m.pair_id, m.calibrated_label, c.consensus_label, p.image_0_id FROM pair_metrics m "
-                                 "JOIN consensus c USING (pair_id) JOIN pairs p USING (pair_id)").join(truth, on="pair_id")
+    metrics = query_polars(lake, "SELECT m.pair_id, m.calibrated_label, c.consensus_label, p.image_0_id "
+                                 "FROM pair_metrics m JOIN consensus c USING (pair_id) JOIN pairs p USING (pair_id)"
+                           ).join(truth, on="pair_id")
     both = metrics.filter(pl.col("consensus_label").is_not_null() & pl.col("better_image_id").is_not_null())
     better_0 = both["better_image_id"] == both["image_0_id"]
     calibrated = ((both["calibrated_label"] == 1.0) == better_0).mean()

@@ -165,9 +165,9 @@ def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int 
 
     VAE with three blocks (32, 32, 32): latents 4 × res/4 × res/4 (8×8 at 32 px, 16×16 at 64 px).
     UNet (32, 64) blocks with cross-attention dim 32; CLIP text encoder of hidden size 32 with the committed
-    real CLIP vocabulary (so prompts tokenise as in SD). Training scheduler DDPM 1000 steps (scaled-linear betas, as SD1.5); the
-    pipeline's sampling scheduler is DDIM with the same betas and ``prediction_type`` (``v_prediction``: the
-    SD2.x-768 parametrisation).
+    real CLIP vocabulary (so prompts tokenise as in SD). Training scheduler DDPM 1000 steps (scaled-linear betas,
+    as SD1.5); the pipeline's sampling scheduler is DDIM with the same betas and ``prediction_type``
+    (``v_prediction``: the SD2.x-768 parametrisation).
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)

@@ -134,7 +134,8 @@ class TrainConfig:
     use_weight: bool = _f(True, "apply W(u) (use_self_logit_reweight True in the README run)")
     use_margin: bool = _f(True, "apply the adaptive margin Γ (README run use_margin True)")
     margin_type: MarginType = _f(adaptive.MARGIN_TYPE, "Γ's u-term: u² (code default) or u")
-    margin_scale: float = _f(adaptive.MARGIN_SCALE, "scales Γ's u-term; 1 reproduces the code (negligible margin, methods.md §2.4)")
+    margin_scale: float = _f(adaptive.MARGIN_SCALE,
+                             "scales Γ's u-term; 1 reproduces the code (negligible margin, methods.md §2.4)")
     ema_decay_long: float = _f(0.9999, "decay of the long-horizon EMA annotator (hard-coded in the code)")
     ema_decay_short: float = _f(0.5, "decay of the short-horizon EMA annotator (hard-coded in the code)")
     ema_warmup_steps: int = _f(2, "u = 0 before this many optimiser steps (ema_warmup_steps 2)")

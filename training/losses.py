@@ -7,7 +7,7 @@ winners and losers, and passes the four (B,) vectors to one of the losses below.
 ``(loss, metrics)``; metrics are detached tensors (0-dim, or (B,) for ``logits``).
 
 β convention (the only one used in this module): Salesforce ``train.py``, methods.md §1.4 / §1.7.
-    ℓ_i = Δ_ref,i − Δ_θ,i,   Δ = ē_w − ē_l,   ē = mean over C, H, W of the squared ε (or v) error   (``dpo_raw_logits``)
+    ℓ_i = Δ_ref,i − Δ_θ,i,   Δ = ē_w − ē_l,   ē = mean over C, H, W of the squared ε (or v) error  (``dpo_raw_logits``)
     z_i = k·ℓ_i,   k = β/2  (``dpo_logit_scale``),   β = Salesforce ``beta_dpo`` (launcher default 5000)
 Other conventions put a different factor in front of ℓ; convert them once, at the config boundary:
     diffusers SD1.5 ``beta_dpo`` (logit β_dpo·ℓ, default 2500)  -> ``beta_from_diffusers(b)``            = 2b
