@@ -556,9 +556,7 @@ class _Batcher:
         The checks (curation.ingest.rules) run as Arrow kernels over the whole batch; Python sees only
         the rows they quarantine (for the detail texts). The bulky columns (image bytes, timestamps)
         reach the output through Arrow `take`, never through Python."""
-        n = raw.num_rows
-        result.n_read += n
-        source = self.config.source
+        result.n_read += raw.num_rows
         content, images = self._hash_images(raw)
         decoded = self._decode_new(images)
 
@@ -569,36 +567,44 @@ class _Batcher:
         # A duplicate pair may still bring images the lake lacks (the with-images shard of pairs
         # first ingested metadata-only), so images and refs are stored for every valid row.
         new_images, new_refs = self._new_images_and_refs(raw, ok_rows, all_ok, content, images, decoded)
-        identity = raw.column("row_identity")
+        pair_ids, accepted = self._new_pair_ids(raw.column("row_identity"), ok_rows, all_ok, result)
+        result.n_accepted += len(pair_ids)
+        result.n_images_new += len(new_images)
+        rows = ok_rows if accepted is None else _int64_array(np.asarray(accepted, np.int64))
+        pairs = self._pairs(raw, content, None if all_ok and accepted is None else rows, pair_ids)
+        return {"pairs": pairs, "quarantine": pa.Table.from_pylist(quarantine), "images": new_images,
+                "image_refs": new_refs}
+
+    def _new_pair_ids(self, identity: pa.ChunkedArray, ok_rows: pa.Array, all_ok: bool, result: IngestResult
+                      ) -> tuple[list[str], list[int] | None]:
+        """(pair ids of the valid rows not seen before, in row order; those rows' indices, or None when
+        they are all the valid rows). Counts the others as duplicates and remembers the new ids."""
         if not all_ok:
             identity = identity.take(ok_rows)
         # ids.pair_id, inlined: this runs once per row
-        prefix, blake2b = f"{source}|", hashlib.blake2b
+        prefix, blake2b = f"{self.config.source}|", hashlib.blake2b
         pair_ids = [blake2b((prefix + r).encode("utf-8"), digest_size=16).hexdigest() for r in identity.to_pylist()]
         known, distinct = self.known_pairs, set(pair_ids)
         if len(distinct) == len(pair_ids) and known.isdisjoint(distinct):
-            accepted = None  # every valid row is new (the common case): no per-row loop
-            known.update(distinct)
-        else:
-            rows, accepted, fresh = ok_rows.to_pylist(), [], []
-            for i, pid in zip(rows, pair_ids):
-                if pid in known:
-                    result.n_duplicates += 1
-                    continue
-                known.add(pid)
-                accepted.append(i)
-                fresh.append(pid)
-            pair_ids = fresh
-        m = len(pair_ids)
-        result.n_accepted += m
-        result.n_images_new += len(new_images)
+            known.update(distinct)  # every valid row is new (the common case): no per-row loop
+            return pair_ids, None
+        accepted, fresh = [], []
+        for i, pid in zip(ok_rows.to_pylist(), pair_ids):
+            if pid in known:
+                result.n_duplicates += 1
+                continue
+            known.add(pid)
+            accepted.append(i)
+            fresh.append(pid)
+        return fresh, accepted
 
-        # Only the columns `pairs` keeps are taken (the image bytes stay where they are).
-        kept = raw.select(_PAIR_COLUMNS)
-        hashes = content
-        if accepted is not None or not all_ok:
-            take = pa.array(accepted, pa.int64()) if accepted is not None else ok_rows
-            kept, hashes = kept.take(take), [c.take(take) for c in content]
+    def _pairs(self, raw: pa.Table, content: list[pa.Array], rows: pa.Array | None, pair_ids: list[str]) -> pa.Table:
+        """The `pairs` rows of the batch's `rows` (all rows if None), whose ids are `pair_ids`. Only the
+        columns `pairs` keeps are taken (the image bytes stay where they are)."""
+        source, m = self.config.source, len(pair_ids)
+        kept, hashes = raw.select(_PAIR_COLUMNS), content
+        if rows is not None:
+            kept, hashes = kept.take(rows), [c.take(rows) for c in content]
         image_ids = []
         for side in (0, 1):
             refs = pc.binary_join_element_wise(source, kept.column(f"image_{side}_uid"), ":")
@@ -609,7 +615,7 @@ class _Batcher:
             if prompt not in self.prompt_ids:
                 self.prompt_ids[prompt] = ids.prompt_id(prompt)
         prompt_ids = pa.array([self.prompt_ids[p] for p in distinct_prompts], pa.string()).take(prompts.indices)
-        pairs = pa.table({
+        return pa.table({
             "pair_id": pa.array(pair_ids, pa.string()), "source": _repeat(source, m),
             "split": pc.fill_null(kept.column("split"), "train"), "prompt": kept.column("prompt"),
             "prompt_id": prompt_ids,
@@ -620,8 +626,6 @@ class _Batcher:
             "model_1": kept.column("model_1"), "ranking_id": kept.column("ranking_id"),
             "ingest_id": _repeat(self.ingest_id, m),
         })
-        return {"pairs": pairs, "quarantine": pa.Table.from_pylist(quarantine), "images": new_images,
-                "image_refs": new_refs}
 
     def _hash_images(self, raw: pa.Table) -> tuple[list[pa.Array], "_BatchImages"]:
         """Content ids (string arrays, null where a row has no bytes) of image_0_bytes and image_1_bytes,
