@@ -104,13 +104,14 @@ def naive_loop(model, preprocess, tokenizer, paths: list[str], prompts: list[str
     return np.array(scores), (len(paths) - 1) / (time.perf_counter() - started)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="autocast dtype of the naive loop; ours uses bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--prompts", type=int, default=28, help="~5 images per prompt in the sample lake (16 or more: the sample needs 24 annotators)")
+    parser.add_argument("--prompts", type=int, default=28,
+                        help="~5 images per prompt in the sample lake (16 or more: the sample needs 24 annotators)")
     parser.add_argument("--size", type=int, default=512, help="image side in px (Pick-a-Pic, HPDv2: 512-1024)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -123,45 +124,105 @@ def main(argv: list[str] | None = None) -> None:
                              "every OpenMP barrier for a descheduled thread, which the control shows")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for the dtype (H100 SXM bf16)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from curation.scoring import plan_work, run_scoring
+
+def _setup(args: argparse.Namespace, work: str):
+    """The sample lake, a random-weight HPSv2 checkpoint, the scorer, and the plan's items written as image
+    files (the reference packages read files from disk): (lake, weights folder, scorer, items, paths)."""
     from curation.scorers import build_scorer
+    from curation.scoring import plan_work
 
+    t0 = time.perf_counter()
+    lake = build_lake(work, args.prompts, args.size, args.seed)
+    torch.manual_seed(args.seed)
+    model = open_clip.create_model(args.arch, pretrained=None)
+    weights = os.path.join(work, "weights")
+    os.makedirs(weights)
+    torch.save({"state_dict": model.state_dict()}, os.path.join(weights, "HPS_v2_compressed.pt"))
+    del model
+    scorer = build_scorer("hpsv2", weights, args.device, arch=args.arch, batch_size=args.batch_size)
+    items = plan_work(lake, scorer).items.to_pylist()
+    images = {r["image_id"]: r["bytes"] for r in lake.read("images", ["image_id", "bytes"]).to_pylist()}
+    os.makedirs(os.path.join(work, "files"))
+    paths = []
+    for item in items:
+        path = os.path.join(work, "files", item["image_id"])
+        with open(path, "wb") as f:
+            f.write(images[item["image_id"]])
+        paths.append(path)
+    print(f"setup {time.perf_counter() - t0:.1f} s: {len(items)} (image, prompt) items, "
+          f"{len(set(r['prompt_id'] for r in items))} prompts, {args.size} px, {args.arch}, {args.device}")
+    return lake, weights, scorer, items, paths
+
+
+def _score_ours(lake, fresh: str, weights: str, args: argparse.Namespace):
+    """run_scoring on a fresh copy of the lake: (scorer summary, {(image_id, prompt_id): score})."""
+    from curation.lake import Lake
+    from curation.scoring import run_scoring
+
+    shutil.copytree(lake.root, fresh)
+    ours = run_scoring(Lake(fresh), ["hpsv2"], weights, args.device, args.batch_size, args.workers,
+                       scorer_options={"hpsv2": {"arch": args.arch}}).scorers[0]
+    scores = {(r["image_id"], r["prompt_id"]): r["score"] for r in Lake(fresh).read("scores").to_pylist()}
+    shutil.rmtree(fresh, ignore_errors=True)
+    return ours, scores
+
+
+def _score_naive(naive: tuple, paths: list[str], prompts: list[str], device, dtype, control_threads: int):
+    """The naive loop at the default threads, then (control_threads > 0) again at control_threads:
+    (scores, items/s, control items/s or None)."""
+    scores, rate = naive_loop(*naive, paths, prompts, device, dtype)
+    if not control_threads:
+        return scores, rate, None
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(control_threads)
+    try:
+        _, control_rate = naive_loop(*naive, paths, prompts, device, dtype)
+    finally:
+        torch.set_num_threads(default_threads)
+    return scores, rate, control_rate
+
+
+def _print_summary(args, rounds: list, controls: list, per_round: int, naive_done: set, diff: float,
+                   load_before: float, device, scorer) -> None:
+    ratios = [o / n for o, n, _ in rounds]
+    print(f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, default threads {torch.get_num_threads()}, load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    print(f"| path | items per round | items/s (median of {len(rounds)}) |\n|---|---|---|\n"
+          f"| naive loop (hpsv2 README / img_score.py, batch 1, text every time) | {per_round} "
+          f"({len(naive_done)} distinct over the rounds) | {np.median([n for _, n, _ in rounds]):.2f} |\n"
+          f"| prefcurate run_scoring (batch {args.batch_size}, {args.workers} workers) | {rounds[0][2]} | "
+          f"{np.median([o for o, _, _ in rounds]):.2f} |")
+    print(f"ratio ours / naive over {len(rounds)} interleaved rounds: min {min(ratios):.2f}x, median "
+          f"{np.median(ratios):.2f}x   (max |score difference| over {len(naive_done)} items {diff:.2e})")
+    if controls:
+        control_ratios = [o / c for (o, _, _), c in zip(rounds, controls)]
+        print(f"control, the naive loop at {args.control_threads} torch thread(s): median "
+              f"{np.median(controls):.2f} items/s; ratio ours / control min {min(control_ratios):.2f}x, median "
+              f"{np.median(control_ratios):.2f}x")
+    if device.type == "cuda":
+        gflops = image_tower_gflops(scorer.model, device, scorer.model.visual.image_size[0])
+        ours_rate, naive_rate = np.median([o for o, _, _ in rounds]), np.median([n for _, n, _ in rounds])
+        ours_tflops, naive_tflops = ours_rate * gflops / 1e3, naive_rate * gflops / 1e3
+        print(f"image tower: {gflops:.1f} GFLOPs/image measured (open_clip table, ViT-H-14: "
+              f"{VIT_H14_IMAGE_GFLOPS}); achieved {ours_tflops:.1f} TFLOP/s ours, {naive_tflops:.1f} naive "
+              f"= {100 * ours_tflops / args.peak_tflops:.1f}% / {100 * naive_tflops / args.peak_tflops:.1f}% "
+              f"of {args.peak_tflops:.0f} TFLOP/s peak")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
     device = torch.device(args.device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     work = tempfile.mkdtemp(prefix="bench-scoring-")
     try:
-        t0 = time.perf_counter()
-        lake = build_lake(work, args.prompts, args.size, args.seed)
-        torch.manual_seed(args.seed)
-        model = open_clip.create_model(args.arch, pretrained=None)
-        weights = os.path.join(work, "weights")
-        os.makedirs(weights)
-        torch.save({"state_dict": model.state_dict()}, os.path.join(weights, "HPS_v2_compressed.pt"))
-        del model
-        options = {"hpsv2": {"arch": args.arch}}
-        scorer = build_scorer("hpsv2", weights, args.device, arch=args.arch, batch_size=args.batch_size)
-        plan = plan_work(lake, scorer)
-        items = plan.items.to_pylist()
-        images = {r["image_id"]: r["bytes"] for r in lake.read("images", ["image_id", "bytes"]).to_pylist()}
-        os.makedirs(os.path.join(work, "files"))
-        paths = []
-        for item in items:  # the reference packages read image files from disk
-            path = os.path.join(work, "files", item["image_id"])
-            with open(path, "wb") as f:
-                f.write(images[item["image_id"]])
-            paths.append(path)
-        print(f"setup {time.perf_counter() - t0:.1f} s: {len(items)} (image, prompt) items, "
-              f"{len(set(r['prompt_id'] for r in items))} prompts, {args.size} px, {args.arch}, {args.device}")
-
-        from curation.lake import Lake
-
-        naive_model, naive_preprocess, naive_tokenizer = load_naive(
-            args.arch, os.path.join(weights, "HPS_v2_compressed.pt"), device)
+        lake, weights, scorer, items, paths = _setup(args, work)
+        naive = load_naive(args.arch, os.path.join(weights, "HPS_v2_compressed.pt"), device)
         per_round = min(args.naive_items or len(items), len(items))
         rounds, controls, diff, naive_done = [], [], 0.0, set()
-        default_threads = torch.get_num_threads()
         load_before = os.getloadavg()[0]
         for k in range(args.repeats):
             start = (k * per_round) % len(items)
@@ -170,26 +231,12 @@ def main(argv: list[str] | None = None) -> None:
             order = ("ours", "naive") if k % 2 == 0 else ("naive", "ours")
             for side in order:
                 if side == "ours":
-                    fresh = os.path.join(work, f"lake-{k}")
-                    shutil.copytree(lake.root, fresh)
-                    ours = run_scoring(Lake(fresh), ["hpsv2"], weights, args.device, args.batch_size, args.workers,
-                                       scorer_options=options).scorers[0]
-                    ours_scores = {(r["image_id"], r["prompt_id"]): r["score"]
-                                   for r in Lake(fresh).read("scores").to_pylist()}
+                    ours, ours_scores = _score_ours(lake, os.path.join(work, f"lake-{k}"), weights, args)
                     ours_rate = ours.n_scores / ours.seconds
-                    shutil.rmtree(fresh, ignore_errors=True)
                 else:
-                    naive_scores, naive_rate = naive_loop(
-                        naive_model, naive_preprocess, naive_tokenizer, [paths[j] for j in picked],
-                        [r["prompt"] for r in chosen], device, dtype)
-                    if args.control_threads:
-                        torch.set_num_threads(args.control_threads)
-                        try:
-                            _, control_rate = naive_loop(
-                                naive_model, naive_preprocess, naive_tokenizer, [paths[j] for j in picked],
-                                [r["prompt"] for r in chosen], device, dtype)
-                        finally:
-                            torch.set_num_threads(default_threads)
+                    naive_scores, naive_rate, control_rate = _score_naive(
+                        naive, [paths[j] for j in picked], [r["prompt"] for r in chosen], device, dtype,
+                        args.control_threads)
             diff = max([diff] + [abs(ours_scores[(r["image_id"], r["prompt_id"])] - s)
                                  for r, s in zip(chosen, naive_scores)])
             naive_done.update((r["image_id"], r["prompt_id"]) for r in chosen)
@@ -202,32 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"round {k + 1} ({' then '.join(order)}): ours {ours_rate:.2f} items/s ({ours.n_scores} items), "
                   f"naive {naive_rate:.2f} items/s ({per_round} items), ratio {ours_rate / naive_rate:.2f}x{control}, "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
-
-        ratios = [o / n for o, n, _ in rounds]
-        print(f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-              f"{torch.__version__}, default threads {torch.get_num_threads()}, load average "
-              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
-              + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
-        print(f"| path | items per round | items/s (median of {len(rounds)}) |\n|---|---|---|\n"
-              f"| naive loop (hpsv2 README / img_score.py, batch 1, text every time) | {per_round} "
-              f"({len(naive_done)} distinct over the rounds) | {np.median([n for _, n, _ in rounds]):.2f} |\n"
-              f"| prefcurate run_scoring (batch {args.batch_size}, {args.workers} workers) | {rounds[0][2]} | "
-              f"{np.median([o for o, _, _ in rounds]):.2f} |")
-        print(f"ratio ours / naive over {len(rounds)} interleaved rounds: min {min(ratios):.2f}x, median "
-              f"{np.median(ratios):.2f}x   (max |score difference| over {len(naive_done)} items {diff:.2e})")
-        if controls:
-            control_ratios = [o / c for (o, _, _), c in zip(rounds, controls)]
-            print(f"control, the naive loop at {args.control_threads} torch thread(s): median "
-                  f"{np.median(controls):.2f} items/s; ratio ours / control min {min(control_ratios):.2f}x, median "
-                  f"{np.median(control_ratios):.2f}x")
-        if device.type == "cuda":
-            gflops = image_tower_gflops(scorer.model, device, scorer.model.visual.image_size[0])
-            ours_rate, naive_rate = np.median([o for o, _, _ in rounds]), np.median([n for _, n, _ in rounds])
-            ours_tflops, naive_tflops = ours_rate * gflops / 1e3, naive_rate * gflops / 1e3
-            print(f"image tower: {gflops:.1f} GFLOPs/image measured (open_clip table, ViT-H-14: "
-                  f"{VIT_H14_IMAGE_GFLOPS}); achieved {ours_tflops:.1f} TFLOP/s ours, {naive_tflops:.1f} naive "
-                  f"= {100 * ours_tflops / args.peak_tflops:.1f}% / {100 * naive_tflops / args.peak_tflops:.1f}% "
-                  f"of {args.peak_tflops:.0f} TFLOP/s peak")
+        _print_summary(args, rounds, controls, per_round, naive_done, diff, load_before, device, scorer)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
