@@ -10,8 +10,9 @@ import os
 import textwrap
 
 from cli.errors import EXIT_OK, UserError
-from cli.train import TRAINER_OPTIONS, TrainerOptionError, check_num_processes, check_trainer_options, preflight
-from cli.train import usage_error
+from cli.train import (
+    TRAINER_OPTIONS, TrainerOptionError, check_num_processes, check_trainer_options, preflight, usage_error,
+)
 from data_schemas.vocab import (
     DEFAULT_SNAPSHOT_POLICY, INPUT_FORMATS, LOSS_TYPES, MINORITY_THRESHOLD, SNAPSHOT_POLICIES,
 )
