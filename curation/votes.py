@@ -101,7 +101,8 @@ def create_score_tables(con, scores_sql: str, names: list[str], prompt_free: Col
         counts = con.sql(f"SELECT {', '.join(f'max(_c{names.index(n)})' for n in group)} FROM {table}").fetchall()[0]
         duplicated += [n for n, c in zip(group, counts) if c is not None and c > 1]
     if duplicated:
-        raise ValueError(f"scores has duplicate (image_id[, prompt_id], scorer) rows for scorer(s) {sorted(duplicated)}; "
+        raise ValueError("scores has duplicate (image_id[, prompt_id], scorer) rows for scorer(s) "
+                         f"{sorted(duplicated)}; "
                          "keep one scorer_version per scorer first")
 
 
@@ -337,7 +338,8 @@ def compute_votes(
         con.register("_pairs_in", pair_frame.with_row_index("_r").to_arrow())
         con.register("_scores_in", score_frame.to_arrow())
         create_score_tables(con, "SELECT * FROM _scores_in", names, prompt_free)
-        wide = con.sql(score_lookup_sql("SELECT * FROM _pairs_in", names, prompt_free, ["_r", "pair_id"])).pl().sort("_r")
+        lookup = score_lookup_sql("SELECT * FROM _pairs_in", names, prompt_free, ["_r", "pair_id"])
+        wide = con.sql(lookup).pl().sort("_r")
     finally:
         con.close()
     accumulator.add(wide)
