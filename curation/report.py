@@ -26,6 +26,7 @@ from curation import report_plots as plots
 from curation.curate import current_run, input_versions
 from curation.lake import Lake
 from curation.sql import connect
+from data_schemas.vocab import MINORITY_THRESHOLD
 
 
 class MetricsFileError(ValueError):
@@ -179,7 +180,7 @@ def _figures(con, summary: dict, run_dir: str | os.PathLike | None, config: Repo
     no_votes = None if run is None or run["counts"]["pairs_with_votes"] else \
         "run `prefcurate score`, then `prefcurate curate` (the curation run has no scorer votes)"
     needs = no_run or no_votes
-    threshold = float(run["counts"]["minority_threshold"]) if run else 0.5
+    threshold = float(run["counts"]["minority_threshold"]) if run else MINORITY_THRESHOLD
     figures = [_annotator_figure(con, needs, threshold), _minority_figure(con, needs, threshold, config),
                _agreement_figure(con, needs), _source_figure(con, needs)]
     if run_dir is not None:

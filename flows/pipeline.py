@@ -35,6 +35,7 @@ from curation.ingest import quarantine_reasons
 from curation.lake import Lake
 from curation.snapshot import SnapshotPolicy
 from curation.sql import query
+from data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD
 from flows.curate import curate_flow, snapshot_flow
 from flows.ingest import ingest_flow
 from flows.score import score_flow
@@ -61,7 +62,7 @@ class TrainGate:
     max_minority_share: float | None = 0.5
     """Refuse a snapshot where more than this share of pairs has minority score u > `minority_threshold`:
     most labels contested means a broken scorer or a bad batch of annotations, not data to learn from."""
-    minority_threshold: float = 0.5
+    minority_threshold: float = MINORITY_THRESHOLD
     """u above which a pair counts as minority (the curate stage's own threshold)."""
 
     def failures(self, n_pairs: int, minority_share: float) -> list[str]:
@@ -158,7 +159,7 @@ def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str =
     scorers = list(PIXEL_SCORERS) if scorers is None else scorers
     summary["score"] = score_flow(lake, scorers, **(score_options or {})) if scorers else []
     summary["curate"] = curate_flow(lake, curate or CurateConfig())
-    summary["snapshot"] = snapshot_flow(lake, snapshot_name, policy or SnapshotPolicy(kind="adaptive"))
+    summary["snapshot"] = snapshot_flow(lake, snapshot_name, policy or SnapshotPolicy(kind=DEFAULT_SNAPSHOT_POLICY))
     summary["training"] = _training(summary["snapshot"], train) if train is not None else None
     publish_artifacts(lake, summary)
     errors = [r for r in summary["ingest"] if "error" in r]
