@@ -179,15 +179,15 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 def markdown(report: dict) -> str:
     header, rows = table_rows(report)
     against = report["model"].get("against")
+    comparison = ("the LoRA over the --against LoRA (columns: base = against, tuned = lora)" if against
+                  else "tuned over base")
     lines = [f"# Evaluation: {report['model']['lora'] or 'no LoRA (model against itself)'} over "
              f"{against + ' (both LoRAs on ' + report['model']['path'] + ')' if against else report['model']['path']}",
              "",
              f"{report['prompts']['n']} prompts ({report['prompts']['set']}) × {len(report['sampling']['seeds'])} "
              f"seed(s); {report['sampling']['steps']} steps, guidance {report['sampling']['guidance_scale']}, "
              f"{report['sampling']['image_size'][0]}×{report['sampling']['image_size'][1]} px, "
-             f"{report['sampling']['scheduler']}. Win rate of "
-             f"{'the LoRA over the --against LoRA (columns: base = against, tuned = lora)' if against else 'tuned over base'}"
-             f"; ties count 0.5.", "",
+             f"{report['sampling']['scheduler']}. Win rate of {comparison}; ties count 0.5.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", f"Average win rate over scorers: {report['average_win_rate']:.3f}", "",

@@ -7,8 +7,9 @@ pair decides the flip, so the flipped set at 10 % is contained in the one at 20 
 draws are shared by every flip rate (common random numbers across the conditions).
 
 Small world v2 labels come from a crowd of typed annotators instead (``smallworld.crowd``); ``plant_labels``
-stays as the per-pair flip protocol's reference. The pairs then take prefcurate's own path: a generic-format JSONL file with base64 PNG images
-(``curation/ingest/jsonl.py``), ``ingest_file``, pixel scoring, ``curate`` and ``write_snapshot``.
+stays as the per-pair flip protocol's reference. The pairs then take prefcurate's own path: a generic-format
+JSONL file with base64 PNG images (``curation/ingest/jsonl.py``), ``ingest_file``, pixel scoring, ``curate`` and
+``write_snapshot``.
 """
 from __future__ import annotations
 
