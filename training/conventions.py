@@ -1,4 +1,5 @@
-"""Loss names and β conventions: plain Python, no torch, so that `--help` and input checks stay fast.
+"""β conventions: plain Python, no torch, so that `--help` and input checks stay fast (the loss names and the
+Adaptive-DPO types are in data_schemas.vocab and data_schemas.adaptive).
 
 One β convention throughout (see training/losses.py): the logit is z = (β/2)·[(e_ref,w − e_ref,l) − (e_θ,w − e_θ,l)]
 on per-sample mean squared errors, β being the Salesforce DiffusionDPO ``beta_dpo``. The functions below
@@ -7,13 +8,6 @@ convert the other published conventions into it.
 from __future__ import annotations
 
 from typing import Literal
-
-
-LOSS_TYPES = ("dpo", "adaptive-dpo", "balanced-dpo", "ncp-dpo", "cpo", "sft", "ipo")
-
-WeightType = Literal["linear", "quadratic", "sigmoid", "sqrt"]
-MarginType = Literal["quadratic", "linear"]
-CombineMode = Literal["online", "offline", "max", "mean"]
 
 
 # ---------------------------------------------------------------- β conventions
