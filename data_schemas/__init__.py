@@ -10,7 +10,7 @@ import importlib
 _HOME = {
     **dict.fromkeys(("IMAGE_REFS", "IMAGES", "INGESTS", "PAIRS", "QUARANTINE", "SCHEMA_VERSION", "SCORES",
                      "SNAPSHOT_PAIRS", "TABLES", "UNIQUE_KEYS", "describe"), "tables"),
-    **dict.fromkeys(("SchemaError", "conform", "validate"), "validate"),
+    **dict.fromkeys(("SchemaError", "conform", "validate"), "validation"),
 }
 __all__ = sorted(_HOME)
 
