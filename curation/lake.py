@@ -328,7 +328,7 @@ class Lake:
                             f"any write (e.g. `prefcurate repair`) migrates it")
         infos = list(self.committed_files().values())
         problems = list(self._file_problems(infos, "sha256"))
-        from curation.snapshot import SnapshotError, verify_snapshot  # snapshot imports this module
+        from data_schemas.snapshot_contract import SnapshotError, verify_snapshot  # pyarrow only, on first use
 
         snapshots = [p for p in (self.fs.ls(self.join("snapshots"), detail=False)
                                  if self.fs.isdir(self.join("snapshots")) else [])
