@@ -54,7 +54,7 @@ from curation.reliability import normalise_weights, winner_truth_share
 from data_schemas import SNAPSHOT_PAIRS, adaptive, conform
 from data_schemas import snapshot_contract as contract
 from data_schemas.snapshot_contract import SnapshotError, verify_snapshot  # noqa: F401  (re-exported)
-from data_schemas.vocab import MINORITY_THRESHOLD, SNAPSHOT_POLICIES
+from data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD, SNAPSHOT_POLICIES
 
 
 POLICIES = SNAPSHOT_POLICIES
@@ -66,7 +66,7 @@ TRUSTED_POSTERIOR = 0.5  # reliability: the label is at least as likely right as
 
 @dataclass(frozen=True)
 class SnapshotPolicy:
-    kind: Literal["plain", "filter", "adaptive", "balanced", "reliability"] = "plain"
+    kind: Literal[SNAPSHOT_POLICIES] = DEFAULT_SNAPSHOT_POLICY  # the CLI's, serve's and the pipeline's default too
     max_minority_score: float | None = MINORITY_THRESHOLD
     """filter: drop pairs with u above this (u > 0.5 means the scorers' mean confidence in the label is < 1/2)."""
     min_reliability: float | None = None

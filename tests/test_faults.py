@@ -45,7 +45,7 @@ STAGE_SCRIPT = textwrap.dedent("""
         from curation.curate import curate
         curate(lake)
     elif stage == "snapshot":
-        from curation.snapshot import write_snapshot
+        from curation.snapshot import SnapshotPolicy, write_snapshot
         if os.environ.get("KILL_BEFORE_SNAPSHOT_RENAME"):
             real_mv = lake.fs.mv
             def mv(src, dst, *a, **k):
@@ -53,7 +53,7 @@ STAGE_SCRIPT = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGKILL)
                 return real_mv(src, dst, *a, **k)
             lake.fs.mv = mv
-        write_snapshot(lake, "plain")
+        write_snapshot(lake, "plain", SnapshotPolicy(kind="plain"))
 """)
 STAGES = ("ingest0", "ingest1", "score", "curate", "snapshot")
 
@@ -143,7 +143,7 @@ def _finish_from(stage: str, root: str, shards: list[str]) -> None:
     from curation.curate import curate
     from curation.ingest import IngestConfig, ingest_file, make_reader
     from curation.scoring import ScoringConfig, run_scoring
-    from curation.snapshot import write_snapshot
+    from curation.snapshot import SnapshotPolicy, write_snapshot
 
     lake = Lake(root, create=True)
     for later in STAGES[STAGES.index(stage):]:
@@ -155,7 +155,7 @@ def _finish_from(stage: str, root: str, shards: list[str]) -> None:
         elif later == "curate":
             curate(lake)
         else:
-            write_snapshot(lake, "plain")
+            write_snapshot(lake, "plain", SnapshotPolicy(kind="plain"))
 
 
 KILL_POINTS = [

@@ -23,8 +23,7 @@ from training.conventions import beta_from_adaptive_dpo
 from training.recipes import RECIPES, apply_recipe, recipe_help
 
 
-LossType = Literal["dpo", "adaptive-dpo", "balanced-dpo", "ncp-dpo", "cpo", "sft", "ipo"]
-assert set(typing.get_args(LossType)) == set(LOSS_TYPES), "LossType must list exactly data_schemas.vocab.LOSS_TYPES"
+LossType = Literal[LOSS_TYPES]  # Literal of a tuple = Literal of its items
 
 DEFAULT_BETA = {
     "dpo": 5000.0,  # Salesforce launchers (methods.md §1.5); = diffusers SD1.5 beta_dpo 2500
