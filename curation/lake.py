@@ -188,7 +188,6 @@ class Lake:
         """The filesystem path (for `self.fs`) of a path relative to the lake."""
         return "/".join([self.path, *parts])
 
-    _join = join  # old name: curation/curate.py and curation/snapshot.py still call it
 
     @staticmethod
     def exists(root: str) -> bool:

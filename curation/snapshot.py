@@ -165,9 +165,9 @@ def select_pairs(lake: Lake, policy: SnapshotPolicy) -> tuple[pl.DataFrame, dict
 def _with_statistics(lake: Lake, frame: pl.DataFrame, run: dict | None, policy: SnapshotPolicy) -> pl.DataFrame:
     """The pairs with the current run's pair metrics and annotator reliability joined (nulls without a run)."""
     if run is not None:
-        metrics = pl.read_parquet(lake._join("curation", run["run_id"], "pair_metrics.parquet"))
+        metrics = pl.read_parquet(lake.join("curation", run["run_id"], "pair_metrics.parquet"))
         frame = frame.join(metrics, on="pair_id", how="left")
-        annotators = pl.read_parquet(lake._join("curation", run["run_id"], "annotators.parquet"))
+        annotators = pl.read_parquet(lake.join("curation", run["run_id"], "annotators.parquet"))
         frame = frame.join(annotators.select("user_id", pl.col("reliability").alias("annotator_reliability")),
                            on="user_id", how="left")
     else:
@@ -314,7 +314,7 @@ def _write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy, out_root: str
     if rows.height == 0:
         raise SnapshotError(f"policy {policy.kind!r} selects no pairs: {counts}")
     snapshot_id = _snapshot_id(rows, policy)
-    root = out_root or lake._join("snapshots")
+    root = out_root or lake.join("snapshots")
     fs = lake.fs
     final = f"{root}/{snapshot_id}"
     if fs.exists(f"{final}/manifest.json"):
@@ -384,7 +384,7 @@ def resolve_snapshot(lake_or_root: Lake | str, name: str = "latest") -> str:
     import fsspec
 
     if isinstance(lake_or_root, Lake):
-        fs, root = lake_or_root.fs, lake_or_root._join("snapshots")
+        fs, root = lake_or_root.fs, lake_or_root.join("snapshots")
     else:
         fs, root = fsspec.core.url_to_fs(lake_or_root)
     if fs.exists(f"{root}/{name}/manifest.json"):
