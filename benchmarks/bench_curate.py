@@ -13,11 +13,11 @@ VmHWM), alternating floor and ours `--repeats` times so that load from other pro
          from ours' files; string columns from the chunk's real pair ids, numbers random, so they
          compress like real ones), snappy like ours. The random numbers are drawn before the clock
          starts (one chunk's worth, sliced per chunk): drawing them is no part of the I/O;
-  ours:  curation.curate.curate (votes, consensus, pair metrics, annotator statistics, the joint
+  ours:  prefcurate.curation.labels.curate.curate (votes, consensus, pair metrics, annotator statistics, the joint
          label model, written as one atomic run), from a clean curation folder.
 
 Reported: wall and CPU seconds (user + system of the process, all threads) of each, their ratios
-(min and median over the repeats), and peak RSS, for ours also per phase (`curation.curate.phase_hook`:
+(min and median over the repeats), and peak RSS, for ours also per phase (`curation.labels.curate.phase_hook`:
 VmHWM reset at the start of each phase, so each figure is that phase's own peak; sampled every 50 ms
 where /proc/self/clear_refs cannot be written). Target (issue 13): ours at most 3x the floor at 1M
 pairs; at 10M pairs peak RSS under 4 GB and the same ratio within 1.5x.
@@ -53,8 +53,8 @@ GENERATE_CHUNK = 1_000_000
 
 def make_lake(root: str, n_pairs: int, seed: int = 0) -> None:
     """Commit a generated lake of `n_pairs` pairs at `root` (memory: one chunk of 1M pairs at a time)."""
-    from curation.lake import Lake
-    from data_schemas import INGESTS, PAIRS
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.data_schemas import INGESTS, PAIRS
 
     rng = np.random.default_rng(seed)
     lake = Lake(root, create=True)
@@ -127,8 +127,8 @@ def random_column(field: pa.Field, n: int, rng: np.random.Generator, strings: pa
 def run_floor(root: str) -> dict:
     import duckdb
 
-    from curation.curate import CHUNK_PAIRS, CURRENT, DUCKDB_MEMORY_LIMIT
-    from curation.lake import Lake
+    from prefcurate.curation.labels.curate import CHUNK_PAIRS, CURRENT, DUCKDB_MEMORY_LIMIT
+    from prefcurate.curation.store.lake import Lake
 
     lake = Lake(root)
     run_dir = lake.join("curation", json.loads(open(lake.join(CURRENT)).read())["run_id"])
@@ -174,7 +174,7 @@ def run_floor(root: str) -> dict:
 
 
 class PhaseMeter:
-    """Per phase of curate (curation.curate.phase_hook): wall and CPU seconds and peak RSS (MB). The peak
+    """Per phase of curate (curation.labels.curate.phase_hook): wall and CPU seconds and peak RSS (MB). The peak
     is VmHWM after resetting it (/proc/self/clear_refs 5) when the phase starts; where that file cannot
     be written, the largest VmRSS sampled every 50 ms."""
 
@@ -231,14 +231,14 @@ class PhaseMeter:
 
 
 def run_ours(root: str) -> dict:
-    import curation.curate
-    from curation.lake import Lake
+    import prefcurate.curation.labels.curate
+    from prefcurate.curation.store.lake import Lake
 
     shutil.rmtree(os.path.join(root, "curation"), ignore_errors=True)  # a full recompute, not a reused run
     meter = PhaseMeter()
-    curation.curate.phase_hook = meter
+    prefcurate.curation.labels.curate.phase_hook = meter
     started, cpu = time.perf_counter(), cpu_seconds()
-    result = curation.curate.curate(Lake(root))
+    result = prefcurate.curation.labels.curate.curate(Lake(root))
     return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu,
             "pairs": result.counts["pairs"], "annotators": result.counts["annotators"], "phases": meter.phases}
 

@@ -81,7 +81,7 @@ def make_shard(path: str, rows: int, distinct_images: int, size: int, seed: int 
 
 def reference_batch_sizes(shard: str) -> list[int]:
     """pyarrow's default batch size, and the one our reader picks for this shard (if different)."""
-    from curation.ingest.pickapic import PickAPicReader
+    from prefcurate.curation.ingest.pickapic import PickAPicReader
 
     source = pq.ParquetFile(shard)
     ours = PickAPicReader()._rows_per_batch(source, source.schema_arrow.names)
@@ -103,8 +103,8 @@ def run_reference(shard: str, out_dir: str, batch_size: int) -> dict:
 
 
 def run_ours(shard: str, out_dir: str) -> dict:
-    from curation.ingest import IngestConfig, ingest_file, make_reader
-    from curation.lake import Lake
+    from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+    from prefcurate.curation.store.lake import Lake
 
     started = time.perf_counter()
     lake = Lake(os.path.join(out_dir, "lake"), create=True)

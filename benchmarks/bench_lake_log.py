@@ -11,9 +11,9 @@ import time
 
 import pyarrow as pa
 
-import curation.lake as lake_module
-from curation.lake import Lake
-from curation.sql import query
+import prefcurate.curation.store.lake as lake_module
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.store.sql import query
 
 
 def main(n: int, checkpoint_every: int | None) -> None:

@@ -2,9 +2,9 @@
 called as a Python function, with no Prefect server configured (PREFECT_API_URL unset).
 
   cli:      `prefcurate score --lake L --scorers S --workers W` in a subprocess: interpreter start, the CLI's
-            imports, argument checks, then flows.stages.run_score -> curation.scoring.run_scoring.
+            imports, argument checks, then flows.stages.run_score -> curation.scorers.runner.run_scoring.
   function: `python -c "...run_scoring(Lake(L), [S], workers=W)"` in a subprocess: interpreter start, the
-            same library imports (curation.scoring imports torch), the same call. The child also reports the
+            same library imports (curation.scorers.runner imports torch), the same call. The child also reports the
             call's own time (imports excluded), printed as `work`.
 Each timed run gets a fresh copy of the same unscored lake (the copy is made before the clock starts), so
 both sides score exactly the same images. Sides run interleaved (cli, function, cli, function, ...) so that
@@ -31,8 +31,8 @@ import time
 FUNCTION = """
 import sys, time
 started = time.perf_counter()
-from curation.lake import Lake
-from curation.scoring import run_scoring
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.scorers.runner import run_scoring
 imported = time.perf_counter()
 result = run_scoring(Lake(sys.argv[1]), [sys.argv[2]], workers=int(sys.argv[3]))
 print(f"work {time.perf_counter() - imported:.3f} imports {imported - started:.3f} images "
@@ -42,9 +42,9 @@ print(f"work {time.perf_counter() - imported:.3f} imports {imported - started:.3
 
 def build_lake(root: str, n_images: int, size: int, seed: int) -> str:
     """A lake whose pairs need about `n_images` distinct images: prompts of 5 images each."""
-    from curation.ingest import IngestConfig, ingest_file, make_reader
-    from curation.lake import Lake
-    from curation.sample import SampleConfig, generate_sample
+    from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
 
     prompts = max(1, round(n_images / 5))
     config = SampleConfig(seed=seed, n_prompts=prompts, images_per_prompt=(5, 5), n_rows=prompts * 20,

@@ -9,7 +9,7 @@
          image, torch's default threads. (The PickScore README does the same per prompt with its processor;
          hpsv2.score also reloads the checkpoint on every call, which is left out here: it would only widen
          the gap.) Nothing of ours (model object, transform, tokenizer) is shared with it.
-  ours:  curation.scoring.run_scoring over a lake holding the same images (worker processes decode and
+  ours:  curation.scorers.runner.run_scoring over a lake holding the same images (worker processes decode and
          preprocess, batched image tower, each prompt encoded once, rows committed to the lake).
 Both score (image, prompt) items the lake's pairs need with an open_clip architecture at random weights
 (pretrained=None), saved as an HPS-style checkpoint, on images of the datasets' size (512 px: Pick-a-Pic
@@ -49,9 +49,9 @@ VIT_H14_IMAGE_GFLOPS = 334.6  # open_clip model_profile (torch flop counter: FLO
 
 
 def build_lake(root: str, prompts: int, size: int, seed: int):
-    from curation.ingest import IngestConfig, ingest_file, make_reader
-    from curation.lake import Lake
-    from curation.sample import SampleConfig, generate_sample
+    from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
 
     config = SampleConfig(seed=seed, n_prompts=prompts, n_rows=prompts * 12, n_annotators=24, image_size=size,
                           n_shards=1, row_groups_per_shard=2)
@@ -130,8 +130,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _setup(args: argparse.Namespace, work: str):
     """The sample lake, a random-weight HPSv2 checkpoint, the scorer, and the plan's items written as image
     files (the reference packages read files from disk): (lake, weights folder, scorer, items, paths)."""
-    from curation.scorers import build_scorer
-    from curation.scoring import plan_work
+    from prefcurate.curation.scorers import build_scorer
+    from prefcurate.curation.scorers.runner import plan_work
 
     t0 = time.perf_counter()
     lake = build_lake(work, args.prompts, args.size, args.seed)
@@ -158,8 +158,8 @@ def _setup(args: argparse.Namespace, work: str):
 
 def _score_ours(lake, fresh: str, weights: str, args: argparse.Namespace):
     """run_scoring on a fresh copy of the lake: (scorer summary, {(image_id, prompt_id): score})."""
-    from curation.lake import Lake
-    from curation.scoring import run_scoring
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.scorers.runner import run_scoring
 
     shutil.copytree(lake.root, fresh)
     ours = run_scoring(Lake(fresh), ["hpsv2"], weights, args.device, args.batch_size, args.workers,

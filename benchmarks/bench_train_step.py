@@ -89,8 +89,8 @@ def write_snapshot(root: Path, n_pairs: int, image_size: int, row_group_size: in
     import pyarrow as pa
     from PIL import Image
 
-    from data_schemas import snapshot_contract as contract
-    from data_schemas.tables import SNAPSHOT_PAIRS
+    from prefcurate.data_schemas import snapshot_contract as contract
+    from prefcurate.data_schemas.tables import SNAPSHOT_PAIRS
     rng = np.random.default_rng(0)
 
     def png() -> bytes:
@@ -131,7 +131,7 @@ def build_pipeline(out: Path, sd15: bool) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from training.components import CLIP_TOKENIZER_DIR
+    from prefcurate.training.components import CLIP_TOKENIZER_DIR
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**(SD15_UNET if sd15 else SMALL_UNET))
     vae = AutoencoderKL(**(SD15_VAE if sd15 else SMALL_VAE))
@@ -163,8 +163,8 @@ def peak_mib() -> float:
 def run_trainer(args, design: str) -> dict:
     import torch
 
-    from training.config import TrainConfig
-    from training.trainer import Trainer
+    from prefcurate.training.config import TrainConfig
+    from prefcurate.training.trainer import Trainer
     loss = "ncp-dpo" if design == "ncp-ours" else (args.loss or "dpo")
     cfg = TrainConfig(snapshot=args.snapshot, model=args.model, output=tempfile.mkdtemp(), loss=loss,
                       resolution=args.resolution, train_batch_size=args.pairs, max_steps=10**6,
@@ -196,9 +196,9 @@ def run_reference(args, with_optimizer: bool = True) -> dict:
     AdamW's two fp32 moments per weight; ``reference-opt-only`` times that update alone."""
     import torch
 
-    from training import losses as L
-    from training.components import encode_prompts, load_components
-    from training.snapshot_reader import PairStream, open_snapshot
+    from prefcurate.training import losses as L
+    from prefcurate.training.components import encode_prompts, load_components
+    from prefcurate.training.snapshot_reader import PairStream, open_snapshot
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     dtype = dtype if device.type == "cuda" else torch.float32
@@ -390,7 +390,7 @@ def describe(name: str, r: dict) -> str:
 
 def loss_sweep(work: Path, args, resolution: int) -> dict:
     """Every loss with our trainer, gradient checkpointing off and on: step time and peak memory."""
-    from training.losses import LOSS_TYPES
+    from prefcurate.training.losses import LOSS_TYPES
     rows, results = [], {}
     for loss in LOSS_TYPES:
         pair = {}
@@ -459,7 +459,7 @@ def main() -> None:
         return child(args)
     if args.build_model:
         if args.tiny:
-            from training.components import build_tiny_pipeline
+            from prefcurate.training.components import build_tiny_pipeline
             build_tiny_pipeline(Path(args.build_model), resolution=int(args.resolution))
         else:
             build_pipeline(Path(args.build_model), args.sd15)

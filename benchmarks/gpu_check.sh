@@ -30,7 +30,7 @@ import sys, time
 import torch
 import open_clip
 from torch.utils.flop_counter import FlopCounterMode
-from curation.scorers.clip_family import OpenClipScorer
+from prefcurate.curation.scorers.clip_family import OpenClipScorer
 
 dry = sys.argv[1] == "1"
 cuda = torch.cuda.is_available() and not dry

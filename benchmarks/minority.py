@@ -50,8 +50,8 @@ from benchmarks.smallworld import world  # noqa: E402
 from benchmarks.smallworld.pretrain import DEFAULT_OUT as DEFAULT_MODEL  # noqa: E402
 from benchmarks.smallworld.pretrain import PretrainConfig, pretrain  # noqa: E402
 from benchmarks.smallworld.sampling import load_pipeline, sample, unet_with_lora  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.trainer import train  # noqa: E402
+from prefcurate.training.config import TrainConfig  # noqa: E402
+from prefcurate.training.trainer import train  # noqa: E402
 
 
 # snapshot -> SnapshotPolicy fields (beyond pairs_per_shard); every snapshot is written for every condition, so the
@@ -246,7 +246,7 @@ def curate_condition(c: ExperimentConfig, pairs: Pairs, crowd: C.Crowd, labels: 
 
 
 def train_run(c: ExperimentConfig, method: str, snapshot: str, seed: int, output: Path, cache: Path) -> Path:
-    """One LoRA fine-tune with ``training.trainer``; returns its final checkpoint folder."""
+    """One LoRA fine-tune with ``prefcurate.training.trainer``; returns its final checkpoint folder."""
     config = TrainConfig(snapshot=snapshot, model=c.model, output=str(output), resolution=world.IMAGE_SIZE,
                          train_batch_size=c.batch_size, max_steps=c.steps, learning_rate=c.learning_rate,
                          beta=c.beta, lora_rank=c.lora_rank, lora_target_modules=c.lora_targets, seed=seed,
@@ -267,7 +267,7 @@ def training_digest(snapshot: str, method: str) -> str:
 def _columns_digest(snapshot: str, skip: frozenset[str]) -> str:
     """sha256 of a snapshot's trainer-read columns except ``skip``; cached: methods sharing a snapshot read it once."""
     import pyarrow.parquet as pq
-    from training.snapshot_reader import IMAGE_COLUMNS, META_COLUMNS, OPTIONAL_COLUMNS
+    from prefcurate.training.snapshot_reader import IMAGE_COLUMNS, META_COLUMNS, OPTIONAL_COLUMNS
 
     digest = hashlib.sha256()
     for shard in sorted(Path(snapshot, "shards").glob("*.parquet")):

@@ -46,9 +46,9 @@ def expert_accuracy(pairs: pl.DataFrame, min_labels: int) -> pl.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from curation.curate import curate, current_run, load_pairs
-    from curation.ingest import IngestConfig, ingest_file, make_reader
-    from curation.lake import Lake
+    from prefcurate.curation.labels.curate import curate, current_run, load_pairs
+    from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+    from prefcurate.curation.store.lake import Lake
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lake", help="lake folder to use (ingested once); default a temporary one")

@@ -1,5 +1,5 @@
-"""`python -m cli`: the same entry point as the installed `prefcurate` script."""
-from cli.main import entry
+"""`python -m prefcurate.cli`: the same entry point as the installed `prefcurate` script."""
+from prefcurate.cli.main import entry
 
 
 entry()

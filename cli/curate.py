@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from cli.errors import EXIT_OK, UserError
-from cli.tracking import add_track, quiet_prefect_defaults, tracked
+from prefcurate.cli.errors import EXIT_OK, UserError
+from prefcurate.cli.tracking import add_track, quiet_prefect_defaults, tracked
 
 
 def add_parser(sub) -> None:
@@ -30,9 +30,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from curation.annotators import AnnotatorStatsConfig
-    from curation.curate import CurateConfig
-    from curation.lake import Lake
+    from prefcurate.curation.labels.annotators import AnnotatorStatsConfig
+    from prefcurate.curation.labels.curate import CurateConfig
+    from prefcurate.curation.store.lake import Lake
 
     Lake(args.lake)  # a missing lake is one clear line before Prefect starts
     try:
@@ -43,11 +43,11 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     if tracked(args):
         quiet_prefect_defaults()
-        from flows.curate import curate_flow
+        from prefcurate.flows.curate import curate_flow
 
         print(curate_flow(args.lake, config)["line"])
     else:
-        from flows.stages import run_curate
+        from prefcurate.flows.stages import run_curate
 
         print(run_curate(args.lake, config)["line"])
     return EXIT_OK

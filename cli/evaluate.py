@@ -1,13 +1,13 @@
 """`prefcurate eval`: win rates of a fine-tuned LoRA over its base model (or over a second LoRA), per scorer.
 
-The parser imports nothing heavy, so `prefcurate --help` stays fast; the handler calls flows.evaluate.run_eval.
+The parser imports nothing heavy, so `prefcurate --help` stays fast; the handler calls evaluation.evaluate.run_eval.
 """
 from __future__ import annotations
 
 import argparse
 import textwrap
 
-from cli.errors import EXIT_OK, UserError
+from prefcurate.cli.errors import EXIT_OK, UserError
 
 
 PIXEL_SCORERS = "sharpness,exposure,colourfulness"
@@ -69,11 +69,11 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def run(args) -> int:
-    from cli.score import scorer_names
-    from curation.scorers import CheckpointFormatError
-    from flows.evaluate import EvalConfig, run_eval, table_rows
-    from training.generate import SamplingConfig
-    from training.prompts import PromptFileError
+    from prefcurate.cli.score import scorer_names
+    from prefcurate.curation.scorers import CheckpointFormatError
+    from prefcurate.evaluation.evaluate import EvalConfig, run_eval, table_rows
+    from prefcurate.training.generate import SamplingConfig
+    from prefcurate.training.prompts import PromptFileError
 
     names = tuple(scorer_names(args.scorers))
     try:

@@ -5,9 +5,9 @@ import argparse
 import sys
 import textwrap
 
-from cli.errors import EXIT_INPUT, EXIT_OK, UserError
-from cli.tracking import add_track, quiet_prefect_defaults, tracked
-from data_schemas.vocab import INPUT_FORMATS
+from prefcurate.cli.errors import EXIT_INPUT, EXIT_OK, UserError
+from prefcurate.cli.tracking import add_track, quiet_prefect_defaults, tracked
+from prefcurate.data_schemas.vocab import INPUT_FORMATS
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 def _check_sources(paths: list[str], fmt: str) -> None:
     """Before any lake, lock or server: a mistyped path fails at once. Refused only when no file can be read
     (the readable ones are still ingested, the others reported one line each)."""
-    from flows import stages
+    from prefcurate.flows import stages
 
     errors = {}
     for path in paths:
@@ -50,8 +50,8 @@ def _check_sources(paths: list[str], fmt: str) -> None:
 
 
 def run(args) -> int:
-    from curation.ingest import READERS
-    from flows import stages
+    from prefcurate.curation.ingest import READERS
+    from prefcurate.flows import stages
 
     if args.format not in READERS:
         raise UserError(f"unknown format {args.format!r}; formats: {', '.join(sorted(READERS))}")
@@ -61,7 +61,7 @@ def run(args) -> int:
         options["allow_outside_root"] = True
     if tracked(args):
         quiet_prefect_defaults()
-        from flows.ingest import ingest_flow
+        from prefcurate.flows.ingest import ingest_flow
 
         results = ingest_flow(args.lake, args.paths, args.format, args.source, options)
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.errors import EXIT_OK, UserError
+from prefcurate.cli.errors import EXIT_OK, UserError
 
 
 def add_parser(sub) -> None:
@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
 
 
 def _tables(args) -> int:
-    from data_schemas import describe
-    from data_schemas.tables import CURATION_TABLES, TABLES
+    from prefcurate.data_schemas import describe
+    from prefcurate.data_schemas.tables import CURATION_TABLES, TABLES
 
     known = [*TABLES, *CURATION_TABLES]
     for name in args.names or known:
@@ -33,7 +33,7 @@ def _tables(args) -> int:
 
 
 def _verify(args) -> int:
-    from curation.lake import Lake
+    from prefcurate.curation.store.lake import Lake
 
     result = Lake(args.lake).verify()
     if result["problems"]:
@@ -44,7 +44,7 @@ def _verify(args) -> int:
 
 
 def _repair(args) -> int:
-    from curation.lake import Lake
+    from prefcurate.curation.store.lake import Lake
 
     print("\n".join(Lake(args.lake).repair()) or "nothing to repair")
     return EXIT_OK

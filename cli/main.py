@@ -13,8 +13,8 @@ import os
 import sys
 import textwrap
 
-from cli import curate, evaluate, ingest, lake, orchestration, query, report, sample, score, snapshot, train
-from cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, UserError
+from prefcurate.cli import curate, evaluate, ingest, lake, orchestration, query, report, sample, score, snapshot, train
+from prefcurate.cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, UserError
 
 
 # Command -> its group module, in the order `prefcurate --help` lists them.
@@ -23,10 +23,12 @@ COMMANDS = {"ingest": ingest, "sql": query, "score": score, "curate": curate, "s
             "train": train, "serve": orchestration, "eval": evaluate}
 PASSES_UNKNOWN_OPTIONS = ("train", "serve")  # to the trainer: cli/train.py
 # Input errors of the modules a command uses, by module: looked up in sys.modules when an error is caught, so
-# a command does not import modules it does not use just to name their errors (curation.ingest: ~1 s).
-INPUT_ERRORS = {"curation.lake": ("LakeError",), "curation.ingest.raw": ("UnreadableSourceError",),
-                "curation.snapshot": ("SnapshotError",), "curation.sql": ("ReadOnlyError",),
-                "flows.stages": ("SourceError",), "flows.serve": ("ServerError",)}
+# a command does not import modules it does not use just to name their errors (prefcurate.curation.ingest: ~1 s).
+INPUT_ERRORS = {
+    "prefcurate.curation.store.lake": ("LakeError",), "prefcurate.curation.ingest.raw": ("UnreadableSourceError",),
+    "prefcurate.curation.snapshot": ("SnapshotError",), "prefcurate.curation.store.sql": ("ReadOnlyError",),
+    "prefcurate.flows.stages": ("SourceError",), "prefcurate.flows.serve": ("ServerError",),
+}
 EPILOG = """\
     examples:
       prefcurate demo --out demo-out
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except Exception as exc:
-        stages = sys.modules.get("flows.stages")
+        stages = sys.modules.get("prefcurate.flows.stages")
         if stages is not None and isinstance(exc, stages.TrainingFailed) and not args.debug:
             print(f"prefcurate {args.command}: error: {exc}", file=sys.stderr)
             return EXIT_INTERNAL

@@ -9,16 +9,16 @@ import argparse
 import os
 import textwrap
 
-from cli.errors import EXIT_OK, UserError
-from cli.train import (
+from prefcurate.cli.errors import EXIT_OK, UserError
+from prefcurate.cli.train import (
     TRAINER_OPTIONS, TrainerOptionError, check_num_processes, check_trainer_options, preflight, usage_error,
 )
-from data_schemas.vocab import (
+from prefcurate.data_schemas.vocab import (
     DEFAULT_SNAPSHOT_POLICY, INPUT_FORMATS, LOSS_TYPES, MINORITY_THRESHOLD, SNAPSHOT_POLICIES,
 )
 
 
-# The landing files each reader picks up by default (one per data_schemas.vocab.INPUT_FORMATS name).
+# The landing files each reader picks up by default (one per prefcurate.data_schemas.vocab.INPUT_FORMATS name).
 PATTERNS = {"pickapic": "*.parquet", "hpdv2": "*.json", "jsonl": "*.jsonl", "csv": "*.csv", "wmt": "*.csv"}
 
 
@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
 
 
 def _scorers(text: str) -> list[str]:
-    from curation.scorers import SCORERS
+    from prefcurate.curation.scorers import SCORERS
 
     scorers = [s for s in text.split(",") if s]
     unknown = sorted(set(scorers) - set(SCORERS))
@@ -92,7 +92,7 @@ def _check_args(args) -> None:
 def _train_request(args):
     """The TrainRequest of --train-model and its options, checked now (model folder, trainer options): a
     mistake fails here, not in a run triggered hours later. Raises TrainerOptionError (a usage error)."""
-    from flows.pipeline import TrainGate, TrainRequest
+    from prefcurate.flows.pipeline import TrainGate, TrainRequest
 
     if not args.train_output:
         raise UserError("--train-model needs --train-output, the folder training runs write into")
@@ -108,14 +108,14 @@ def _train_request(args):
 
 
 def run(args) -> int:
-    from curation.snapshot import SnapshotPolicy
+    from prefcurate.curation.snapshot import SnapshotPolicy
 
     _check_args(args)
     scorers = _scorers(args.scorers)
     policy = SnapshotPolicy(kind=args.policy, max_minority_score=args.max_minority_score,
                             min_reliability=args.min_reliability)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before Prefect reads its settings
-    from flows.serve import ServerError, serve_pipeline
+    from prefcurate.flows.serve import ServerError, serve_pipeline
 
     try:
         train = _train_request(args) if args.train_model is not None else None

@@ -6,7 +6,7 @@ import json
 import sys
 import textwrap
 
-from cli.errors import EXIT_OK
+from prefcurate.cli.errors import EXIT_OK
 
 
 def add_parser(sub) -> None:
@@ -45,8 +45,8 @@ def print_table(table, fmt: str) -> None:
 
 
 def run(args) -> int:
-    from curation.lake import Lake
-    from curation.sql import SqlLimits, query
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.store.sql import SqlLimits, query
 
     limits = SqlLimits(memory_limit=args.memory_limit, threads=args.threads, timeout_s=args.timeout)
     print_table(query(Lake(args.lake), args.query, limits), args.format)

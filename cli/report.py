@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from cli.errors import EXIT_OK, UserError
+from prefcurate.cli.errors import EXIT_OK, UserError
 
 
 def add_parser(sub) -> None:
@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from curation.lake import Lake
-    from curation.report import MetricsFileError, write_report
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.report.page import MetricsFileError, write_report
 
     try:
         print(write_report(Lake(args.lake), args.out, run_dir=args.run).line())

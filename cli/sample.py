@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.errors import EXIT_OK
+from prefcurate.cli.errors import EXIT_OK
 
 
 def add_parser(sub) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def _sample(args) -> int:
-    from curation.sample import SampleConfig, generate_sample
+    from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
 
     config = SampleConfig.small(seed=args.seed) if args.small else SampleConfig(seed=args.seed)
     paths = generate_sample(args.out, config)
@@ -30,7 +30,7 @@ def _sample(args) -> int:
 
 
 def _demo(args) -> int:
-    from flows.demo import run_demo
+    from prefcurate.flows.demo import run_demo
 
     run_demo(args.out, seed=args.seed)
     return EXIT_OK

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from cli.errors import EXIT_OK, UserError
-from cli.tracking import add_track, quiet_prefect_defaults, tracked
+from prefcurate.cli.errors import EXIT_OK, UserError
+from prefcurate.cli.tracking import add_track, quiet_prefect_defaults, tracked
 
 
 def add_parser(sub) -> None:
@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 def scorer_names(text: str) -> list[str]:
     """The comma-separated scorer names of `text`, each one known (else a UserError listing the scorers)."""
-    from curation.scorers import SCORERS
+    from prefcurate.curation.scorers import SCORERS
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCORERS]
@@ -51,9 +51,9 @@ def scorer_names(text: str) -> list[str]:
 
 
 def _check_options(args, names: list[str]) -> None:
-    from curation.scorers import SCORERS
+    from prefcurate.curation.scorers import SCORERS
 
-    needs_weights = [n for n in names if getattr(SCORERS[n], "__module__", "") != "curation.scorers.pixel"]
+    needs_weights = [n for n in names if getattr(SCORERS[n], "__module__", "") != "prefcurate.curation.scorers.pixel"]
     if needs_weights and not args.weights:
         raise UserError(f"scorer(s) {', '.join(needs_weights)} need --weights DIR, the folder with their "
                         "checkpoint files (see prefcurate score --help)")
@@ -67,12 +67,12 @@ def _check_options(args, names: list[str]) -> None:
 def _score(args, names: list[str]) -> list[dict]:
     """One summary dict per scorer: in this process (local, untracked) or by the Prefect flow."""
     if args.task_runner == "local" and not tracked(args):
-        from flows.stages import run_score
+        from prefcurate.flows.stages import run_score
 
         return run_score(args.lake, names, args.weights, args.device, args.batch_size, args.workers,
                          args.shard_size, progress=True)
     quiet_prefect_defaults()
-    from flows.score import run_score_flow
+    from prefcurate.flows.score import run_score_flow
 
     runner = "threads" if args.task_runner == "local" else args.task_runner
     return run_score_flow(args.lake, names, task_runner=runner, ray_address=args.ray_address,
@@ -81,7 +81,7 @@ def _score(args, names: list[str]) -> list[dict]:
 
 
 def run(args) -> int:
-    from curation.lake import Lake
+    from prefcurate.curation.store.lake import Lake
 
     names = scorer_names(args.scorers)
     _check_options(args, names)

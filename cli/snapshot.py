@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from cli.errors import EXIT_OK, UserError
-from cli.tracking import add_track, quiet_prefect_defaults, tracked
-from data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD, SNAPSHOT_POLICIES
+from prefcurate.cli.errors import EXIT_OK, UserError
+from prefcurate.cli.tracking import add_track, quiet_prefect_defaults, tracked
+from prefcurate.data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD, SNAPSHOT_POLICIES
 
 
 EPILOG = """\
@@ -46,8 +46,8 @@ def add_parser(sub) -> None:
 
 def _policy(args):
     """The SnapshotPolicy the options describe; a refused value is a UserError (exit 3)."""
-    from curation.lake import check_partition_name
-    from curation.snapshot import SnapshotError, SnapshotPolicy
+    from prefcurate.curation.store.lake import check_partition_name
+    from prefcurate.curation.snapshot import SnapshotError, SnapshotPolicy
 
     try:
         check_partition_name("snapshot name", args.name)
@@ -62,17 +62,17 @@ def _policy(args):
 
 
 def run(args) -> int:
-    from curation.lake import Lake
+    from prefcurate.curation.store.lake import Lake
 
     Lake(args.lake)
     policy = _policy(args)
     if tracked(args):
         quiet_prefect_defaults()
-        from flows.curate import snapshot_flow
+        from prefcurate.flows.curate import snapshot_flow
 
         print(snapshot_flow(args.lake, args.name, policy, args.out)["line"])
     else:
-        from flows.stages import run_snapshot
+        from prefcurate.flows.stages import run_snapshot
 
         print(run_snapshot(args.lake, args.name, policy, args.out)["line"])
     return EXIT_OK

@@ -1,6 +1,6 @@
 """`prefcurate train`: fine-tune a model on a snapshot; and the trainer-option checks `serve` shares.
 
-Options the parser does not know are the trainer's own (`python -m training.trainer --help`): cli/main.py
+Options the parser does not know are the trainer's own (`python -m prefcurate.training.trainer --help`): cli/main.py
 passes them through as `args.trainer_options`, and they are checked by the trainer's parser before any
 flow starts, so a typo fails at once, not in a scheduled run hours later.
 """
@@ -10,12 +10,12 @@ import argparse
 import sys
 import textwrap
 
-from cli.errors import EXIT_OK, EXIT_USAGE, UserError
-from cli.tracking import quiet_prefect_defaults, tracked
-from data_schemas.vocab import LOSS_TYPES
+from prefcurate.cli.errors import EXIT_OK, EXIT_USAGE, UserError
+from prefcurate.cli.tracking import quiet_prefect_defaults, tracked
+from prefcurate.data_schemas.vocab import LOSS_TYPES
 
 
-TRAINER_OPTIONS = "any other option goes to the trainer: see `python -m training.trainer --help`"
+TRAINER_OPTIONS = "any other option goes to the trainer: see `python -m prefcurate.training.trainer --help`"
 
 
 def add_parser(sub) -> None:
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", required=True, help="output folder: metrics.jsonl, checkpoints, LoRA weights")
     p.add_argument("--num-processes", type=int, default=1,
                    help="training processes (one per GPU; gloo ranks on the CPU): N > 1 runs `accelerate launch "
-                        "--num_processes N -m training.trainer`; 1 trains in this process (default)")
+                        "--num_processes N -m prefcurate.training.trainer`; 1 trains in this process (default)")
     p.add_argument("--track", action="store_true",
                    help="run as a Prefect flow, recorded by the server at PREFECT_API_URL (the default when "
                         "PREFECT_API_URL is set)")
@@ -47,11 +47,11 @@ class TrainerOptionError(ValueError):
 
 def check_trainer_options(snapshot: str, model: str, output: str, loss: str, options: list[str]) -> None:
     """Parse the argv the training flow will get with the trainer's own parser and config checks."""
-    from flows.stages import trainer_argv
-    from training.config import TrainConfig, build_parser
+    from prefcurate.flows.stages import trainer_argv
+    from prefcurate.training.config import TrainConfig, build_parser
 
     def refuse(message: str):
-        raise TrainerOptionError(f"{message} (trainer options: python -m training.trainer --help)")
+        raise TrainerOptionError(f"{message} (trainer options: python -m prefcurate.training.trainer --help)")
 
     parser = build_parser()
     parser.error = refuse  # one line instead of the trainer's 40-line usage
@@ -74,7 +74,7 @@ def preflight(snapshot: str | None, model: str, output: str | None, options: lis
     not written yet) checks the model and packages only."""
     from types import SimpleNamespace
 
-    from training.preflight import PreflightError, check_config, check_model, check_packages
+    from prefcurate.training.preflight import PreflightError, check_config, check_model, check_packages
 
     wanted = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the options preflight needs, no torch
     wanted.add_argument("--resume-from")
@@ -99,16 +99,16 @@ def check_num_processes(n: int) -> None:
 
 def _train(args, snapshot: str) -> dict:
     """The training run's result dict: in this process (or accelerate's ranks), or by the Prefect flow."""
-    from training.snapshot_reader import SnapshotError as UnreadableSnapshot
+    from prefcurate.training.snapshot_reader import SnapshotError as UnreadableSnapshot
 
     try:
         if tracked(args):
             quiet_prefect_defaults()
-            from flows.train import train_flow
+            from prefcurate.flows.train import train_flow
 
             return train_flow(snapshot, args.model, args.output, args.loss, args.trainer_options,
                               num_processes=args.num_processes)
-        from flows.stages import run_train
+        from prefcurate.flows.stages import run_train
 
         return run_train(snapshot, args.model, args.output, args.loss, args.trainer_options,
                          num_processes=args.num_processes)
@@ -117,7 +117,7 @@ def _train(args, snapshot: str) -> dict:
 
 
 def run(args) -> int:
-    from flows.stages import resolve_snapshot_arg
+    from prefcurate.flows.stages import resolve_snapshot_arg
 
     check_num_processes(args.num_processes)
     preflight(None, args.model, None, args.trainer_options)  # the model first: it needs no lake opened

@@ -10,7 +10,7 @@ where SNAPSHOTS defaults to LAKE/snapshots. `snapshot_id` hashes the policy and 
 again is a no-op, and a different selection can never overwrite it. The manifest holds the policy,
 the curation run and input versions it came from, counts, and the sha256 and row count of every
 shard; `verify_snapshot` refuses a folder whose files no longer match. The format, the manifest and that
-verification are `data_schemas.snapshot_contract`, which the training reader uses too. The folder is
+verification are `prefcurate.data_schemas.snapshot_contract`, which the training reader uses too. The folder is
 written under a temporary name and renamed into place when complete. `SNAPSHOTS/_names/<name>.json` lists the
 snapshots written under each name (newest last), which `resolve_snapshot` uses for "latest".
 
@@ -19,13 +19,13 @@ Policies:
 - filter:   plain, minus pairs whose minority score exceeds `max_minority_score` and pairs of
             annotators whose reliability is below `min_reliability`.
 - adaptive: human labels, ties dropped, with the offline Adaptive-DPO weight W, margin Γ and
-            minority score u of each pair (curation.pair_metrics); W normalised so that the trusted
+            minority score u of each pair (prefcurate.curation.labels.pair_metrics); W normalised so that the trusted
             pairs (u <= 1/2) average 1.
 - balanced: the scorers' consensus label (BalancedDPO), pairs without one dropped, with the vote
-            fraction for the winner (the soft target of training.losses.balanced_dpo_loss);
+            fraction for the winner (the soft target of prefcurate.training.losses.balanced_dpo_loss);
             `consensus="calibrated"` takes the reliability-weighted scorer vote instead.
 - reliability: human labels, ties dropped, each pair's posterior probability p that its label is
-            right (curation.reliability: the annotator's Dawid-Skene confusion and the calibrated
+            right (prefcurate.curation.labels.reliability: the annotator's Dawid-Skene confusion and the calibrated
             scorer evidence) as the weight (normalised so that pairs with p >= 1/2 average 1) and/or
             the soft target (label_smoothing = 1 - p, conservative DPO); pairs with p below
             `min_posterior` dropped; optionally flipped where p <= 1 - `flip_above`.
@@ -48,13 +48,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curation.curate import current_run, load_pairs
-from curation.lake import Lake, check_partition_name
-from curation.reliability import normalise_weights, winner_truth_share
-from data_schemas import SNAPSHOT_PAIRS, adaptive, conform
-from data_schemas import snapshot_contract as contract
-from data_schemas.snapshot_contract import SnapshotError, verify_snapshot  # noqa: F401  (re-exported)
-from data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD, SNAPSHOT_POLICIES
+from prefcurate.curation.labels.curate import current_run, load_pairs
+from prefcurate.curation.store.lake import Lake, check_partition_name
+from prefcurate.curation.labels.reliability import normalise_weights, winner_truth_share
+from prefcurate.data_schemas import SNAPSHOT_PAIRS, adaptive, conform
+from prefcurate.data_schemas import snapshot_contract as contract
+from prefcurate.data_schemas.snapshot_contract import SnapshotError, verify_snapshot  # noqa: F401  (re-exported)
+from prefcurate.data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD, SNAPSHOT_POLICIES
 
 
 POLICIES = SNAPSHOT_POLICIES
@@ -89,7 +89,7 @@ class SnapshotPolicy:
     annotator_group: tuple[str, ...] | None = None
     """reliability: user ids of a preference group (e.g. a consistent minority taste) whose own
     labels make a separate snapshot, weight 1, the posterior not applied. None: majority snapshot, in
-    which minority-taste annotators are down-weighted as noise (curation.reliability, module doc)."""
+    which minority-taste annotators are down-weighted as noise (prefcurate.curation.labels.reliability, module doc)."""
     splits: tuple[str, ...] = ("train",)
     """Source splits that go into the snapshot; validation/test pairs stay out of training."""
     pairs_per_shard: int = 4096
@@ -261,7 +261,7 @@ def _training_rows(frame: pl.DataFrame, policy: SnapshotPolicy) -> pl.DataFrame:
 
 
 def pair_truth_from_sample(lake: Lake, truth_rows: pl.DataFrame) -> pl.DataFrame:
-    """DataFrame[pair_id, better_image_id] of the embedded sample: its truth table (curation.sample,
+    """DataFrame[pair_id, better_image_id] of the embedded sample: its truth table (curation.synthetic.sample,
     rows.parquet: ranking_id, true_label_0) matched to the lake's pairs by ranking_id."""
     pairs = load_pairs(lake, extra_columns=("ranking_id",))
     truth = truth_rows.select(pl.col("ranking_id").cast(pl.String), "true_label_0").unique("ranking_id")
@@ -272,7 +272,7 @@ def pair_truth_from_sample(lake: Lake, truth_rows: pl.DataFrame) -> pl.DataFrame
 
 def compare_policies(lake: Lake, truth: pl.DataFrame, policies: dict[str, SnapshotPolicy]) -> pl.DataFrame:
     """One row per named policy: how much of its snapshot points at the truly better image
-    (`curation.reliability.winner_truth_share`) and how many pairs it keeps. `truth` is
+    (`prefcurate.curation.labels.reliability.winner_truth_share`) and how many pairs it keeps. `truth` is
     DataFrame[pair_id, better_image_id] (e.g. `pair_truth_from_sample`). Nothing is written."""
     records = []
     for name, policy in policies.items():
@@ -336,7 +336,7 @@ def _write_snapshot(lake: Lake, name: str, policy: SnapshotPolicy, out_root: str
     counts["shards"] = len(shards)
     run = current_run(lake)
     # The offline W and Gamma of the adaptive policy depend on these constants (Gamma on beta): the trainer
-    # compares them with its own (training.snapshot_reader.margin_beta_warning).
+    # compares them with its own (prefcurate.training.snapshot_reader.margin_beta_warning).
     constants = adaptive.manifest_record(run["config"]["pair_metrics"]) if run and policy.kind == "adaptive" else None
     manifest = contract.build_manifest(name=name, snapshot_id=snapshot_id, shards=shards, policy=asdict(policy),
                                        counts=counts, curation_run=run["run_id"] if run else None,

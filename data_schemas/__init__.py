@@ -1,4 +1,5 @@
-"""Arrow schemas of the prefcurate lake tables, and their validation.
+"""What every stage agrees on, without torch: the lake tables' Arrow schemas and their validation (tables,
+validation), the snapshot contract, Adaptive-DPO's constants (adaptive) and the name lists (vocab).
 
 The names load on first use (PEP 562): `data_schemas.vocab` and `data_schemas.adaptive` are plain Python, and
 a command's `--help` that reads them should not pay for pyarrow (~0.3 s) through this package's import.

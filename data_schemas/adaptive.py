@@ -9,7 +9,7 @@ score u in [0, 1] (Eq. 13, u = (1 - c) * v):
                                                           used as -log sigmoid(beta_dpo * l - Gamma)
 
 beta_dpo is the code's logit factor (logit = beta_dpo * l), i.e. half the project's canonical beta
-(training.conventions: canonical beta = 2 * beta_dpo). The offline form (curation.pair_metrics, Polars
+(training.conventions: canonical beta = 2 * beta_dpo). The offline form (curation.labels.pair_metrics, Polars
 expressions, offset 0 or a dataset mean) and the online form (training.losses, torch tensors, offset the batch
 mean of the model's logits) both call `weight_denominator` and `margin`, so the two cannot drift apart. The
 defaults are the official README run (SD1.5, train_batch_size 16).
@@ -26,7 +26,7 @@ USource = Literal["online", "offline", "max", "mean"]
 WEIGHT_TYPES: tuple[str, ...] = typing.get_args(WeightType)
 MARGIN_TYPES: tuple[str, ...] = typing.get_args(MarginType)
 # Where the trainer's u comes from: the online metric (the paper), the snapshot's offline minority_score, or both
-# combined by max / mean (training.losses.combine_minority_scores).
+# combined by max / mean (prefcurate.training.losses.combine_minority_scores).
 U_SOURCES: tuple[str, ...] = typing.get_args(USource)
 
 RHO = 15.0  # `logits_rho` with `use_logits_normalization=True`: s = rho * l_hat before the sigmoid
@@ -72,7 +72,7 @@ def margin(u: Any, offset: Any, *, beta_dpo: float, margin_type: str = MARGIN_TY
 
 def manifest_record(pair_metrics: dict) -> dict:
     """The Adaptive-DPO constants a snapshot's offline weights and margins were computed with, for its manifest
-    (``data_schemas.snapshot_contract``), from a ``curation.pair_metrics.PairMetricsConfig`` as a dict.
+    (``data_schemas.snapshot_contract``), from a ``curation.labels.pair_metrics.PairMetricsConfig`` as a dict.
     ``beta`` is the canonical β (2·beta_dpo) a trainer must use for the margins to mean what they meant here."""
     keys = ("rho", "reference_batch_size", "std_cap", "stability_term", "k1", "c1", "weight_type", "margin_type",
             "margin_scale", "margin_offset")

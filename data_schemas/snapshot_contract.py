@@ -3,7 +3,7 @@
 A snapshot is a folder (local or any fsspec URL)::
 
     <snapshot>/manifest.json
-    <snapshot>/shards/shard-00000.parquet ...   (data_schemas.tables.SNAPSHOT_PAIRS, winner first)
+    <snapshot>/shards/shard-00000.parquet ...   (prefcurate.data_schemas.tables.SNAPSHOT_PAIRS, winner first)
 
 manifest.json (``build_manifest``)::
 
@@ -27,7 +27,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_schemas.tables import SNAPSHOT_PAIRS
+from prefcurate.data_schemas.tables import SNAPSHOT_PAIRS
 
 
 FORMAT = "prefcurate-snapshot"

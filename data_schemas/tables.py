@@ -61,7 +61,7 @@ QUARANTINE = _schema("quarantine", [
     _field("source", pa.string(), "source label given at ingest", False),
     _field("source_file", pa.string(), "path or URL of the file the row came from", False),
     _field("row_identity", pa.string(), "the row's identity in the source (row number, ranking_id, ...)", False),
-    _field("reason", pa.string(), "machine-readable reason code (see curation.ingest.REASONS)", False),
+    _field("reason", pa.string(), "machine-readable reason code (see prefcurate.curation.ingest.REASONS)", False),
     _field("detail", pa.string(), "human-readable explanation", False),
     _field("raw", pa.string(), "the row's values as JSON (image bytes summarised by length and hash)", False),
     _field("ingest_id", pa.string(), "ingest that quarantined the row", False),
@@ -102,7 +102,7 @@ SNAPSHOT_PAIRS = _schema("snapshot_pairs", [
     _field("loser_image", pa.binary(), "encoded bytes of the other image", False),
     _field("label_source", pa.string(), "what decided the winner: human, human_flipped, consensus, calibrated_consensus", False),
     _field("weight", pa.float64(), "per-pair loss weight W (1.0 = plain DPO)", False),
-    _field("margin", pa.float64(), "offline adaptive margin term (0.0 = none); see training.losses", False),
+    _field("margin", pa.float64(), "offline adaptive margin term (0.0 = none); see prefcurate.training.losses", False),
     _field("minority_score", pa.float64(), "offline minority score u in [0, 1] (0 when not computed)", False),
     _field("confidence", pa.float64(), "offline confidence c (NaN when not computed)"),
     _field("stability", pa.float64(), "offline stability v (NaN when not computed)"),
@@ -113,7 +113,7 @@ SNAPSHOT_PAIRS = _schema("snapshot_pairs", [
            "policy: 1 - P(label right))"),
 ])
 
-# Tables of a curation run (LAKE/curation/<run_id>/<table>.parquet, written by curation/curate.py and
+# Tables of a curation run (LAKE/curation/<run_id>/<table>.parquet, written by curation/labels/curate.py and
 # queryable with SQL once a run exists). Documented here for `prefcurate tables`; the writers own the types.
 _F, _S, _I, _B = pa.float64(), pa.string(), pa.int64(), pa.bool_()
 CURATION_TABLES: dict[str, pa.Schema] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_schemas.tables import SCHEMA_VERSION
+from prefcurate.data_schemas.tables import SCHEMA_VERSION
 
 
 class SchemaError(ValueError):

@@ -5,10 +5,10 @@ stays fast and no copy has to be kept in sync by a test.
 """
 from __future__ import annotations
 
-# Losses the trainer dispatches on (training.losses has one function per name).
+# Losses the trainer dispatches on (prefcurate.training.losses has one function per name).
 LOSS_TYPES = ("dpo", "adaptive-dpo", "balanced-dpo", "ncp-dpo", "cpo", "sft", "ipo")
 
-# Snapshot policies (curation.snapshot): which pairs a snapshot keeps and how it weights them.
+# Snapshot policies (prefcurate.curation.snapshot): which pairs a snapshot keeps and how it weights them.
 SNAPSHOT_POLICIES = ("plain", "filter", "adaptive", "balanced", "reliability")
 # The default everywhere (CLI, serve, pipeline): Adaptive-DPO's weights are the project's reason to exist, and
 # `adaptive` keeps every pair (it reweights rather than drops), so it never loses data silently.
@@ -18,5 +18,5 @@ DEFAULT_SNAPSHOT_POLICY = "adaptive"
 # (Adaptive-DPO: u in [0, 1], 0.5 is the point where the label is as likely minority as majority).
 MINORITY_THRESHOLD = 0.5
 
-# Input formats `prefcurate ingest --format` accepts (curation.ingest.READERS has one reader per name).
+# Input formats `prefcurate ingest --format` accepts (prefcurate.curation.ingest.READERS has one reader per name).
 INPUT_FORMATS = ("pickapic", "hpdv2", "jsonl", "csv", "wmt")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
-from curation.curate import CurateConfig
-from curation.snapshot import SnapshotPolicy
-from flows import stages
+from prefcurate.curation.labels.curate import CurateConfig
+from prefcurate.curation.snapshot import SnapshotPolicy
+from prefcurate.flows import stages
 
 
 @task(retries=1, retry_delay_seconds=2, task_run_name="curate {lake_root}")

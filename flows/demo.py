@@ -6,13 +6,13 @@ import glob
 import os
 import time
 
-from curation.ingest import quarantine_reasons
-from curation.lake import Lake
-from curation.report import write_report
-from curation.sample import SampleConfig, generate_sample
-from curation.snapshot import SnapshotPolicy
-from curation.sql import query
-from flows.stages import run_curate, run_ingest, run_score, run_snapshot, run_train
+from prefcurate.curation.ingest import quarantine_reasons
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.report.page import write_report
+from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
+from prefcurate.curation.snapshot import SnapshotPolicy
+from prefcurate.curation.store.sql import query
+from prefcurate.flows.stages import run_curate, run_ingest, run_score, run_snapshot, run_train
 
 
 BUSIEST_ANNOTATORS = """
@@ -58,7 +58,7 @@ def run_demo(out_dir: str, seed: int = 0) -> Lake:
     snapshot = run_snapshot(lake_root, "demo-adaptive", SnapshotPolicy(kind="adaptive"))
     print("  " + snapshot["line"])
     print(f"[6/{STEPS}] fine-tuning a tiny offline SD-style pipeline on it with Adaptive-DPO (LoRA, CPU)")
-    from training.components import build_tiny_pipeline
+    from prefcurate.training.components import build_tiny_pipeline
 
     model = build_tiny_pipeline(os.path.join(out_dir, "tiny-sd"), resolution=32)
     run_dir = os.path.join(out_dir, "runs", "adaptive-dpo")

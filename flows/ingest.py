@@ -1,11 +1,11 @@
-"""Prefect flow for the ingest stage: one task per source file, each wrapping flows.stages.ingest_one."""
+"""Prefect flow for the ingest stage: one task per source file, each wrapping prefcurate.flows.stages.ingest_one."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
-from curation.ingest import UnreadableSourceError
-from curation.lake import LakeError
-from flows import stages
+from prefcurate.curation.ingest import UnreadableSourceError
+from prefcurate.curation.store.lake import LakeError
+from prefcurate.flows import stages
 
 
 def _transient(task, task_run, state) -> bool:

@@ -30,17 +30,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
-from curation.curate import CurateConfig
-from curation.ingest import quarantine_reasons
-from curation.lake import Lake
-from curation.snapshot import SnapshotPolicy
-from curation.sql import query
-from data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD
-from flows.curate import curate_flow, snapshot_flow
-from flows.ingest import ingest_flow
-from flows.score import score_flow
-from flows.stages import check_served
-from flows.train import TRAIN_DEPLOYMENT, train_flow
+from prefcurate.curation.labels.curate import CurateConfig
+from prefcurate.curation.ingest import quarantine_reasons
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.snapshot import SnapshotPolicy
+from prefcurate.curation.store.sql import query
+from prefcurate.data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD
+from prefcurate.flows.curate import curate_flow, snapshot_flow
+from prefcurate.flows.ingest import ingest_flow
+from prefcurate.flows.score import score_flow
+from prefcurate.flows.stages import check_served
+from prefcurate.flows.train import TRAIN_DEPLOYMENT, train_flow
 
 
 PIPELINE_FLOW_NAME = "prefcurate-pipeline"
@@ -143,8 +143,8 @@ def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str =
                   policy: SnapshotPolicy | None = None, train: TrainRequest | None = None) -> dict:
     """Ingest the landing folder's new files into `lake`, score, curate, write the `snapshot_name` snapshot
     of `policy` (default adaptive), and start training on it if `train` is given and its gate passes.
-    `source`, `reader_options`: as flows.ingest.ingest_flow (e.g. {"image_root": DIR}). `scorers`: default
-    the pixel scorers; [] skips scoring. `score_options` go to flows.score.score_flow (weights_dir, device,
+    `source`, `reader_options`: as prefcurate.flows.ingest.ingest_flow (e.g. {"image_root": DIR}). `scorers`: default
+    the pixel scorers; [] skips scoring. `score_options` go to prefcurate.flows.score.score_flow (weights_dir, device,
     batch_size, workers, shard_size)."""
     check_served(lake=lake, landing=landing)  # a run served for another lake fails here, before any write
     files = landing_files(landing, pattern)

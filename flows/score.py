@@ -1,5 +1,5 @@
 """Prefect flow for the scoring stage: a plan task per scorer, then one task per shard of work, over
-curation.scoring.
+prefcurate.curation.scorers.runner.
 
 Task runners (`run_score_flow(..., task_runner=...)`):
 - "threads" (default): Prefect's ThreadPoolTaskRunner runs `parallel_shards` shard tasks at once in this
@@ -9,7 +9,7 @@ Task runners (`run_score_flow(..., task_runner=...)`):
   shard task reserves one GPU. Needs `pip install prefect-ray` (the `[ray]` extra).
 
 Why shards do not conflict: a shard task holds the lake's writer lock only while it commits a batch of
-rows (see curation.scoring: commits wait for the lock, threads of one process also queue on a process-wide
+rows (see curation.scorers.runner: commits wait for the lock, threads of one process also queue on a process-wide
 lock), never while it scores, so parallel shards serialise only their millisecond commits and recovery by
 one commit never meets another shard's staged files. Shards of one plan are disjoint, so they add no
 duplicate rows. A failed shard is not retried in place (the rows it already committed would be scored
@@ -26,8 +26,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from curation.lake import Lake
-from curation.scoring import ScorerSummary, ScoringConfig, load_scorers, make_pool, plan_work, score_shard
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.scorers.runner import (
+    ScorerSummary, ScoringConfig, load_scorers, make_pool, plan_work, score_shard,
+)
 
 
 _CACHE: dict = {}  # per process: built scorers and the decode pool, reused by later tasks
@@ -101,7 +103,7 @@ def score_flow(lake_root: str, scorers: list[str], weights_dir: str | None = Non
 
 def _check_names(names: list[str]) -> None:
     """Refuse unknown scorer names before any task runs (building happens in the tasks)."""
-    from curation.scorers import SCORERS
+    from prefcurate.curation.scorers import SCORERS
 
     unknown = [n for n in names if n not in SCORERS]
     if unknown:

@@ -13,7 +13,7 @@ scheduled for later are deleted and the deployments are paused. Starting does th
 serve that was killed (kill -9) left behind, so a restart runs on schedule at once.
 
 Served runs only work on what this serve was started for: the lake, landing folder, model and training
-output root travel to the run subprocesses in the environment (flows.stages.SERVED_ENV, which a request
+output root travel to the run subprocesses in the environment (prefcurate.flows.stages.SERVED_ENV, which a request
 to the API cannot set), and a run whose parameters name anything else fails before it writes anything.
 """
 from __future__ import annotations
@@ -37,9 +37,9 @@ from prefect.states import Cancelled
 from prefect.types.entrypoint import EntrypointType
 from prefect.settings import PREFECT_API_URL
 
-from flows.pipeline import PIPELINE_FLOW_NAME, pipeline_flow, pipeline_parameters
-from flows.stages import SERVED_ENV
-from flows.train import TRAIN_DEPLOYMENT, TRAIN_DEPLOYMENT_NAME, train_flow
+from prefcurate.flows.pipeline import PIPELINE_FLOW_NAME, pipeline_flow, pipeline_parameters
+from prefcurate.flows.stages import SERVED_ENV
+from prefcurate.flows.train import TRAIN_DEPLOYMENT, TRAIN_DEPLOYMENT_NAME, train_flow
 
 
 START_A_SERVER = ("start one with `prefect server start --host 127.0.0.1` and set "

@@ -76,8 +76,8 @@ def check_source(path: str, fmt: str) -> None:
 
 def ingest_one(lake_root: str, path: str, fmt: str, source: str, reader_options: dict | None = None) -> dict:
     """Ingest one file (creating the lake if needed); the IngestResult as a dict, plus its summary line."""
-    from curation.ingest import IngestConfig, ingest_file, make_reader
-    from curation.lake import Lake
+    from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+    from prefcurate.curation.store.lake import Lake
 
     lake = Lake(lake_root, create=True)
     result = ingest_file(lake, path, IngestConfig(source=source, format=fmt),
@@ -93,7 +93,7 @@ def run_ingest(lake_root: str, paths: list[str], fmt: str, source: str | None = 
     """Ingest each file in order (one writer at a time). A file that cannot be read is reported as
     {"source_file": path, "error": line} and the others go on; the lake is created only when at least one
     file passes `check_source`."""
-    from curation.ingest import UnreadableSourceError
+    from prefcurate.curation.ingest import UnreadableSourceError
 
     checked: dict[str, str] = {}
     for path in paths:
@@ -115,10 +115,10 @@ def run_ingest(lake_root: str, paths: list[str], fmt: str, source: str | None = 
 
 def run_score(lake_root: str, scorers: list[str], weights_dir: str | None = None, device: str = "cpu",
               batch_size: int = 64, workers: int = 2, shard_size: int = 4096, progress: bool = False) -> list[dict]:
-    """Score each scorer's missing work in this process: one dict per scorer, as flows.score.score_flow
+    """Score each scorer's missing work in this process: one dict per scorer, as prefcurate.flows.score.score_flow
     returns (ScorerSummary fields plus images_per_s)."""
-    from curation.lake import Lake
-    from curation.scoring import run_scoring
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.scorers.runner import run_scoring
 
     result = run_scoring(Lake(lake_root), scorers, weights_dir, device, batch_size, workers, shard_size,
                          progress=progress)
@@ -126,16 +126,16 @@ def run_score(lake_root: str, scorers: list[str], weights_dir: str | None = None
 
 
 def run_curate(lake_root: str, config=None) -> dict:
-    from curation.curate import CurateConfig, curate
-    from curation.lake import Lake
+    from prefcurate.curation.labels.curate import CurateConfig, curate
+    from prefcurate.curation.store.lake import Lake
 
     result = curate(Lake(lake_root), config or CurateConfig())
     return {"run_id": result.run_id, "reused": result.reused, "counts": result.counts, "line": result.line()}
 
 
 def run_snapshot(lake_root: str, name: str, policy=None, out_root: str | None = None) -> dict:
-    from curation.lake import Lake
-    from curation.snapshot import SnapshotPolicy, write_snapshot
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.snapshot import SnapshotPolicy, write_snapshot
 
     info = write_snapshot(Lake(lake_root), name, policy or SnapshotPolicy(), out_root)
     return {**asdict(info), "line": info.line()}
@@ -145,8 +145,8 @@ def resolve_snapshot_arg(snapshot: str, lake: str | None = None) -> str:
     """A snapshot folder as given; otherwise an id, a name (its newest snapshot) or "latest" in the lake."""
     if os.path.isfile(os.path.join(snapshot, "manifest.json")):
         return os.path.abspath(snapshot)
-    from curation.lake import Lake
-    from curation.snapshot import SnapshotError, resolve_snapshot
+    from prefcurate.curation.store.lake import Lake
+    from prefcurate.curation.snapshot import SnapshotError, resolve_snapshot
 
     if lake is None:
         raise SnapshotError(f"{snapshot!r} is not a snapshot folder (no manifest.json in it); to give a snapshot "
@@ -155,7 +155,7 @@ def resolve_snapshot_arg(snapshot: str, lake: str | None = None) -> str:
 
 
 def trainer_argv(snapshot: str, model: str, output: str, loss: str, options: list[str] | tuple[str, ...]) -> list[str]:
-    """The argv of ``python -m training.trainer``: the four inputs, then the caller's options verbatim."""
+    """The argv of ``python -m prefcurate.training.trainer``: the four inputs, then the caller's options verbatim."""
     return ["--snapshot", snapshot, "--model", model, "--output", output, "--loss", loss, *options]
 
 
@@ -172,7 +172,7 @@ def launch_argv(num_processes: int, argv: list[str]) -> list[str]:
     A free rendezvous port, so that two trainings on one machine do not meet on the default 29500."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
             str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "training.trainer", *argv]
+            "--main_process_port", str(_free_port()), "-m", "prefcurate.training.trainer", *argv]
 
 
 class TrainingFailed(RuntimeError):
@@ -182,11 +182,11 @@ class TrainingFailed(RuntimeError):
 def run_train(snapshot: str, model: str, output: str, loss: str = "dpo", options: list[str] | None = None,
               num_processes: int = 1) -> dict:
     """Train on a snapshot folder. One process: the trainer's own entry point in this process; N > 1:
-    `accelerate launch --num_processes N -m training.trainer` (the trainer's options pass through unchanged;
+    `accelerate launch --num_processes N -m prefcurate.training.trainer` (the trainer's options pass through unchanged;
     mixed precision stays the trainer's `--mixed-precision` option, not the launcher's)."""
     argv = trainer_argv(snapshot, model, output, loss, list(options or []))
     if num_processes <= 1:
-        from training.trainer import main  # torch, diffusers and peft cost seconds: imported only here
+        from prefcurate.training.trainer import main  # torch, diffusers and peft cost seconds: imported only here
 
         result = main(argv)
         final = result.losses[-1] if result.losses else None

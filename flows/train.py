@@ -1,5 +1,5 @@
-"""Prefect flow for the training stage: one task wrapping flows.stages.run_train, which calls the trainer's
-own entry point, ``training.trainer.main(argv)`` (or ``accelerate launch`` of it with N processes). No
+"""Prefect flow for the training stage: one task wrapping prefcurate.flows.stages.run_train, which calls the trainer's
+own entry point, ``prefcurate.training.trainer.main(argv)`` (or ``accelerate launch`` of it with N processes). No
 training logic lives in flows/: every option (``--max-steps``, ``--learning-rate``, ``--lora-rank``, ...) is
 the trainer's, passed through.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import stages
+from prefcurate.flows import stages
 
 
 TRAIN_FLOW_NAME = "prefcurate-train"

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from data_schemas import snapshot_contract as contract
-from data_schemas.tables import SNAPSHOT_PAIRS
+from prefcurate.data_schemas import snapshot_contract as contract
+from prefcurate.data_schemas.tables import SNAPSHOT_PAIRS
 
 
 def _png(rng: np.random.Generator, size: int) -> bytes:
@@ -29,7 +29,7 @@ def write_test_snapshot(root: str | Path, *, n_pairs: int = 12, n_shards: int = 
                         row_group_size: int = 3, seed: int = 0, label_smoothing: float = 0.0,
                         drop_columns: tuple[str, ...] = (), adaptive: dict | None = None) -> Path:
     """``drop_columns`` writes a snapshot of an older format that lacked those (optional) columns; ``adaptive``
-    is the manifest's Adaptive-DPO record (``data_schemas.adaptive.manifest_record``)."""
+    is the manifest's Adaptive-DPO record (``prefcurate.data_schemas.adaptive.manifest_record``)."""
     root, fs = Path(root), fsspec.filesystem("file")
     (root / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -3,7 +3,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curation.annotators import (
+from prefcurate.curation.labels.annotators import (
     AnnotatorStatsConfig,
     annotator_stats,
     auroc,
@@ -288,7 +288,7 @@ def test_beta_binomial_falls_back_to_the_leave_one_out_peer_majority_without_sco
         AnnotatorStatsConfig(agreement_fallback="guess")
 
 
-# The crowd model of curation.reliability: planted logistic truths and planted annotators.
+# The crowd model of prefcurate.curation.labels.reliability: planted logistic truths and planted annotators.
 
 def planted_taste_crowd(seed: int, n_items: int = 3000, minority_share: float = 0.4, n_workers: int = 20):
     """Items with 3 scorer margins x (I, 3) ~ N(0, 1) toward the first image. The majority's reward uses
@@ -314,7 +314,7 @@ def planted_taste_crowd(seed: int, n_items: int = 3000, minority_share: float = 
 def test_crowd_model_recovers_a_planted_logistic_truth_and_two_coin_annotators():
     """Raykar et al. 2010: the truth P(first better) = sigmoid(w . x) with w = (2, -1); annotators 0-4
     right 90 %, 5-9 right 70 %, 10-11 always pick image_0 (a = 1, b = 0); 2 labels per item."""
-    from curation.reliability import fit_crowd_model
+    from prefcurate.curation.labels.reliability import fit_crowd_model
 
     rng = np.random.default_rng(0)
     n_items = 4000
@@ -346,7 +346,7 @@ def test_leave_one_out_confusion_does_not_let_a_label_confirm_itself():
     """One label per item and no features: without its own label an item has no evidence at all, so the
     leave-one-out confusion has nothing to go on and stays at the pooled values for everyone, while the
     in-sample a, b are moved by the annotator's own labels."""
-    from curation.reliability import fit_crowd_model
+    from prefcurate.curation.labels.reliability import fit_crowd_model
 
     rng = np.random.default_rng(1)
     worker = np.repeat(np.arange(3), 50)
@@ -357,7 +357,7 @@ def test_leave_one_out_confusion_does_not_let_a_label_confirm_itself():
 
 
 def test_annotator_tastes_recover_a_planted_taste_and_position_intercept():
-    from curation.reliability import annotator_tastes
+    from prefcurate.curation.labels.reliability import annotator_tastes
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6000, 2))
@@ -374,7 +374,7 @@ def test_annotator_tastes_recover_a_planted_taste_and_position_intercept():
 
 
 def test_weighted_median_by_hand():
-    from curation.reliability import weighted_median
+    from prefcurate.curation.labels.reliability import weighted_median
 
     values = np.array([[1.0, 10.0], [2.0, 30.0], [3.0, 20.0]])
     assert weighted_median(values, np.array([1, 1, 1])).tolist() == [2.0, 20.0]
@@ -387,7 +387,7 @@ def test_taste_mixture_keeps_the_majority_taste_and_finds_the_minority_group():
     """A consistent minority taste with 40 % of the labels: the majority taste is the one of the other 60 %
     (direction (2, 1, 0), not a compromise with the minority's (0, 0, 3)), the minority's members get a
     small rho, and so does a spammer (it belongs to the no-taste component)."""
-    from curation.reliability import taste_mixture
+    from prefcurate.curation.labels.reliability import taste_mixture
 
     worker, item, flipped, chose_0, x, truth_first, first_minority = planted_taste_crowd(seed=3)
     x_label = x[item] * np.where(flipped, -1.0, 1.0)[:, None]  # toward the label's image_0
@@ -404,7 +404,7 @@ def test_taste_mixture_keeps_the_majority_taste_and_finds_the_minority_group():
 def test_label_model_detects_a_minority_taste_group_below_half_of_the_labels():
     """End to end on frames: the minority's effective confusion is uninformative (a' + b' ~ 1) and its
     reliability below every reliable annotator's; its labels' evidence about the majority's truth ~ 0."""
-    from curation.reliability import label_model
+    from prefcurate.curation.labels.reliability import label_model
 
     worker, item, flipped, chose_0, x, truth_first, first_minority = planted_taste_crowd(seed=5)
     a, b = np.array([f"a{i:05d}" for i in item]), np.array([f"b{i:05d}" for i in item])  # a < b: a is "first"
@@ -430,7 +430,7 @@ def test_label_model_detects_a_minority_taste_group_below_half_of_the_labels():
 
 
 def test_capped_rows_water_fills_the_heaviest_annotators():
-    from curation.reliability import capped_rows
+    from prefcurate.curation.labels.reliability import capped_rows
 
     worker = np.array([0] * 10 + [1] * 3 + [2] * 1)  # 14 rows; a cap of 5 keeps 5 + 3 + 1 = 9
     kept = capped_rows(worker, 3, 9)

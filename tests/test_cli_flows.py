@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from curation.lake import Lake
-from curation.sample import SampleConfig, generate_sample
-from curation.sql import query
-from cli.main import main
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
+from prefcurate.curation.store.sql import query
+from prefcurate.cli.main import main
 from tests.test_ingest_pickapic import GREEN, _many_rows, row, write_shard
 
 
@@ -24,8 +24,8 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PYTHO
 
 
 def _cli(*argv, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *argv], env=env or ENV, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "prefcurate.cli", *argv], env=env or ENV, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_one_shot_commands_start_no_server_and_import_no_prefect(tmp_path):
     sample = generate_sample(tmp_path / "sample", SampleConfig.small())
     script = textwrap.dedent("""
         import sys
-        from cli.main import main
+        from prefcurate.cli.main import main
         lake, shards = sys.argv[1], sys.argv[2:]
         for argv in (["ingest", "--lake", lake, "--format", "pickapic", *shards],
                      ["score", "--lake", lake, "--scorers", "colourfulness", "--workers", "0"],
@@ -138,7 +138,7 @@ def test_sql_writes_binary_columns_as_hex(capsys, small_lake):
 
 
 def test_tables_into_a_closed_pipe_exits_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "tables"], env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "prefcurate.cli", "tables"], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     first = proc.stdout.readline()  # `| head -1`: read one line, then close the pipe
     proc.stdout.close()
@@ -169,8 +169,8 @@ def test_version_is_the_installed_distribution_version(capsys):
 
 
 def test_snapshot_default_policy_and_choices_come_from_the_vocabulary(small_lake):
-    from cli.main import build_parser
-    from data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, LOSS_TYPES, SNAPSHOT_POLICIES
+    from prefcurate.cli.main import build_parser
+    from prefcurate.data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, LOSS_TYPES, SNAPSHOT_POLICIES
 
     parser = build_parser()
     assert DEFAULT_SNAPSHOT_POLICY == "adaptive"
@@ -188,15 +188,15 @@ def test_snapshot_default_policy_and_choices_come_from_the_vocabulary(small_lake
             for loss in LOSS_TYPES] == list(LOSS_TYPES)
     lake, _ = small_lake
     assert main(["snapshot", "--lake", lake, "--name", "default"]) == 0  # no --policy: the written one is adaptive
-    from curation.snapshot import resolve_snapshot
+    from prefcurate.curation.snapshot import resolve_snapshot
 
     manifest = json.loads((Path(resolve_snapshot(Lake(lake), "default")) / "manifest.json").read_text())
     assert manifest["policy"]["kind"] == DEFAULT_SNAPSHOT_POLICY
 
 
 def test_serve_patterns_cover_the_input_formats():
-    from cli.orchestration import PATTERNS
-    from data_schemas.vocab import INPUT_FORMATS
+    from prefcurate.cli.orchestration import PATTERNS
+    from prefcurate.data_schemas.vocab import INPUT_FORMATS
 
     assert tuple(PATTERNS) == INPUT_FORMATS
 
@@ -205,7 +205,7 @@ def test_cli_modules_import_nothing_heavy_and_flows_do_not_import_cli():
     """`prefcurate --help` stays fast: the cli package imports no torch, Polars, pyarrow or Prefect (the
     data_schemas package loads its Arrow schemas on first use, so reading its vocab costs nothing); and the
     flows never reach back into the command line."""
-    script = ("import sys; import cli.main; import flows.stages; "
+    script = ("import sys; import prefcurate.cli.main; import prefcurate.flows.stages; "
               "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'polars', 'pyarrow', 'prefect'}))")
     done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
@@ -225,7 +225,7 @@ def test_train_with_a_missing_model_is_one_line_in_under_a_second(tmp_path, smal
     assert done.returncode == 3 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"prefcurate train: error: model folder {tmp_path / 'nomodel'} does not exist")
     assert seconds < 5  # the interpreter's start included; the check itself imports no torch:
-    code = ("import sys, time; from cli.main import main; t = time.perf_counter(); main(sys.argv[1:]); "
+    code = ("import sys, time; from prefcurate.cli.main import main; t = time.perf_counter(); main(sys.argv[1:]); "
             "print(time.perf_counter() - t, 'torch' in sys.modules)")
     timed = subprocess.run([sys.executable, "-c", code, "train", "--lake", lake, "--snapshot", "t", "--model",
                             str(tmp_path / "nomodel"), "--output", str(tmp_path / "out")], env=ENV,
@@ -241,7 +241,7 @@ def test_two_ingests_started_together_both_land(tmp_path):
     lake = str(tmp_path / "lake")
     procs = []
     for shard in shards:
-        procs.append(subprocess.Popen([sys.executable, "-m", "cli", "ingest", "--lake", lake, "--format",
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefcurate.cli", "ingest", "--lake", lake, "--format",
                                        "pickapic", shard], env=ENV, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
         time.sleep(0.2)
@@ -253,8 +253,8 @@ def test_two_ingests_started_together_both_land(tmp_path):
 
 
 def test_train_with_two_processes_runs_two_ranks(tmp_path, small_lake):
-    from training.checkpoint import find_checkpoint, load_checkpoint
-    from training.components import build_tiny_pipeline
+    from prefcurate.training.checkpoint import find_checkpoint, load_checkpoint
+    from prefcurate.training.components import build_tiny_pipeline
 
     lake, _ = small_lake
     assert main(["snapshot", "--lake", lake, "--name", "two"]) == 0
@@ -289,9 +289,9 @@ def test_demo_generates_ingests_and_summarises(tmp_path, capsys):
 def test_served_runs_are_refused_other_paths(tmp_path, monkeypatch):
     """Inside a run of `prefcurate serve` (its environment names what it serves), the pipeline and the training
     flow refuse any other lake, landing folder, model or output before writing anything."""
-    from flows.pipeline import pipeline_flow
-    from flows.stages import SERVED_ENV, ServedParameterError, check_served
-    from flows.train import train_flow
+    from prefcurate.flows.pipeline import pipeline_flow
+    from prefcurate.flows.stages import SERVED_ENV, ServedParameterError, check_served
+    from prefcurate.flows.train import train_flow
 
     lake, landing, runs = tmp_path / "lake", tmp_path / "landing", tmp_path / "runs"
     model = tmp_path / "model"

@@ -6,9 +6,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from curation.curate import CurateConfig, compute_tables, curate, current_run, load_pairs, load_scores
-from curation.lake import Lake
-from data_schemas import INGESTS
+from prefcurate.curation.labels.curate import (
+    CurateConfig, compute_tables, curate, current_run, load_pairs, load_scores,
+)
+from prefcurate.curation.store.lake import Lake
+from prefcurate.data_schemas import INGESTS
 
 
 def small_lake(root, n_pairs: int = 120, seed: int = 0, missing_bytes: tuple[int, ...] = ()) -> Lake:

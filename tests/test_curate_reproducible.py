@@ -12,10 +12,12 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from curation.annotators import annotator_rows, annotator_table, dawid_skene_pairs
-from curation.curate import CurateConfig, compute_tables, curate, current_run, load_pairs, load_scores
-from curation.lake import Lake
-from curation.reliability import label_reliability
+from prefcurate.curation.labels.annotators import annotator_rows, annotator_table, dawid_skene_pairs
+from prefcurate.curation.labels.curate import (
+    CurateConfig, compute_tables, curate, current_run, load_pairs, load_scores,
+)
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.labels.reliability import label_reliability
 from tests.test_curate_chunks import small_lake
 
 TABLES = ("votes", "consensus", "pair_metrics", "annotators", "scorer_reliability")

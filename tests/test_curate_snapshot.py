@@ -10,16 +10,18 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from curation.annotators import auroc
-from curation.curate import SCORER_TRAITS, CurateConfig, curate, current_run
-from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import Lake
-from curation.sample import SampleConfig, generate_sample
-from curation.scoring import run_scoring
-from curation.snapshot import SnapshotError, SnapshotPolicy, resolve_snapshot, verify_snapshot, write_snapshot
-from curation.sql import query_polars
-from data_schemas import SNAPSHOT_PAIRS, snapshot_contract
-from data_schemas.adaptive import manifest_record
+from prefcurate.curation.labels.annotators import auroc
+from prefcurate.curation.labels.curate import SCORER_TRAITS, CurateConfig, curate, current_run
+from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
+from prefcurate.curation.scorers.runner import run_scoring
+from prefcurate.curation.snapshot import (
+    SnapshotError, SnapshotPolicy, resolve_snapshot, verify_snapshot, write_snapshot,
+)
+from prefcurate.curation.store.sql import query_polars
+from prefcurate.data_schemas import SNAPSHOT_PAIRS, snapshot_contract
+from prefcurate.data_schemas.adaptive import manifest_record
 from tests.shared_data import shared_data
 
 
@@ -108,7 +110,7 @@ def test_curate_is_a_noop_until_new_pairs_arrive_then_right_again(curated, tmp_p
 
 
 def test_scorer_traits_match_the_scorers():
-    from curation.scorers import SCORERS, build_scorer
+    from prefcurate.curation.scorers import SCORERS, build_scorer
 
     assert set(SCORER_TRAITS) == set(SCORERS)
     for name in PIXEL_SCORERS:  # the neural ones need weights to build; their traits are in the README table
@@ -197,8 +199,8 @@ def test_snapshot_is_immutable_content_addressed_and_verified(curated, tmp_path)
 def test_a_truncated_shard_fails_on_its_row_count_on_both_sides(curated, tmp_path):
     """A pairs file cut short and re-hashed (its digest matches the manifest, its row count does not) is refused
     by the writer-side verify_snapshot and by the training reader, with the row-count message: both run the one
-    verification of data_schemas.snapshot_contract."""
-    from training.snapshot_reader import open_snapshot
+    verification of prefcurate.data_schemas.snapshot_contract."""
+    from prefcurate.training.snapshot_reader import open_snapshot
 
     info = write_snapshot(curated["lake"], "short", SnapshotPolicy(kind="plain", pairs_per_shard=700),
                           str(tmp_path))
@@ -248,10 +250,10 @@ def test_annotator_statistics_on_real_wmt13_judgements(tmp_path):
     assert correlation > 0.6, f"reliability vs peer agreement correlation {correlation:.2f}"
 
 
-# --- label reliability (curation.reliability) and the reliability policy ---
+# --- label reliability (prefcurate.curation.labels.reliability) and the reliability policy ---
 
 def test_label_posterior_closed_forms():
-    from curation.reliability import label_posterior, log_likelihood_ratio
+    from prefcurate.curation.labels.reliability import label_posterior, log_likelihood_ratio
 
     scorer = np.array([0.8, -1.3, 0.0])  # scorer log-odds toward image_0
     p_scorer_0 = 1 / (1 + np.exp(-scorer))
@@ -272,7 +274,7 @@ def test_label_posterior_closed_forms():
 
 
 def test_normalise_weights_makes_trusted_pairs_average_one():
-    from curation.reliability import normalise_weights
+    from prefcurate.curation.labels.reliability import normalise_weights
 
     w = normalise_weights(np.array([0.9, 0.7, 0.2, 0.1]), np.array([True, True, False, False]))
     assert w[:2].mean() == pytest.approx(1.0) and w[2] < w[1] and np.allclose(w / w[0], [1, 7 / 9, 2 / 9, 1 / 9])
@@ -284,7 +286,7 @@ def test_label_reliability_on_a_hand_made_crowd():
     """Two scorers (one 90 % right, one noise) and two annotators: a reliable one on 200 items and a
     contrarian (right 20 % of the time) on 120 of them, a minority of the labels (the label model
     takes the majority's taste as the truth; at exactly half the labels either could be it)."""
-    from curation.reliability import label_reliability
+    from prefcurate.curation.labels.reliability import label_reliability
 
     rng = np.random.default_rng(0)
     n = 200
@@ -325,7 +327,7 @@ def test_label_reliability_on_a_hand_made_crowd():
 
 def test_reliability_policy_beats_adaptive_and_filter_on_the_planted_truth(curated):
     """Issue 11: the weighted share of truly better winners, reliability > adaptive and filter > plain."""
-    from curation.snapshot import compare_policies, pair_truth_from_sample
+    from prefcurate.curation.snapshot import compare_policies, pair_truth_from_sample
 
     lake = curated["lake"]
     truth = pair_truth_from_sample(lake, pl.read_parquet(curated["paths"].rows))
@@ -338,7 +340,7 @@ def test_reliability_policy_beats_adaptive_and_filter_on_the_planted_truth(curat
 
 
 def test_reliability_policy_options(curated, tmp_path):
-    from curation.snapshot import select_pairs
+    from prefcurate.curation.snapshot import select_pairs
 
     lake = curated["lake"]
     soft, _ = select_pairs(lake, SnapshotPolicy(kind="reliability", posterior_use="soft_target"))
@@ -380,14 +382,14 @@ def test_scorer_reliability_table_and_calibrated_consensus(curated):
 
 
 def pair_truth_from_sample_frame(curated) -> pl.DataFrame:
-    from curation.snapshot import pair_truth_from_sample
+    from prefcurate.curation.snapshot import pair_truth_from_sample
 
     return pair_truth_from_sample(curated["lake"], pl.read_parquet(curated["paths"].rows))
 
 
 def test_curation_tables_are_described(curated):
-    from data_schemas import describe
-    from data_schemas.tables import CURATION_TABLES
+    from prefcurate.data_schemas import describe
+    from prefcurate.data_schemas.tables import CURATION_TABLES
 
     lake = curated["lake"]
     for name in ("votes", "consensus", "pair_metrics", "scorer_reliability"):
@@ -399,7 +401,7 @@ def test_curation_tables_are_described(curated):
 
 
 def test_dense_codes_match_the_keys_exactly():
-    from curation.reliability import _dense_codes
+    from prefcurate.curation.labels.reliability import _dense_codes
 
     keys = pl.DataFrame({"lo": ["x", "y", "x", "z", "y", "x"], "hi": ["1", "1", "1", "2", "2", "2"]})
     codes = _dense_codes(keys)

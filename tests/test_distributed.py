@@ -1,5 +1,6 @@
 """Two training ranks on the CPU (gloo), launched as a user does: ``accelerate launch --cpu --num_processes 2
--m training.trainer ...``. Real tiny pipeline (16 px, 4x4 latents), 2 pairs per rank per step, a few steps."""
+-m prefcurate.training.trainer ...``. Real tiny pipeline (16 px, 4x4 latents), 2 pairs per rank per step, a few
+steps."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 
 from tests.snapshot_fixture import write_test_snapshot
-from training.components import build_tiny_pipeline
-from training.preflight import cpu_launch_num_processes
+from prefcurate.training.components import build_tiny_pipeline
+from prefcurate.training.preflight import cpu_launch_num_processes
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def free_port() -> int:
 def launch(assets, output: Path, *extra: str, processes: int = 2, timeout: int = 300):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "training.trainer",
+           "--main_process_port", str(free_port()), "-m", "prefcurate.training.trainer",
            "--snapshot", str(assets["snapshot"]), "--model", str(assets["model"]), "--output", str(output),
            "--loss", "dpo", "--train-batch-size", "2", "--learning-rate", "1e-3", "--checkpoint-every", "2",
            "--cache-dir", str(assets["root"] / "cache"), "--report-to", "none", *extra]
@@ -69,7 +70,7 @@ def test_accelerate_cpu_launch_runs_two_ranks_and_reduces_metrics(assets, straig
     assert all(r["pairs"] == 4 for r in log)  # 2 pairs on each of 2 ranks
     # step 1: LoRA B = 0, so policy = reference and each rank's loss is ln 2 x the mean curated weight of its
     # own 2 pairs; the logged loss is the mean over both ranks = ln 2 x the mean over the 4-pair global batch
-    from training.snapshot_reader import PairStream, open_snapshot
+    from prefcurate.training.snapshot_reader import PairStream, open_snapshot
     snap = open_snapshot(assets["snapshot"])
     ranks = [next(PairStream(snap, batch_size=2, resolution=16, seed=0, decode_images=False, rank=r,
                              world_size=2).batches()) for r in (0, 1)]
@@ -108,7 +109,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_with_one_error(assets):
 def test_cpu_launch_is_detected_from_the_launcher_command_line():
     env = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     launcher = ["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "3", "-m",
-                "training.trainer", "--num_processes", "9"]
+                "prefcurate.training.trainer", "--num_processes", "9"]
     assert cpu_launch_num_processes(env, launcher) == 3
     assert cpu_launch_num_processes(env, ["accelerate", "launch", "--cpu", "--num-processes=2", "x.py"]) == 2
     assert cpu_launch_num_processes({**env, "RANK": "0", "WORLD_SIZE": "2"}, launcher) == 1  # torchrun: real ranks

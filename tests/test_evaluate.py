@@ -14,16 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from curation.winrate import (
+from prefcurate.evaluation.winrate import (
     bootstrap_interval, comparison_outcomes, sign_test_pvalue, summarize, wilson_interval, win_rate,
 )
-from cli.main import main as cli
-from flows.evaluate import EvalConfig, run_eval
+from prefcurate.cli.main import main as cli
+from prefcurate.evaluation.evaluate import EvalConfig, run_eval
 from tests.snapshot_fixture import write_test_snapshot
-from training.components import build_tiny_pipeline
-from training.generate import LORA_FILE, SamplingConfig, generate, load_pipeline, lora_disabled
-from training.prompts import PROMPT_SETS, PROMPTS_DIR, PromptFileError, load_prompts
-from training.trainer import main as train_main
+from prefcurate.training.components import build_tiny_pipeline
+from prefcurate.training.generate import LORA_FILE, SamplingConfig, generate, load_pipeline, lora_disabled
+from prefcurate.training.prompts import PROMPT_SETS, PROMPTS_DIR, PromptFileError, load_prompts
+from prefcurate.training.trainer import main as train_main
 
 
 # ---------------------------------------------------------------- statistics

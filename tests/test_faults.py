@@ -1,7 +1,7 @@
 """The fault suite (`make faults`, marker `faults`): kill -9 at every step of every writer, then rerun and
 compare with an uninterrupted run; bad inputs, each with its expected count, message and exit code.
 
-Kills use the lake's documented hook (PREFCURATE_FAULT=<point>[:<n>], curation/lake.py): the process sends
+Kills use the lake's documented hook (PREFCURATE_FAULT=<point>[:<n>], curation/store/lake.py): the process sends
 itself SIGKILL at that point of a real run in a subprocess. One case kills a scoring run from outside at an
 arbitrary moment instead. After every kill a reader that runs no recovery checks that what it sees
 reconciles (every visible ingest has n_read = n_accepted + n_duplicates + n_quarantined, and the visible
@@ -24,28 +24,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.lake import Lake
-from data_schemas import TABLES, UNIQUE_KEYS
-from cli.main import main
+from prefcurate.curation.store.lake import Lake
+from prefcurate.data_schemas import TABLES, UNIQUE_KEYS
+from prefcurate.cli.main import main
 
 pytestmark = pytest.mark.faults
 
 STAGE_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from curation.lake import Lake
+    from prefcurate.curation.store.lake import Lake
     stage, root, shard = sys.argv[1], sys.argv[2], sys.argv[3]
     lake = Lake(root, create=True)
     if stage == "ingest":
-        from curation.ingest import IngestConfig, ingest_file, make_reader
+        from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
         ingest_file(lake, shard, IngestConfig("pickapic", "pickapic"), make_reader("pickapic", batch_rows=40))
     elif stage == "score":
-        from curation.scoring import ScoringConfig, run_scoring
+        from prefcurate.curation.scorers.runner import ScoringConfig, run_scoring
         run_scoring(lake, ["sharpness", "exposure"], config=ScoringConfig(batch_size=8, workers=0, commit_every=1))
     elif stage == "curate":
-        from curation.curate import curate
+        from prefcurate.curation.labels.curate import curate
         curate(lake)
     elif stage == "snapshot":
-        from curation.snapshot import SnapshotPolicy, write_snapshot
+        from prefcurate.curation.snapshot import SnapshotPolicy, write_snapshot
         if os.environ.get("KILL_BEFORE_SNAPSHOT_RENAME"):
             real_mv = lake.fs.mv
             def mv(src, dst, *a, **k):
@@ -83,7 +83,7 @@ def content(lake: Lake) -> dict[str, str]:
         with pa.ipc.new_stream(sink, rows.schema) as writer:
             writer.write_table(rows)
         digests[table] = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
-    from curation.curate import current_run
+    from prefcurate.curation.labels.curate import current_run
 
     # The run id names the score files, whose txids are random: compare its tables, every one of them
     # (curation is deterministic: tests/test_curate_reproducible.py).
@@ -109,7 +109,7 @@ def reconciles(root: str) -> tuple[int, int]:
         assert row["n_read"] == row["n_accepted"] + row["n_duplicates"] + row["n_quarantined"], row
     assert lake.read("pairs").num_rows == sum(r["n_accepted"] for r in ingests)
     assert lake.read("quarantine").num_rows == sum(r["n_quarantined"] for r in ingests)
-    from curation.sql import query
+    from prefcurate.curation.store.sql import query
 
     assert query(lake, "SELECT count(*) AS n FROM pairs").to_pylist() == [{"n": lake.read("pairs").num_rows}]
     for table, key in UNIQUE_KEYS.items():
@@ -121,7 +121,7 @@ def reconciles(root: str) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Two small Pick-a-Pic-shaped shards, and the lake after each stage of an uninterrupted run."""
-    from curation.sample import SampleConfig, generate_sample
+    from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
 
     root = tmp_path_factory.mktemp("faults")
     paths = generate_sample(str(root / "sample"), SampleConfig(seed=1, n_prompts=16, n_rows=240, n_annotators=20,
@@ -140,10 +140,10 @@ def world(tmp_path_factory):
 
 def _finish_from(stage: str, root: str, shards: list[str]) -> None:
     """Rerun `stage` and run the later ones, in this process (as the uninterrupted run did in subprocesses)."""
-    from curation.curate import curate
-    from curation.ingest import IngestConfig, ingest_file, make_reader
-    from curation.scoring import ScoringConfig, run_scoring
-    from curation.snapshot import SnapshotPolicy, write_snapshot
+    from prefcurate.curation.labels.curate import curate
+    from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+    from prefcurate.curation.scorers.runner import ScoringConfig, run_scoring
+    from prefcurate.curation.snapshot import SnapshotPolicy, write_snapshot
 
     lake = Lake(root, create=True)
     for later in STAGES[STAGES.index(stage):]:
@@ -295,7 +295,7 @@ def test_a_snapshot_file_changed_after_writing_is_named(world, tmp_path, capsys)
     assert main(["verify", "--lake", str(root)]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not match its manifest hash" in err
-    from curation.snapshot import SnapshotError, verify_snapshot
+    from prefcurate.curation.snapshot import SnapshotError, verify_snapshot
 
     with pytest.raises(SnapshotError, match="shards/shard-00000.parquet does not match its manifest hash"):
         verify_snapshot(os.path.dirname(os.path.dirname(shard)))  # what training checks before it reads
@@ -307,12 +307,12 @@ def _cli(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess
     """The real `prefcurate` command in a subprocess with a timeout: a regression that blocks on a FIFO or a
     device fails the test instead of hanging CI."""
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.run([sys.executable, "-c", "from cli.main import entry; entry()", *args], env=env,
+    return subprocess.run([sys.executable, "-c", "from prefcurate.cli.main import entry; entry()", *args], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
 def _reasons(root: str) -> dict[str, int]:
-    from curation.ingest import quarantine_reasons
+    from prefcurate.curation.ingest import quarantine_reasons
 
     return quarantine_reasons(Lake(root))
 

@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.ids import content_id, pair_id
-from curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader
-from curation.ingest.engine import _jpeg_walk, _jpeg_walk_many
-from curation.lake import InjectedFault, Lake, reset_faults
-from data_schemas import PAIRS, validate
+from prefcurate.curation.store.ids import content_id, pair_id
+from prefcurate.curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader
+from prefcurate.curation.ingest.engine import _jpeg_walk, _jpeg_walk_many
+from prefcurate.curation.store.lake import InjectedFault, Lake, reset_faults
+from prefcurate.data_schemas import PAIRS, validate
 
 
 PICKAPIC_TYPES = {
@@ -317,8 +317,8 @@ def test_unreadable_file_fails_with_one_line_and_writes_nothing(tmp_path, lake, 
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
-    from curation.ingest import IngestConfig, ingest_file, make_reader
-    from curation.lake import Lake
+    from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+    from prefcurate.curation.store.lake import Lake
     lake = Lake(sys.argv[1], create=True)
     if sys.argv[3] == "during-moves":
         # Die like a SIGKILL right after the first staged file is moved into place.
@@ -417,7 +417,7 @@ def test_an_error_in_the_read_or_write_thread_undoes_the_ingest(tmp_path, monkey
         monkeypatch.setenv("PREFCURATE_FAULT_ACTION", "raise" if fault == "writer" else "interrupt")
         reset_faults()
         error = InjectedFault if fault == "writer" else KeyboardInterrupt
-        monkeypatch.setattr("curation.ingest.engine._ROW_GROUP_BYTES", 1)  # flush with every batch
+        monkeypatch.setattr("prefcurate.curation.ingest.engine._ROW_GROUP_BYTES", 1)  # flush with every batch
     with pytest.raises(error):
         ingest_file(lake, shard, IngestConfig("pickapic", "pickapic"), reader)
     assert ours() == threads_before
@@ -461,7 +461,7 @@ def test_hashing_images_in_place_gives_the_same_lake_as_the_dictionary(tmp_path,
     shard = write_shard(tmp_path / "train-00000-of-00001.parquet", rows)
     tables = []
     for threshold in (0, 1 << 40):  # every batch in place / every batch through the dictionary
-        monkeypatch.setattr("curation.ingest.engine._DIRECT_HASH_MEAN_BYTES", threshold)
+        monkeypatch.setattr("prefcurate.curation.ingest.engine._DIRECT_HASH_MEAN_BYTES", threshold)
         lake = Lake(str(tmp_path / f"lake-{threshold}"), create=True)
         result = ingest_file(lake, shard, IngestConfig(source="pickapic", format="pickapic"),
                              make_reader("pickapic", batch_rows=4))

@@ -1,4 +1,4 @@
-"""The ingest's one table of rules (curation.ingest.rules.RULES): for every rule, a batch holding one
+"""The ingest's one table of rules (prefcurate.curation.ingest.rules.RULES): for every rule, a batch holding one
 row that breaks exactly that rule is quarantined with the rule's reason by the engine's fast path, and
 the per-row explanation of the same row gives the same reason. Parametrised over RULES, so a new rule
 without an example here fails."""
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.ingest import IngestConfig, ingest_file, rules
-from curation.ingest.raw import raw_table
-from curation.lake import Lake
+from prefcurate.curation.ingest import IngestConfig, ingest_file, rules
+from prefcurate.curation.ingest.raw import raw_table
+from prefcurate.curation.store.lake import Lake
 
 
 def jpeg(color, size=24) -> bytes:

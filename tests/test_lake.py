@@ -1,4 +1,4 @@
-"""The lake's commit log, checksums, writer lock, recovery, migration and repair (curation/lake.py)."""
+"""The lake's commit log, checksums, writer lock, recovery, migration and repair (curation/store/lake.py)."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import InjectedFault, Lake, LakeCorruptError, LakeError, reset_faults
-from cli.main import main
+from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+from prefcurate.curation.store.lake import InjectedFault, Lake, LakeCorruptError, LakeError, reset_faults
+from prefcurate.cli.main import main
 from tests.test_ingest_pickapic import GREEN, row, write_shard
 
 
@@ -87,7 +87,7 @@ def test_a_file_no_log_entry_names_is_never_read(lake):
     stray = lake.join("scores", "sharpness", "part-stray-00001.parquet")
     pq.write_table(_scores(3, start=10), stray)  # e.g. moved into place by a transaction that then crashed
     assert lake.read("scores").num_rows == 2
-    from curation.sql import query
+    from prefcurate.curation.store.sql import query
 
     assert query(lake, "SELECT count(*) AS n FROM scores").to_pylist() == [{"n": 2}]
 
@@ -132,7 +132,7 @@ def test_writers_never_store_a_key_twice_and_repair_removes_repeats(lake, capsys
 def test_lock_waits_for_another_process_then_names_it(lake, tmp_path):
     holder = textwrap.dedent("""
         import sys, time
-        from curation.lake import Lake
+        from prefcurate.curation.store.lake import Lake
         with Lake(sys.argv[1]).writing():
             print("held", flush=True)
             time.sleep(float(sys.argv[2]))
@@ -264,7 +264,7 @@ def test_a_newer_lake_version_is_refused_in_one_line(lake, capsys):
 
 
 def test_checkpoints_let_a_new_reader_skip_the_old_log_entries(lake, monkeypatch, inject):
-    import curation.lake as lake_module
+    import prefcurate.curation.store.lake as lake_module
 
     monkeypatch.setattr(lake_module, "CHECKPOINT_EVERY", 3)
     for i in range(7):

@@ -7,11 +7,11 @@ import re
 
 import pyarrow as pa
 
-from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import Lake
-from curation.sample import SampleConfig, generate_sample
-from curation.scoring import run_scoring
-from data_schemas import TABLES
+from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
+from prefcurate.curation.scorers.runner import run_scoring
+from prefcurate.data_schemas import TABLES
 
 TIMES = ("started_at", "finished_at")  # ingest times: the only columns allowed to differ
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from tests.snapshot_fixture import write_test_snapshot
-from training.components import build_tiny_pipeline, load_components
-from training.latent_cache import COMPLETE, LatentCache, build_cache
-from training.snapshot_reader import open_snapshot
+from prefcurate.training.components import build_tiny_pipeline, load_components
+from prefcurate.training.latent_cache import COMPLETE, LatentCache, build_cache
+from prefcurate.training.snapshot_reader import open_snapshot
 
 
 def test_two_builders_of_one_cache_both_succeed(tmp_path: Path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import losses as L
+from prefcurate.training import losses as L
 
 
 def sig(x: float) -> float:
@@ -445,13 +445,13 @@ def test_ncp_reverse_step_of_a_v_model_is_the_x0_form_posterior_mean():
 @pytest.mark.parametrize("weight_type", ["linear", "quadratic", "sigmoid", "sqrt"])
 @pytest.mark.parametrize("margin_type", ["quadratic", "linear"])
 def test_offline_and_online_weight_and_margin_agree(weight_type, margin_type):
-    """The Polars W and Γ of curation.pair_metrics and the torch W and Γ of training.losses on the same 50 u
+    """The Polars W and Γ of curation.labels.pair_metrics and the torch W and Γ of training.losses on the same 50 u
     values: equal up to float rounding, with β converted once (canonical β = 2·beta_dpo) and no offset (the
     online margin's batch-mean term is 0 when every ℓ is 0)."""
     import numpy as np
     import polars as pl
 
-    from curation.pair_metrics import PairMetricsConfig, adaptive_margin, reweight
+    from prefcurate.curation.labels.pair_metrics import PairMetricsConfig, adaptive_margin, reweight
 
     u = np.random.default_rng(0).uniform(0.0, 1.0, 50)
     config = PairMetricsConfig(k1=3.0, c1=0.5, weight_type=weight_type, beta=700.0, margin_type=margin_type,
@@ -464,7 +464,7 @@ def test_offline_and_online_weight_and_margin_agree(weight_type, margin_type):
                                margin_type=margin_type, margin_scale=config.margin_scale)
     assert weight.tolist() == pytest.approx(offline["weight"].to_list(), rel=1e-12)
     assert margin.tolist() == pytest.approx(offline["margin"].to_list(), rel=1e-12)
-    # and the defaults of both sides are the same constants (data_schemas.adaptive)
+    # and the defaults of both sides are the same constants (prefcurate.data_schemas.adaptive)
     default = PairMetricsConfig()
     assert (default.k1, default.c1, default.weight_type, default.margin_type, default.margin_scale, default.rho) == (
         L.adaptive.K1, L.adaptive.C1, L.adaptive.WEIGHT_TYPE, L.adaptive.MARGIN_TYPE, L.adaptive.MARGIN_SCALE,

@@ -25,15 +25,15 @@ from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from curation.lake import Lake
+from prefcurate.curation.store.lake import Lake
 from tests.prefect_util import drain_prefect_workers
-from curation.sample import SampleConfig, generate_sample
-from curation.snapshot import SnapshotPolicy, resolve_snapshot
-from curation.sql import query
-from cli.main import main
-from flows.pipeline import ANNOTATORS_KEY, SUMMARY_KEY, TrainGate, TrainRequest, pipeline_flow
-from flows.serve import ServerError, check_server
-from flows.train import TRAIN_DEPLOYMENT
+from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
+from prefcurate.curation.snapshot import SnapshotPolicy, resolve_snapshot
+from prefcurate.curation.store.sql import query
+from prefcurate.cli.main import main
+from prefcurate.flows.pipeline import ANNOTATORS_KEY, SUMMARY_KEY, TrainGate, TrainRequest, pipeline_flow
+from prefcurate.flows.serve import ServerError, check_server
+from prefcurate.flows.train import TRAIN_DEPLOYMENT
 
 
 SERVER_START_S = 300  # measured 11-13 s alone; 120 s was not enough at load 13 on the 2 shared cores
@@ -133,7 +133,7 @@ def first_run(server, sample, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from training.components import build_tiny_pipeline
+    from prefcurate.training.components import build_tiny_pipeline
 
     return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", resolution=32))
 
@@ -232,14 +232,15 @@ def test_train_command_and_inline_training(tmp_path, capsys, first_run, sample, 
 def served(server, sample, tmp_path_factory):
     """`prefcurate serve` every 60 s with training on the tiny pipeline; waits until the first pipeline run and
     the training run it started completed. (60 s: a second pipeline run would only compete for the 2 cores.)"""
-    from training.components import build_tiny_pipeline
+    from prefcurate.training.components import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("served")
     model = build_tiny_pipeline(root / "model", resolution=32)
     env = {**os.environ, "PREFECT_API_URL": server["url"], "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
     lake, out = root / "lake", root / "training"
-    argv = [sys.executable, "-m", "cli", "serve", "--lake", str(lake), "--landing", str(sample.pickapic_dir),
+    argv = [sys.executable, "-m", "prefcurate.cli", "serve", "--lake", str(lake), "--landing",
+            str(sample.pickapic_dir),
             "--interval", "60", "--name", "test", "--workers", "0", "--train-model", str(model),
             "--train-output", str(out), "--train-min-pairs", "100", "--train-max-minority-share", "0.5",
             "--max-steps", "2", "--resolution", "32", "--no-latent-cache", "--learning-rate", "1e-3"]

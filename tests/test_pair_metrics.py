@@ -1,4 +1,4 @@
-"""Adaptive-DPO pair metrics against hand-computed values (methods.md §2.3-2.4)."""
+"""Adaptive-DPO pair metrics against hand-computed values (docs/methods.md §2.3-2.4)."""
 import dataclasses
 import math
 import statistics
@@ -6,7 +6,7 @@ import statistics
 import polars as pl
 import pytest
 
-from curation.pair_metrics import PAIR_METRICS_SCHEMA, PairMetricsConfig, pair_metrics
+from prefcurate.curation.labels.pair_metrics import PAIR_METRICS_SCHEMA, PairMetricsConfig, pair_metrics
 
 
 def sigmoid(x: float) -> float:

@@ -18,10 +18,12 @@ import fsspec
 import pytest
 from PIL import Image
 
-from curation import ids
-from curation.ingest import IngestConfig, UnreadableSourceError, ingest_file, make_reader, quarantine_reasons
-from curation.lake import Lake
-from data_schemas import TABLES
+from prefcurate.curation.store import ids
+from prefcurate.curation.ingest import (
+    IngestConfig, UnreadableSourceError, ingest_file, make_reader, quarantine_reasons,
+)
+from prefcurate.curation.store.lake import Lake
+from prefcurate.data_schemas import TABLES
 from tests.shared_data import shared_data
 
 

@@ -15,13 +15,13 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation.curate import current_run, curate
-from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import Lake
-from curation.report import read_training_metrics, write_report
-from curation.sample import SampleConfig, generate_sample
-from curation.scoring import run_scoring
-from cli.main import main
+from prefcurate.curation.labels.curate import current_run, curate
+from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.report.page import read_training_metrics, write_report
+from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
+from prefcurate.curation.scorers.runner import run_scoring
+from prefcurate.cli.main import main
 
 
 PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]

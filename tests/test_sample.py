@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.palette import COLOR_NAMES
-from curation.sample import (
+from prefcurate.curation.synthetic.palette import COLOR_NAMES
+from prefcurate.curation.synthetic.sample import (
     DEFECT_KINDS, SampleConfig, generate_sample, majority_utility, pickapic_arrow_schema,
 )
-from curation.sample_scene import luminance, render_scene
+from prefcurate.curation.synthetic.scene import luminance, render_scene
 
 
-# data-and-scorers.md §1.2, written out by hand so the test does not compare the schema with itself
+# docs/data-and-scorers.md §1.2, written out by hand so the test does not compare the schema with itself
 PICKAPIC_COLUMNS = {
     "are_different": pa.bool_(), "best_image_uid": pa.string(), "caption": pa.string(),
     "created_at": pa.timestamp("ns"), "has_label": pa.bool_(), "image_0_uid": pa.string(),

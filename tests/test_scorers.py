@@ -18,8 +18,8 @@ from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 from torch import nn
 
-from curation.scorers import SCORERS, CheckpointFormatError, MissingWeightsError, build_scorer
-from curation.scorers.pixel import colourfulness, exposure_quality, laplacian_variance, named_colours
+from prefcurate.curation.scorers import SCORERS, CheckpointFormatError, MissingWeightsError, build_scorer
+from prefcurate.curation.scorers.pixel import colourfulness, exposure_quality, laplacian_variance, named_colours
 
 
 TINY_ARCH = "prefcurate-tiny-vit"
@@ -242,7 +242,7 @@ def test_aesthetic_matches_mlp_on_normalised_embedding(tmp_path, tiny_arch):
 # ---- PickScore (transformers CLIPModel) --------------------------------------------------------------------
 
 def _write_clip_tokenizer(directory: Path) -> None:
-    """HF CLIP tokenizer files from the BPE table shipped inside open_clip (environment.md §6)."""
+    """HF CLIP tokenizer files from the BPE table shipped inside open_clip (docs/environment.md §6)."""
     bpe = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     byte_chars = list(open_clip.tokenizer.bytes_to_unicode().values())

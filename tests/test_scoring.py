@@ -23,15 +23,15 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.ids import content_id
-from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import Lake, LakeError
-from curation.sample import SampleConfig, generate_sample
-from curation.scorers import build_scorer
-from curation.scoring import ScoringConfig, plan_work, run_scoring
-from curation.sql import query
-from curation.votes import PROMPT_FREE_PROMPT_ID
-from cli.main import main
+from prefcurate.curation.store.ids import content_id
+from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+from prefcurate.curation.store.lake import Lake, LakeError
+from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
+from prefcurate.curation.scorers import build_scorer
+from prefcurate.curation.scorers.runner import ScoringConfig, plan_work, run_scoring
+from prefcurate.curation.store.sql import query
+from prefcurate.curation.labels.votes import PROMPT_FREE_PROMPT_ID
+from prefcurate.cli.main import main
 from tests.test_ingest_pickapic import BLUE, BOMB_PNG, GREEN, RED, jpeg, row, write_shard
 from tests.test_scorers import TINY_ARCH, TINY_CFG
 
@@ -173,7 +173,7 @@ def test_image_that_does_not_decode_gets_nan_and_is_not_retried(tmp_path, tiny_h
         assert np.isnan(scores[content_id(broken)]) and np.isfinite(scores[content_id(BLUE)])
         assert run_scoring(lake, [name], tiny_hps, workers=0, scorer_options=options).scorers[0].n_scores == 0
     # The pair holding the broken image never reaches training: the snapshot leaves it out and counts it.
-    from curation.snapshot import SnapshotPolicy, write_snapshot
+    from prefcurate.curation.snapshot import SnapshotPolicy, write_snapshot
     info = write_snapshot(lake, "after-scoring", SnapshotPolicy(kind="plain"), str(tmp_path / "snaps"))
     assert (info.counts["pairs"], info.counts["unscorable_images"]) == (1, 1)
     assert "1 with an undecodable image" in info.line()
@@ -193,8 +193,8 @@ def test_a_decompression_bomb_already_in_a_lake_is_refused_before_decoding(tmp_p
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from curation.lake import Lake, LakeError
-    from curation.scoring import ScoringConfig, run_scoring
+    from prefcurate.curation.store.lake import Lake, LakeError
+    from prefcurate.curation.scorers.runner import ScoringConfig, run_scoring
     lake = Lake(sys.argv[1])
     moved = []
     real_mv = lake.fs.mv
@@ -227,9 +227,9 @@ def test_killed_mid_run_then_rerun_gives_complete_scores_without_duplicates(samp
 
 TWIN_SCRIPT = textwrap.dedent("""
     import os, sys, time
-    from curation.lake import Lake, LakeError
-    from curation.scorers import build_scorer
-    from curation.scoring import ScoringConfig, plan_work, score_shard
+    from prefcurate.curation.store.lake import Lake, LakeError
+    from prefcurate.curation.scorers import build_scorer
+    from prefcurate.curation.scorers.runner import ScoringConfig, plan_work, score_shard
     root, me, other = sys.argv[1], sys.argv[2], sys.argv[3]
     lake, scorer = Lake(root), build_scorer("prompt_colour")
     plan = plan_work(lake, scorer)
@@ -259,7 +259,7 @@ def test_two_score_runs_planned_at_once_store_each_key_once(sample_lake, tmp_pat
 
 HOLDER_SCRIPT = textwrap.dedent("""
     import sys, time
-    from curation.lake import Lake, LakeError
+    from prefcurate.curation.store.lake import Lake, LakeError
     with Lake(sys.argv[1]).writing():
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))
@@ -288,7 +288,7 @@ def test_score_waits_for_another_writer_then_fails_after_its_timeout(sample_lake
 
 POOL_SCRIPT = textwrap.dedent("""
     import os, sys, time
-    from curation.scoring_worker import make_pool, worker_pids, _ready
+    from prefcurate.curation.scorers.worker import make_pool, worker_pids, _ready
     if __name__ == "__main__":
         pool = make_pool(2)
         [f.result() for f in [pool.submit(_ready) for _ in range(2)]]
@@ -356,7 +356,7 @@ def test_neural_scorer_through_worker_processes_matches_direct_scores(sample_lak
 
 
 def test_flow_scores_shards_as_tasks_and_cli_reports_throughput(sample_lake, prefect_server, capsys):
-    from flows.score import run_score_flow
+    from prefcurate.flows.score import run_score_flow
 
     summaries = run_score_flow(sample_lake.root, ["sharpness", "prompt_colour"], workers=0, shard_size=30,
                                batch_size=8)
@@ -373,7 +373,7 @@ def test_flow_scores_shards_as_tasks_and_cli_reports_throughput(sample_lake, pre
 @pytest.mark.skipif(importlib.util.find_spec("prefect_ray") is None,
                     reason="needs the [ray] extra: pip install prefect-ray")
 def test_flow_on_a_local_ray_cluster(sample_lake, prefect_server):
-    from flows.score import run_score_flow
+    from prefcurate.flows.score import run_score_flow
 
     summaries = run_score_flow(sample_lake.root, ["colourfulness"], task_runner="ray", workers=0, shard_size=40)
     assert summaries[0]["n_scores"] == _n(sample_lake, "SELECT count(*) AS n FROM images")

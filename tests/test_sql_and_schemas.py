@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import Lake, LakeError
-from curation.sql import ReadOnlyError, query, query_polars
-from data_schemas import INGESTS, PAIRS, SchemaError, conform, validate
-from cli.main import main
+from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+from prefcurate.curation.store.lake import Lake, LakeError
+from prefcurate.curation.store.sql import ReadOnlyError, query, query_polars
+from prefcurate.data_schemas import INGESTS, PAIRS, SchemaError, conform, validate
+from prefcurate.cli.main import main
 from tests.test_ingest_pickapic import BLUE, GREEN, row, write_shard
 
 
@@ -168,7 +168,7 @@ def test_duckdb_sandbox_holds_without_the_statement_filter(lake, tmp_path):
     """The second wall alone: statements sent straight to the connection `connect` returns."""
     import duckdb
 
-    from curation.sql import connect
+    from prefcurate.curation.store.sql import connect
 
     (tmp_path / "secret.txt").write_text("token=hunter2\n")
     con = connect(lake)
@@ -208,7 +208,7 @@ def test_informational_statements_are_allowed(lake, statement):
 
 
 def test_limits_threads_memory_and_timeout(lake):
-    from curation.sql import SqlLimits
+    from prefcurate.curation.store.sql import SqlLimits
 
     limited = SqlLimits(memory_limit="256MB", threads=1)
     got = query(lake, "SELECT current_setting('threads') AS t, current_setting('memory_limit') AS m", limited)

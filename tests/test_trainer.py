@@ -19,17 +19,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.snapshot_fixture import write_test_snapshot
-from training.checkpoint import checkpoint_dir, load_checkpoint
-from training.components import build_tiny_pipeline, load_components
-from training.config import TrainConfig, parse_args
-from data_schemas import snapshot_contract
-from data_schemas.adaptive import manifest_record
-from data_schemas.vocab import LOSS_TYPES
-from training.lora import POLICY, add_policy_lora, ema_decay, encoder_features, lora_tensors
-from training.preflight import PreflightError, check_train_inputs
-from training.snapshot_reader import PairStream, SnapshotError, margin_beta_warning, open_snapshot
-from training.tracking import latest_validation
-from training.trainer import LOSS_DISPATCH, Trainer, main, train
+from prefcurate.training.checkpoint import checkpoint_dir, load_checkpoint
+from prefcurate.training.components import build_tiny_pipeline, load_components
+from prefcurate.training.config import TrainConfig, parse_args
+from prefcurate.data_schemas import snapshot_contract
+from prefcurate.data_schemas.adaptive import manifest_record
+from prefcurate.data_schemas.vocab import LOSS_TYPES
+from prefcurate.training.lora import POLICY, add_policy_lora, ema_decay, encoder_features, lora_tensors
+from prefcurate.training.preflight import PreflightError, check_train_inputs
+from prefcurate.training.snapshot_reader import PairStream, SnapshotError, margin_beta_warning, open_snapshot
+from prefcurate.training.tracking import latest_validation
+from prefcurate.training.trainer import LOSS_DISPATCH, Trainer, main, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -150,7 +150,7 @@ def test_config_boolean_flags_and_validation():
         TrainConfig(snapshot="s", model="m", output="o", rho=0.0)
     with pytest.raises(SystemExit):
         parse_args(required + ["--loss", "orpo"])
-    from training.config import build_parser
+    from prefcurate.training.config import build_parser
     loss_action = next(a for a in build_parser()._actions if a.dest == "loss")
     assert tuple(loss_action.choices) == LOSS_TYPES
 
@@ -321,7 +321,7 @@ def test_sdxl_layout_trains_and_its_lora_loads(assets, tmp_path):
     """Two text encoders, pooled embeddings and time ids: a tiny SDXL pipeline from configuration."""
     from diffusers import StableDiffusionXLPipeline
 
-    from training.components import build_tiny_sdxl_pipeline
+    from prefcurate.training.components import build_tiny_sdxl_pipeline
     build_tiny_sdxl_pipeline(tmp_path / "sdxl", seed=0)
     assert load_components(tmp_path / "sdxl").is_sdxl
     for loss in ("dpo", "ncp-dpo"):
@@ -490,7 +490,7 @@ def test_preflight_imports_no_torch_and_the_cli_refuses_bad_input_in_one_line(as
              f"output={str(tmp_path / 'o')!r}); print('torch' in sys.modules, time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False" and float(out[1]) < 1.0
-    cli = [sys.executable, "-m", "training.trainer", "--snapshot", str(assets["snapshot"]), "--output",
+    cli = [sys.executable, "-m", "prefcurate.training.trainer", "--snapshot", str(assets["snapshot"]), "--output",
            str(tmp_path / "o")]
     done = subprocess.run([*cli, "--model", str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 3 and done.stderr.strip().count("\n") == 0
@@ -500,7 +500,7 @@ def test_preflight_imports_no_torch_and_the_cli_refuses_bad_input_in_one_line(as
     checkpointing = helped.stdout[helped.stdout.index("  --gradient-checkpointing"):].split("\n  --")[0]
     assert "30% slower" in " ".join(checkpointing.split()) and "{" not in checkpointing
     # The parser (names, recipes, β conventions) needs no torch: --help answers without the slow imports.
-    probe = "import sys, training.config; print('torch' in sys.modules)"
+    probe = "import sys, prefcurate.training.config; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
 
@@ -540,7 +540,9 @@ def test_tensorboard_scalars_and_validation_images(assets):
     assert acc.Tags()["images"] == ["validation"] and [e.step for e in acc.Images("validation")] == [1, 2]
     latest = latest_validation(out)
     assert latest is not None and latest[0] == 2 and [p for p, _ in latest[1]] == ["a red cube", "a cat"]
-    from curation.report import validation_figure  # the HTML report's section for `prefcurate report --run`
+    from prefcurate.curation.report.page import (  # the HTML report's section for `prefcurate report --run`
+        validation_figure,
+    )
 
     figure = validation_figure(out)
     assert figure.values == {"step": 2, "prompts": ["a red cube", "a cat"]}

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from tests.snapshot_fixture import write_test_snapshot
-from training import losses as L
-from training.components import (
+from prefcurate.training import losses as L
+from prefcurate.training.components import (
     build_tiny_pipeline, build_tiny_sdxl_pipeline, center_crop_box, load_components, sdxl_micro_conditioning,
 )
-from training.config import ADAPTIVE_RECIPE_BATCH, TrainConfig, build_parser, parse_args
-from training.recipes import RECIPES
-from training.snapshot_reader import PairStream, open_snapshot
-from training.trainer import Trainer, main, train
+from prefcurate.training.config import ADAPTIVE_RECIPE_BATCH, TrainConfig, build_parser, parse_args
+from prefcurate.training.recipes import RECIPES
+from prefcurate.training.snapshot_reader import PairStream, open_snapshot
+from prefcurate.training.trainer import Trainer, main, train
 
 
 REQUIRED = ["--snapshot", "s", "--model", "m", "--output", "o"]

@@ -4,8 +4,8 @@ import math
 import polars as pl
 import pytest
 
-from curation.consensus import CONSENSUS_SCHEMA, consensus
-from curation.votes import PROMPT_FREE_PROMPT_ID, VOTES_SCHEMA, compute_votes, missing_vote_counts
+from prefcurate.curation.labels.consensus import CONSENSUS_SCHEMA, consensus
+from prefcurate.curation.labels.votes import PROMPT_FREE_PROMPT_ID, VOTES_SCHEMA, compute_votes, missing_vote_counts
 
 
 # Three pairs over images x, y, z. "clip" is prompt-dependent, higher is better; "blur" is
@@ -245,9 +245,11 @@ def test_wide_votes_give_the_long_forms_rows_counts_and_sums():
     import numpy as np
     from polars.testing import assert_frame_equal
 
-    from curation.consensus import consensus_from_counts
-    from curation.pair_metrics import PairMetricsConfig, pair_metrics, pair_metrics_from_sums, wide_sums
-    from curation.votes import WideVotes, vote_rows
+    from prefcurate.curation.labels.consensus import consensus_from_counts
+    from prefcurate.curation.labels.pair_metrics import (
+        PairMetricsConfig, pair_metrics, pair_metrics_from_sums, wide_sums,
+    )
+    from prefcurate.curation.labels.votes import WideVotes, vote_rows
 
     inf = math.inf
     wide = pl.DataFrame({

@@ -3,7 +3,7 @@
 Nothing here reaches a hub: ``load_components`` reads ``from_pretrained(dir, local_files_only=True)`` and refuses
 a missing folder or file with one error naming what is expected; ``build_tiny_pipeline`` builds a real
 ``StableDiffusionPipeline`` at tiny size from configuration (random weights) for the demo, tests and benchmark,
-with the CLIP tokenizer committed under ``training/assets/clip_tokenizer`` (environment.md §6).
+with the CLIP tokenizer committed under ``training/assets/clip_tokenizer`` (docs/environment.md §6).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from training.losses import PREDICTION_TYPES
+from prefcurate.training.losses import PREDICTION_TYPES
 
 
 CLIP_TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
@@ -148,7 +148,7 @@ def sdxl_micro_conditioning(sizes: Tensor | None, resolution: int, n: int) -> Te
 
 def tiny_unet_config(sample_size: int = 8, cross_attention_dim: int = 32,
                      block_out_channels: tuple[int, ...] = (32, 64)) -> dict:
-    """The environment.md §7.1 UNet at a given latent size: one plain and one cross-attention down block."""
+    """The docs/environment.md §7.1 UNet at a given latent size: one plain and one cross-attention down block."""
     return {
         "sample_size": sample_size, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
         "block_out_channels": list(block_out_channels),
@@ -189,7 +189,7 @@ def build_tiny_pipeline(out_dir: str | Path, *, resolution: int = 32, seed: int 
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
     with open(out_dir / "prefcurate_tiny.json", "w") as f:  # provenance: this folder holds random weights
-        json.dump({"built_by": "training.components.build_tiny_pipeline", "seed": seed,
+        json.dump({"built_by": "prefcurate.training.components.build_tiny_pipeline", "seed": seed,
                    "resolution": resolution, "weights": "random"}, f)
     return out_dir
 

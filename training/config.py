@@ -16,17 +16,17 @@ import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from data_schemas import adaptive
-from data_schemas.adaptive import MarginType, USource, WeightType
-from data_schemas.vocab import LOSS_TYPES
-from training.conventions import beta_from_adaptive_dpo
-from training.recipes import RECIPES, apply_recipe, recipe_help
+from prefcurate.data_schemas import adaptive
+from prefcurate.data_schemas.adaptive import MarginType, USource, WeightType
+from prefcurate.data_schemas.vocab import LOSS_TYPES
+from prefcurate.training.conventions import beta_from_adaptive_dpo
+from prefcurate.training.recipes import RECIPES, apply_recipe, recipe_help
 
 
 LossType = Literal[LOSS_TYPES]  # Literal of a tuple = Literal of its items
 
 DEFAULT_BETA = {
-    "dpo": 5000.0,  # Salesforce launchers (methods.md §1.5); = diffusers SD1.5 beta_dpo 2500
+    "dpo": 5000.0,  # Salesforce launchers (docs/methods.md §1.5); = diffusers SD1.5 beta_dpo 2500
     "adaptive-dpo": beta_from_adaptive_dpo(adaptive.BETA_DPO),  # Adaptive-DPO README beta_dpo 1000 -> 2000 (§2.5)
     "balanced-dpo": 5000.0,  # the Diffusion-DPO loss on consensus labels (§3.3)
     "ncp-dpo": 5000.0,  # "hyperparameters exactly like in the original Diffusion-DPO paper" (§4.4)
@@ -69,7 +69,7 @@ class TrainConfig:
     recipe_overrides: tuple[str, ...] | None = _f(None, "recipe fields that explicit values overrode (recorded "
                                                         "in train_config.json)", cli=False)
     # ---- loss
-    loss: LossType = _f("dpo", "loss type, one of training.losses.LOSS_TYPES")
+    loss: LossType = _f("dpo", "loss type, one of prefcurate.training.losses.LOSS_TYPES")
     beta: float | None = _f(None, "canonical β (Salesforce beta_dpo); default per loss: dpo 5000, adaptive-dpo "
                                   "2000 (= its beta_dpo 1000)")
     beta_ipo: float = _f(100.0, "IPO τ: target ℓ gap 1/(2τ) (Adaptive-DPO --beta default)")
@@ -121,7 +121,7 @@ class TrainConfig:
     debug_nonfinite_step: int = _f(0, "TEST HOOK: make the loss NaN at this optimiser step (1-based) on "
                                       "--debug-nonfinite-rank; 0 = off")
     debug_nonfinite_rank: int = _f(0, "TEST HOOK: the rank whose loss --debug-nonfinite-step makes NaN")
-    # ---- Adaptive-DPO (methods.md §2)
+    # ---- Adaptive-DPO (docs/methods.md §2)
     u_source: USource = _f(
         "online", "minority score u: online (model + 2 EMA annotators, the paper), offline (snapshot "
                   "minority_score), or combined by max / mean")
@@ -134,16 +134,16 @@ class TrainConfig:
     use_margin: bool = _f(True, "apply the adaptive margin Γ (README run use_margin True)")
     margin_type: MarginType = _f(adaptive.MARGIN_TYPE, "Γ's u-term: u² (code default) or u")
     margin_scale: float = _f(adaptive.MARGIN_SCALE,
-                             "scales Γ's u-term; 1 reproduces the code (negligible margin, methods.md §2.4)")
+                             "scales Γ's u-term; 1 reproduces the code (negligible margin, docs/methods.md §2.4)")
     ema_decay_long: float = _f(0.9999, "decay of the long-horizon EMA annotator (hard-coded in the code)")
     ema_decay_short: float = _f(0.5, "decay of the short-horizon EMA annotator (hard-coded in the code)")
     ema_warmup_steps: int = _f(2, "u = 0 before this many optimiser steps (ema_warmup_steps 2)")
-    # ---- BalancedDPO (methods.md §3.3)
+    # ---- BalancedDPO (docs/methods.md §3.3)
     ref_update_every: int = _f(100, "hard-copy the policy LoRA into the reference adapter every K optimiser "
                                      "steps; 0 = never (plain Diffusion-DPO reference)")
     ref_ema_tau: float = _f(0.0, "if > 0: reference ← τ·reference + (1−τ)·policy after every step instead")
     balanced_soft_target: bool = _f(False, "soft target from the snapshot's vote_fraction (label-smoothed DPO)")
-    # ---- NCP-DPO (methods.md §4)
+    # ---- NCP-DPO (docs/methods.md §4)
     ncp_encoder_tap: Literal["last_down", "mid", "all_down"] = _f(
         "last_down", "perceptual features: last down block output, mid block output, or all down blocks")
 
@@ -222,7 +222,7 @@ class TrainConfig:
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """One ``--kebab-case`` flag per field; bools are ``--x / --no-x``; Literals become choices.
     ``defaults=False``: absent flags are absent from the namespace (which flags were given explicitly)."""
-    parser = argparse.ArgumentParser(prog="python -m training.trainer", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prefcurate.training.trainer", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):

@@ -1,5 +1,5 @@
 """Sampling for evaluation: load a local diffusers pipeline (optionally with a trained LoRA) and generate one
-image per (prompt, seed), reproducibly (methods.md §5.3-5.4).
+image per (prompt, seed), reproducibly (docs/methods.md §5.3-5.4).
 
 Reproducibility: every image gets its own CPU ``torch.Generator`` seeded from (prompt text, seed) through
 ``generator_seed``, so its initial noise does not depend on batch composition, on the prompt's position in the
@@ -23,14 +23,14 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # what training.trainer writes (save_final_lora)
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what prefcurate.training.trainer writes (save_final_lora)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     steps: int = 20  # denoising steps; diffusers' DPO validation uses 25 DPMSolver steps, 20 DDIM are close
-    guidance_scale: float = 7.5  # DiffusionDPO quick_samples for SD1.5 (methods.md §5.3); use 5 for SDXL
+    guidance_scale: float = 7.5  # DiffusionDPO quick_samples for SD1.5 (docs/methods.md §5.3); use 5 for SDXL
     resolution: int | None = None  # square side in pixels; None: the model's native size
     batch_size: int = 4  # images per pipeline call (CFG doubles the UNet batch)
 
@@ -55,7 +55,8 @@ def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None, dev
                   dtype: str | None = None, against_dir: str | Path | None = None) -> DiffusionPipeline:
     """A text-to-image pipeline from a local folder (SD1.5/2.1/SDXL layout, as ``save_pretrained`` or a download
     of runwayml/stable-diffusion-v1-5 writes it), with a LoRA from ``lora_dir`` when given (the output folder of
-    ``python -m training.trainer``). ``dtype``: fp32, fp16 or bf16; default fp16 on CUDA and fp32 on the CPU.
+    ``python -m prefcurate.training.trainer``). ``dtype``: fp32, fp16 or bf16; default fp16 on CUDA and fp32 on
+    the CPU.
     With ``against_dir`` too, both LoRAs are loaded as the adapters "tuned" (lora_dir) and "against"
     (against_dir) over one copy of the base weights; ``use_adapter`` picks the active one.
 
@@ -74,7 +75,7 @@ def load_pipeline(model_dir: str | Path, lora_dir: str | Path | None = None, dev
     for folder in (lora_dir, against_dir):
         if folder is not None and not (Path(folder) / LORA_FILE).is_file():
             raise FileNotFoundError(f"LoRA folder {folder} has no {LORA_FILE}: expected the output folder of "
-                                    f"python -m training.trainer (prefcurate's fine-tuning)")
+                                    f"python -m prefcurate.training.trainer (prefcurate's fine-tuning)")
     dtype = dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from training.components import Components, encode_prompts
-from training.snapshot_reader import Snapshot, image_size, load_image
+from prefcurate.training.components import Components, encode_prompts
+from prefcurate.training.snapshot_reader import Snapshot, image_size, load_image
 
 
 COMPLETE = "complete.json"

@@ -77,7 +77,7 @@ def reference_view(unet: UNet2DConditionModel, dynamic: bool) -> Iterator[None]:
 
 def ema_decay(update: int, decay: float) -> float:
     """diffusers ``EMAModel.get_decay`` without warm-up power: 0 at the first update (a copy), then
-    min(decay, (1 + s)/(10 + s)) with s = update − 1 (methods.md §2.2)."""
+    min(decay, (1 + s)/(10 + s)) with s = update − 1 (docs/methods.md §2.2)."""
     step = update - 1
     if step <= 0:
         return 0.0

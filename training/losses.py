@@ -6,7 +6,7 @@ prediction against ``prediction_target``: ε, or v for v-prediction models such 
 winners and losers, and passes the four (B,) vectors to one of the losses below. Every loss returns
 ``(loss, metrics)``; metrics are detached tensors (0-dim, or (B,) for ``logits``).
 
-β convention (the only one used in this module): Salesforce ``train.py``, methods.md §1.4 / §1.7.
+β convention (the only one used in this module): Salesforce ``train.py``, docs/methods.md §1.4 / §1.7.
     ℓ_i = Δ_ref,i − Δ_θ,i,   Δ = ē_w − ē_l,   ē = mean over C, H, W of the squared ε (or v) error  (``dpo_raw_logits``)
     z_i = k·ℓ_i,   k = β/2  (``dpo_logit_scale``),   β = Salesforce ``beta_dpo`` (launcher default 5000)
 Other conventions put a different factor in front of ℓ; convert them once, at the config boundary:
@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-from data_schemas import adaptive
-from data_schemas.adaptive import MarginType, USource, WeightType  # noqa: F401  (re-exported)
-from data_schemas.vocab import LOSS_TYPES  # noqa: F401  (re-exported: the loss names)
-from training.conventions import (  # noqa: F401  (re-exported: the β conventions)
+from prefcurate.data_schemas import adaptive
+from prefcurate.data_schemas.adaptive import MarginType, USource, WeightType  # noqa: F401  (re-exported)
+from prefcurate.data_schemas.vocab import LOSS_TYPES  # noqa: F401  (re-exported: the loss names)
+from prefcurate.training.conventions import (  # noqa: F401  (re-exported: the β conventions)
     _check_positive, beta_from_adaptive_dpo, beta_from_diffusers, beta_from_sum_of_squares, dpo_logit_scale,
 )
 
@@ -190,7 +190,7 @@ def diffusion_dpo_loss(
 
     Inputs are per-sample mean errors (B,) of policy and reference on winners and losers; β is Salesforce
     ``beta_dpo`` (see the module docstring for the other conventions). W (per-pair weight) and Γ (margin, in
-    logit units) default to 1 and 0; with them this is the Adaptive-DPO loss (arXiv 2503.16921, methods.md §2.4).
+    logit units) default to 1 and 0; with them this is the Adaptive-DPO loss (arXiv 2503.16921, docs/methods.md §2.4).
     ε is the conservative-DPO soft target (Mitchell 2023, "A note on DPO with noisy preferences"): the
     probability that the label is wrong; ε = 0 is plain DPO. W, Γ and ε are detached.
     Metrics: implicit accuracy and reward margin of z (without Γ), per-sample z, raw policy/reference errors.
@@ -217,7 +217,7 @@ def balanced_dpo_loss(
     model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, *, beta: float,
     winner_vote_fraction: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """BalancedDPO, Tamboli et al. arXiv 2503.12575 (design per methods.md §3.3, code not public).
+    """BalancedDPO, Tamboli et al. arXiv 2503.12575 (design per docs/methods.md §3.3, code not public).
 
     Pairs arrive ordered by the scorers' majority vote. With ``winner_vote_fraction`` v̄ (B,) in [0, 1], the
     fraction of voters that preferred the ordered winner, the loss is the soft target
@@ -284,7 +284,7 @@ def cpo_loss(
 # ---------------------------------------------------------------- Adaptive-DPO
 
 class MinorityMetric(NamedTuple):
-    """Adaptive-DPO's minority-instance metric, each (B,) and detached (methods.md §2.3)."""
+    """Adaptive-DPO's minority-instance metric, each (B,) and detached (docs/methods.md §2.3)."""
 
     confidence: Tensor  # c: mean over annotators of σ(ρ·ℓ̂), confidence in the given label
     instability: Tensor  # v: min(unbiased std over annotators of ρ·ℓ̂, cap); 1 when there is one annotator
@@ -325,7 +325,7 @@ def combine_minority_scores(
     """One u (B,) in [0, 1] from the online metric and an offline one from the data snapshot.
 
     ``online`` (default) reproduces Adaptive-DPO: the model's own view. ``offline`` uses only the curated
-    per-pair score, same meaning (high = likely minority): ``curation.pair_metrics`` ``minority_score``, whose
+    per-pair score, same meaning (high = likely minority): ``curation.labels.pair_metrics`` ``minority_score``, whose
     nulls (ties, < 2 annotators) the caller must fill. ``max`` down-weights a pair when either source flags it
     (conservative: label noise seen by one source is enough); ``mean`` averages the two.
     """
@@ -349,9 +349,9 @@ def combine_minority_scores(
 
 def adaptive_weight(u: Tensor, weight_type: WeightType = adaptive.WEIGHT_TYPE, k1: float = adaptive.K1,
                     c1: float = adaptive.C1) -> Tensor:
-    """Adaptive-DPO instance weight W = 1 / ``data_schemas.adaptive.weight_denominator`` (arXiv 2503.16921
+    """Adaptive-DPO instance weight W = 1 / ``prefcurate.data_schemas.adaptive.weight_denominator`` (arXiv 2503.16921
     reweighting term; code ``weight_type``), detached: linear 1/(k1·u + c1) (default); quadratic 1/(k1·u² + c1);
-    sigmoid 1/(exp(k1·u) + c1); sqrt 1/(exp(k1·√u) + c1). Defaults from the README run (methods.md §2.5).
+    sigmoid 1/(exp(k1·u) + c1); sqrt 1/(exp(k1·√u) + c1). Defaults from the README run (docs/methods.md §2.5).
     """
     denominator = adaptive.weight_denominator(u.detach(), weight_type, k1, c1)
     if bool((denominator <= 0).any()):
@@ -369,9 +369,9 @@ def adaptive_margin(
 
     k is the code's ``beta_dpo`` (see ``beta_from_adaptive_dpo``); ``raw_logits`` is the current model's ℓ.
     ``margin_scale = 1`` reproduces the code, where Γ (order 1e-4 to 1e-3) is negligible next to k·ℓ (order
-    0.1-1) and the effect comes from W (methods.md §2.4, scale caveat); ``margin_scale = k`` makes the u-term
-    −u^p, of order one in logit units. The formula is ``data_schemas.adaptive.margin``, as in
-    ``curation.pair_metrics``.
+    0.1-1) and the effect comes from W (docs/methods.md §2.4, scale caveat); ``margin_scale = k`` makes the u-term
+    −u^p, of order one in logit units. The formula is ``prefcurate.data_schemas.adaptive.margin``, as in
+    ``prefcurate.curation.labels.pair_metrics``.
     """
     _check_per_sample(u=u, raw_logits=raw_logits)
     return adaptive.margin(u.detach(), raw_logits.detach().mean(), beta_dpo=dpo_logit_scale(beta),
@@ -408,7 +408,7 @@ def adaptive_dpo_loss(
 # ---------------------------------------------------------------- NCP-DPO
 
 def ncp_previous_timestep(t: Tensor) -> Tensor:
-    """t' = max(t, 1) − 1 (N,): the timestep at which the frozen encoder sees x_{t−1} (methods.md §4.3)."""
+    """t' = max(t, 1) − 1 (N,): the timestep at which the frozen encoder sees x_{t−1} (docs/methods.md §4.3)."""
     return t.clamp(min=1) - 1
 
 
@@ -444,7 +444,7 @@ def ddpm_reverse_step(x_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tenso
 
 def perceptual_distance(f_pred: Tensor | Sequence[Tensor], f_target: Tensor | Sequence[Tensor]) -> Tensor:
     """NCP perceptual loss PL = ‖f(x_θ,t′) − f(x_t′)‖² (arXiv 2406.17636v2 Eqs. 13-17) as a per-sample MEAN
-    over all feature elements, (N,), so the β convention of Diffusion-DPO carries over (methods.md §4.3).
+    over all feature elements, (N,), so the β convention of Diffusion-DPO carries over (docs/methods.md §4.3).
 
     Features are one (N, ...) tensor or a list of them (e.g. several down blocks), flattened and concatenated
     per sample, so each element counts once. Computed in at least float32.

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_schemas.snapshot_contract import SnapshotError, read_manifest
+from prefcurate.data_schemas.snapshot_contract import SnapshotError, read_manifest
 
 
 
@@ -44,7 +44,7 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_
                         "model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))  # slow BPE pair, or the fast file
 
-# Files of an earlier run in an output folder (training.trainer writes them); --overwrite-output removes
+# Files of an earlier run in an output folder (prefcurate.training.trainer writes them); --overwrite-output removes
 # RUN_FILES, never the latent cache (keyed by snapshot and model, so still valid).
 RUN_MARKERS = ("metrics.jsonl", "train_config.json", "checkpoints")
 RUN_FILES = (*RUN_MARKERS, "logs", "validation", "pytorch_lora_weights.safetensors")
@@ -258,7 +258,7 @@ def cpu_launch_num_processes(environ: dict | None = None, parent_cmdline: list[s
             return 1
         parent_cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     for i, arg in enumerate(parent_cmdline):
-        if arg == "training.trainer" or arg.endswith("trainer.py"):  # the script's own arguments follow
+        if arg == "prefcurate.training.trainer" or arg.endswith("trainer.py"):  # the script's own arguments follow
             break
         name, _, value = arg.partition("=")
         if name in ("--num_processes", "--num-processes"):
@@ -268,12 +268,12 @@ def cpu_launch_num_processes(environ: dict | None = None, parent_cmdline: list[s
 
 
 def spawn_cpu_ranks(n: int, argv: list[str]) -> int:
-    """Run ``python -m training.trainer argv`` as ``n`` ranks (RANK/WORLD_SIZE/LOCAL_RANK set, gloo through
+    """Run ``python -m prefcurate.training.trainer argv`` as ``n`` ranks (RANK/WORLD_SIZE/LOCAL_RANK set, gloo through
     accelerate's MULTI_CPU state); returns the first non-zero exit status, or 0. When one rank fails the others
     get 60 s to fail with it (they do: errors are agreed on by a collective) before they are terminated."""
     base = {**os.environ, "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_PORT":
             os.environ.get("MASTER_PORT", "29500"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    procs = [subprocess.Popen([sys.executable, "-m", "training.trainer", *argv],
+    procs = [subprocess.Popen([sys.executable, "-m", "prefcurate.training.trainer", *argv],
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
     status, deadline = 0, None
     while any(p.poll() is None for p in procs):
@@ -304,7 +304,9 @@ def cli_prelude(argv: list[str]) -> None:
     """The trainer CLI's first steps, before diffusers and peft are imported (~15 s on a loaded machine): parse
     (``--help`` exits 0, a usage error 2), check the inputs (one line on stderr, exit 3), and when this is the
     one process of ``accelerate launch --cpu --num_processes N``, run N ranks and exit with their status."""
-    from training.config import parse_args  # no torch: names and β conventions come from training.conventions
+    from prefcurate.training.config import (  # no torch: names, β conventions (vocab, training.conventions)
+        parse_args,
+    )
 
     try:
         config = parse_args(argv)
@@ -313,7 +315,7 @@ def cli_prelude(argv: list[str]) -> None:
         if is_rank_zero():
             print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
-    import torch  # already imported by training.config
+    import torch  # already imported by prefcurate.training.config
 
     n = cpu_launch_num_processes(cuda=torch.cuda.is_available())
     if n > 1:

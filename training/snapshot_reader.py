@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from data_schemas import snapshot_contract as contract
-from data_schemas.snapshot_contract import OPTIONAL_COLUMNS, SnapshotError  # noqa: F401  (re-exported)
+from prefcurate.data_schemas import snapshot_contract as contract
+from prefcurate.data_schemas.snapshot_contract import OPTIONAL_COLUMNS, SnapshotError  # noqa: F401  (re-exported)
 
 
 IMAGE_COLUMNS = ("winner_image", "loser_image")
@@ -109,7 +109,7 @@ class PairBatch:
 
 def load_image(data: bytes, resolution: int) -> Tensor:
     """Encoded bytes -> (3, res, res) float32 in [-1, 1]: RGB, bilinear resize of the short side to ``res``,
-    centre crop (the Diffusion-DPO preprocessing without the random flip, methods.md §1.2)."""
+    centre crop (the Diffusion-DPO preprocessing without the random flip, docs/methods.md §1.2)."""
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         w, h = img.size

@@ -1,16 +1,16 @@
 """Preference fine-tuning of a diffusion UNet with LoRA: ``train(config) -> TrainResult`` and ``main(argv)``.
 
-One micro-step (methods.md §1.3): B pairs -> 2B latents, winners first; each pair shares its timestep, noise
+One micro-step (docs/methods.md §1.3): B pairs -> 2B latents, winners first; each pair shares its timestep, noise
 and caption embedding; policy ε-prediction with grad; reference ε-prediction under no_grad from the same UNet
 (adapters disabled, or the BalancedDPO ``ref`` adapter); per-sample errors (ε-MSE, or NCP perceptual distance)
 -> a loss of ``training.losses``. Every random draw comes from one seeded ``torch.Generator`` in a fixed order,
 so runs are reproducible, resumable, and identical with and without the latent cache.
 
-Several processes: ``accelerate launch --num_processes N -m training.trainer --snapshot ... --model ... --output
-...`` (``--multi_gpu`` on GPUs; ``--cpu`` gives N gloo ranks on the CPU, see ``cpu_launch_num_processes``), or
-``torchrun --nproc_per_node N -m training.trainer ...``. Each rank takes its own pairs of every global batch,
-draws from its own generator (seed + rank) and saves its own RNG states in each checkpoint, so a resumed run
-continues exactly; step metrics are means over the ranks, written by rank 0 (metrics.jsonl and TensorBoard).
+Several processes: ``accelerate launch --num_processes N -m prefcurate.training.trainer --snapshot ... --model ...
+--output ...`` (``--multi_gpu`` on GPUs; ``--cpu`` gives N gloo ranks on the CPU, see ``cpu_launch_num_processes``),
+or ``torchrun --nproc_per_node N -m prefcurate.training.trainer ...``. Each rank takes its own pairs of every global
+batch, draws from its own generator (seed + rank) and saves its own RNG states in each checkpoint, so a resumed
+run continues exactly; step metrics are means over the ranks, written by rank 0 (metrics.jsonl and TensorBoard).
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from training.preflight import PreflightError, check_config, check_model, clear_run, cli_prelude, is_rank_zero
+from prefcurate.training.preflight import (
+    PreflightError, check_config, check_model, clear_run, cli_prelude, is_rank_zero,
+)
 
 if __name__ == "__main__":  # `--help`, bad inputs and the CPU rank launch are answered before the slow imports
     cli_prelude(sys.argv[1:])
@@ -38,22 +40,24 @@ from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training import losses as L
-from training.checkpoint import (
+from prefcurate.training import losses as L
+from prefcurate.training.checkpoint import (
     begin_checkpoint, commit_checkpoint, find_checkpoint, load_checkpoint, load_rank_state, rng_states,
     save_rank_state, set_rng_states,
 )
-from training.components import encode_prompts, load_components, sdxl_micro_conditioning
-from training.config import TrainConfig, parse_args
-from training.latent_cache import LatentCache, build_cache, cache_key, vae_posterior
-from training.lora import (
+from prefcurate.training.components import encode_prompts, load_components, sdxl_micro_conditioning
+from prefcurate.training.config import TrainConfig, parse_args
+from prefcurate.training.latent_cache import LatentCache, build_cache, cache_key, vae_posterior
+from prefcurate.training.lora import (
     POLICY, REFERENCE, LoraEMA, add_policy_lora, add_reference_lora, copy_adapter, encoder_features, lora_tensors,
     reference_view,
 )
-from training.snapshot_reader import (
+from prefcurate.training.snapshot_reader import (
     DataPosition, PairBatch, PairStream, SnapshotError, margin_beta_warning, open_snapshot,
 )
-from training.tracking import log_validation, render_validation, save_validation, tracker_hparams, write_json_atomic
+from prefcurate.training.tracking import (
+    log_validation, render_validation, save_validation, tracker_hparams, write_json_atomic,
+)
 
 
 NO_REFERENCE = ("cpo", "sft")  # reference-free losses skip the reference pass
@@ -133,7 +137,7 @@ def _balanced_dpo(tr: Trainer, batch: PairBatch, x: LossInputs) -> tuple[Tensor,
     return L.balanced_dpo_loss(x.mw, x.ml, x.rw, x.rl, beta=tr.config.beta, winner_vote_fraction=votes)
 
 
-# One entry per data_schemas.vocab.LOSS_TYPES name (tests/test_trainer.py checks that none is missing).
+# One entry per prefcurate.data_schemas.vocab.LOSS_TYPES name (tests/test_trainer.py checks that none is missing).
 LOSS_DISPATCH: dict[str, Callable[[Trainer, PairBatch, LossInputs], tuple[Tensor, dict[str, Tensor]]]] = {
     "dpo": _dpo,
     "adaptive-dpo": _adaptive_dpo,
@@ -539,8 +543,8 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    """``python -m training.trainer --snapshot DIR --model DIR --output DIR --loss dpo --max-steps N ...``;
-    inputs are checked first (``training.preflight``: one-line ``PreflightError``)."""
+    """``python -m prefcurate.training.trainer --snapshot DIR --model DIR --output DIR --loss dpo --max-steps N ...``;
+    inputs are checked first (``prefcurate.training.preflight``: one-line ``PreflightError``)."""
     config = parse_args(argv)
     check_config(config)
     return train(config)

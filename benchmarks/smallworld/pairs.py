@@ -1,6 +1,6 @@
 """Preference pairs of the small world: planted labels, a JSONL source, and curated training snapshots.
 
-Labels (methods.md §2.7): a planted annotator prefers image a over image b with the Bradley-Terry probability
+Labels (docs/methods.md §2.7): a planted annotator prefers image a over image b with the Bradley-Terry probability
 sigmoid(bt_scale * (U_a - U_b)) of the true reward U; then a fraction ``flip_rate`` of the pairs, drawn
 uniformly, has its label flipped (the synthetic-minority protocol of Adaptive-DPO). One uniform number per
 pair decides the flip, so the flipped set at 10 % is contained in the one at 20 %, and the Bradley-Terry
@@ -22,13 +22,13 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from curation.annotators import auroc
-from curation.curate import curate
-from curation.ids import pair_id
-from curation.ingest import IngestConfig, ingest_file, make_reader
-from curation.lake import Lake
-from curation.scoring import run_scoring
-from curation.snapshot import SnapshotPolicy, write_snapshot
+from prefcurate.curation.labels.annotators import auroc
+from prefcurate.curation.labels.curate import curate
+from prefcurate.curation.store.ids import pair_id
+from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.scorers.runner import run_scoring
+from prefcurate.curation.snapshot import SnapshotPolicy, write_snapshot
 
 
 SOURCE = "smallworld"
@@ -109,7 +109,7 @@ def annotator_detection(lake_dir: Path, kinds: list[str], min_labels: int) -> di
     """AUROC of 1 - reliability (the annotators table of the lake's current curation run) for non-reliable vs
     reliable annotators with at least min_labels labels; overall and per non-reliable kind. kinds[j] is the type of
     annotator ``user-{j:03d}`` (``smallworld.crowd.user_id``)."""
-    from curation.curate import current_run
+    from prefcurate.curation.labels.curate import current_run
 
     lake = Lake(str(lake_dir))
     table = pl.read_parquet(lake.join("curation", current_run(lake)["run_id"], "annotators.parquet"))

@@ -3,13 +3,13 @@
     python benchmarks/smallworld/pretrain.py                      # -> out/smallworld/base (8.5 min, 1 thread)
     python benchmarks/smallworld/pretrain.py --out DIR --unet-steps 40 --vae-steps 20 --images 256   # smoke
 
-The folder is a ``StableDiffusionPipeline`` (what ``training.components.load_components`` reads):
+The folder is a ``StableDiffusionPipeline`` (what ``prefcurate.training.components.load_components`` reads):
 
 - ``vae``: an ``AutoencoderKL`` with two blocks (16, 32): 3 x 16 x 16 pixels <-> 8 x 8 x 8 latents.
   Trained first on reconstruction (+ a small KL term); ``scaling_factor`` = 1 / std of the latent means.
 - ``text_encoder`` + ``tokenizer``: a 2-layer ``CLIPTextModel`` of width 32 with the committed CLIP vocabulary
   (``training/assets/clip_tokenizer``), trained jointly with the UNet; captions are at most 16 tokens.
-- ``unet``: the two-level tiny ``UNet2DConditionModel`` of ``training.components.tiny_unet_config``
+- ``unet``: the two-level tiny ``UNet2DConditionModel`` of ``prefcurate.training.components.tiny_unet_config``
   (8 x 8 x 8 latents, cross-attention at 4 x 4), ε-prediction, DDPM 1000 steps with SD1.5's scaled-linear betas.
 
 The training images vary in colour (the named colour with P = 0.65), blur and exposure (``world.render_set``),
@@ -36,7 +36,7 @@ from benchmarks.smallworld import world  # noqa: E402
 from benchmarks.smallworld.sampling import load_pipeline, sample  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
-from training.components import CLIP_TOKENIZER_DIR, tiny_unet_config  # noqa: E402
+from prefcurate.training.components import CLIP_TOKENIZER_DIR, tiny_unet_config  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 

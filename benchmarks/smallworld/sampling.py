@@ -14,9 +14,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from training.checkpoint import LORA_FILE
-from training.components import Components, encode_prompts
-from training.lora import POLICY, add_policy_lora, lora_tensors
+from prefcurate.training.checkpoint import LORA_FILE
+from prefcurate.training.components import Components, encode_prompts
+from prefcurate.training.lora import POLICY, add_policy_lora, lora_tensors
 
 
 def load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
@@ -30,7 +30,7 @@ def load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
 def unet_with_lora(base: UNet2DConditionModel, checkpoint: str | Path, rank: int, alpha: float,
                    targets: tuple[str, ...]) -> UNet2DConditionModel:
     """A copy of ``base`` carrying the policy adapter of a trainer checkpoint (``training.checkpoint`` layout:
-    tensors named as ``training.lora.lora_tensors``). Read directly rather than through diffusers'
+    tensors named as ``prefcurate.training.lora.lora_tensors``). Read directly rather than through diffusers'
     ``load_lora_weights``, which drops the attention layers of a LoRA that also adapts convolutions."""
     unet = copy.deepcopy(base)
     add_policy_lora(unet, rank, alpha, targets)

@@ -4,14 +4,14 @@ Captions come from a grammar, colour x object x style: ``"a red kite, photo"`` (
 3 style words = 270 captions). Style words are lexical only (they change no pixel): they make the text
 encoder see varied captions without adding taste dimensions.
 
-Images are the embedded sample's scenes (``curation.sample_scene.render_scene``) drawn at 32 px and
+Images are the embedded sample's scenes (``prefcurate.curation.synthetic.scene.render_scene``) drawn at 32 px and
 box-downsampled to ``IMAGE_SIZE`` (16 px): one object of a colour on a checkered, desaturated background, with
 a Gaussian blur (radius in 32-px units) and an exposure gamma. The pretraining set draws the named colour
 only with probability ``1 - wrong_colour_rate`` and blur and exposure uniformly, so the base model learns a
 distribution whose samples vary on all three taste dimensions: there is something for preference
 fine-tuning to gain.
 
-The true reward is the embedded sample's majority utility (``curation.sample.majority_utility``,
+The true reward is the embedded sample's majority utility (``prefcurate.curation.synthetic.sample.majority_utility``,
 U = 0.45 colour_match + 0.35 sharpness + 0.20 exposure_quality), with each property *measured from pixels*
 (generated images have no planted parameters):
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from curation.palette import COLOR_NAMES
-from curation.sample import OBJECTS, PROMPT_COLOURS, SampleConfig, majority_utility
-from curation.sample_scene import MID_GREY, luminance, render_scene
+from prefcurate.curation.synthetic.palette import COLOR_NAMES
+from prefcurate.curation.synthetic.sample import OBJECTS, PROMPT_COLOURS, SampleConfig, majority_utility
+from prefcurate.curation.synthetic.scene import MID_GREY, luminance, render_scene
 
 
 IMAGE_SIZE = 16  # px: the images the model generates and the reward reads
@@ -49,8 +49,8 @@ SHARP_A, SHARP_B = 0.2960, 0.4059
 @dataclass(frozen=True)
 class Caption:
     text: str
-    colour: str  # a key of curation.palette.COLOR_NAMES
-    object: str  # a key of curation.sample.OBJECTS
+    colour: str  # a key of prefcurate.curation.synthetic.palette.COLOR_NAMES
+    object: str  # a key of prefcurate.curation.synthetic.sample.OBJECTS
 
 
 def all_captions() -> list[Caption]:

@@ -1,12 +1,14 @@
 """Streaming ingest of preference-pair sources into the lake."""
-from curation.ingest.engine import IngestConfig, IngestResult, ingest_file, inspect_image, quarantine_reasons
-from curation.ingest.hpdv2 import HPDv2Reader
-from curation.ingest.jsonl import CsvReader, JsonlReader
-from curation.ingest.pickapic import PickAPicReader
-from curation.ingest.raw import RAW, UnreadableSourceError
-from curation.ingest.rules import REASONS
-from curation.ingest.wmt import WMTRankingsReader
-from data_schemas.vocab import INPUT_FORMATS
+from prefcurate.curation.ingest.engine import (
+    IngestConfig, IngestResult, ingest_file, inspect_image, quarantine_reasons,
+)
+from prefcurate.curation.ingest.hpdv2 import HPDv2Reader
+from prefcurate.curation.ingest.jsonl import CsvReader, JsonlReader
+from prefcurate.curation.ingest.pickapic import PickAPicReader
+from prefcurate.curation.ingest.raw import RAW, UnreadableSourceError
+from prefcurate.curation.ingest.rules import REASONS
+from prefcurate.curation.ingest.wmt import WMTRankingsReader
+from prefcurate.data_schemas.vocab import INPUT_FORMATS
 
 
 # format name -> reader factory, one per name of data_schemas.vocab.INPUT_FORMATS (the CLI's --format choices);

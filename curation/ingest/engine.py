@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
-from curation import ids
-from curation.ingest import rules
-from curation.ingest.raw import UnreadableSourceError, raw_summary
-from curation.lake import Lake, check_partition_name
+from prefcurate.curation.store import ids
+from prefcurate.curation.ingest import rules
+from prefcurate.curation.ingest.raw import UnreadableSourceError, raw_summary
+from prefcurate.curation.store.lake import Lake, check_partition_name
 
 
 VERSION = "0.1.0"
@@ -553,7 +553,7 @@ class _Batcher:
     def process(self, raw: pa.Table, result: IngestResult) -> dict[str, pa.Table]:
         """Split one RAW batch into accepted pairs, duplicates and quarantined rows.
 
-        The checks (curation.ingest.rules) run as Arrow kernels over the whole batch; Python sees only
+        The checks (prefcurate.curation.ingest.rules) run as Arrow kernels over the whole batch; Python sees only
         the rows they quarantine (for the detail texts). The bulky columns (image bytes, timestamps)
         reach the output through Arrow `take`, never through Python."""
         result.n_read += raw.num_rows

@@ -1,6 +1,6 @@
 """Reader for HPDv2 (Human Preference Dataset v2): JSON annotation files plus an image folder.
 
-Two shapes (data-and-scorers.md §2), told apart by the keys of the first entry:
+Two shapes (docs/data-and-scorers.md §2), told apart by the keys of the first entry:
 
 * train.json: a list of ``{human_preference: list[int], prompt, file_path: list[str]}``.
   ``human_preference[i] = 1`` marks file_path[i] as preferred. Each preferred image is paired
@@ -37,8 +37,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation.ingest.raw import UnreadableSourceError
-from curation.ingest.rows import MAX_IMAGE_FILE_BYTES, ImageFolder, RowBuffer, rank_pairs, split_from_filename
+from prefcurate.curation.ingest.raw import UnreadableSourceError
+from prefcurate.curation.ingest.rows import (
+    MAX_IMAGE_FILE_BYTES, ImageFolder, RowBuffer, rank_pairs, split_from_filename,
+)
 
 
 TRAIN_KEYS = ("human_preference", "prompt", "file_path")

@@ -76,9 +76,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation.ids import content_id
-from curation.ingest.raw import UnreadableSourceError, coerce_float
-from curation.ingest.rows import MAX_IMAGE_FILE_BYTES, ImageFolder, RowBuffer, split_from_filename
+from prefcurate.curation.store.ids import content_id
+from prefcurate.curation.ingest.raw import UnreadableSourceError, coerce_float
+from prefcurate.curation.ingest.rows import MAX_IMAGE_FILE_BYTES, ImageFolder, RowBuffer, split_from_filename
 
 
 REQUIRED = ("prompt", "image_0", "image_1", "label")

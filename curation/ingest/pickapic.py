@@ -1,6 +1,6 @@
 """Reader for Pick-a-Pic v1/v2 Parquet shards (with images, or the metadata-only variant).
 
-Columns (data-and-scorers.md §1.2): caption, jpg_0, jpg_1, label_0, label_1, user_id, ranking_id,
+Columns (docs/data-and-scorers.md §1.2): caption, jpg_0, jpg_1, label_0, label_1, user_id, ranking_id,
 image_0_uid, image_1_uid, best_image_uid, model_0, model_1, created_at, has_label, are_different,
 num_example_per_prompt, image_0_url, image_1_url, __index_level_0__. The dead URL columns and the
 pandas index are not read. Without jpg_0/jpg_1 (the published no-images variant) the pairs are
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.ingest.raw import UnreadableSourceError, raw_table
+from prefcurate.curation.ingest.raw import UnreadableSourceError, raw_table
 
 
 SPLITS = ("train", "validation_unique", "test_unique", "validation", "test")

@@ -92,7 +92,7 @@ RAW_TEXT_CHARS = 200
 def raw_summary(row: dict[str, Any]) -> str:
     """JSON of a raw row for the quarantine table: image bytes summarised by length, long text by
     its head, length and hash, NaN as a string. The same row always gives the same text."""
-    from curation.ids import content_id
+    from prefcurate.curation.store.ids import content_id
 
     out = {}
     for key, value in row.items():

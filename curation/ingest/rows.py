@@ -12,7 +12,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from curation.ingest.raw import RAW, raw_table
+from prefcurate.curation.ingest.raw import RAW, raw_table
 
 
 _SPLIT_TOKENS = {"train": "train", "test": "test", "dev": "validation", "val": "validation",

@@ -1,4 +1,4 @@
-"""Reader for WMT manual-evaluation rankings (the WMT13 CSV of keisks/wmt-trueskill; SOURCES.md §2).
+"""Reader for WMT manual-evaluation rankings (the WMT13 CSV of keisks/wmt-trueskill; docs/data-and-scorers.md §11.2).
 
 Header: ``srclang, trglang, srcIndex, documentId, segmentId, judgeId, system{1..5}Number,
 system{1..5}Id, system{1..5}rank``. Each row is one judge ranking up to five machine translations
@@ -33,8 +33,8 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from curation.ingest.raw import UnreadableSourceError
-from curation.ingest.rows import RowBuffer, rank_pairs, split_from_filename
+from prefcurate.curation.ingest.raw import UnreadableSourceError
+from prefcurate.curation.ingest.rows import RowBuffer, rank_pairs, split_from_filename
 
 
 REQUIRED = ("srcIndex", "judgeId", "system1Id", "system1rank", "system2Id", "system2rank")

@@ -31,8 +31,10 @@ from pathlib import Path
 
 from importlib import import_module
 
-from curation.scorers.base import CheckpointFormatError, MissingWeightsError, NeuralScorer, Scorer
-from curation.scorers.pixel import colourfulness_scorer, exposure_scorer, prompt_colour_scorer, sharpness_scorer
+from prefcurate.curation.scorers.base import CheckpointFormatError, MissingWeightsError, NeuralScorer, Scorer
+from prefcurate.curation.scorers.pixel import (
+    colourfulness_scorer, exposure_scorer, prompt_colour_scorer, sharpness_scorer,
+)
 
 
 def _lazy(module: str, factory: str, *args) -> Callable[..., Scorer]:
@@ -49,12 +51,12 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "colourfulness": colourfulness_scorer,
     "exposure": exposure_scorer,
     "prompt_colour": prompt_colour_scorer,
-    "pickscore": _lazy("curation.scorers.pickscore", "pickscore_scorer"),
-    "hpsv2": _lazy("curation.scorers.clip_family", "hps_scorer", "hpsv2"),
-    "hpsv2.1": _lazy("curation.scorers.clip_family", "hps_scorer", "hpsv2.1"),
-    "clip": _lazy("curation.scorers.clip_family", "clip_scorer"),
-    "aesthetic": _lazy("curation.scorers.clip_family", "aesthetic_scorer"),
-    "imagereward": _lazy("curation.scorers.imagereward", "imagereward_scorer"),
+    "pickscore": _lazy("prefcurate.curation.scorers.pickscore", "pickscore_scorer"),
+    "hpsv2": _lazy("prefcurate.curation.scorers.clip_family", "hps_scorer", "hpsv2"),
+    "hpsv2.1": _lazy("prefcurate.curation.scorers.clip_family", "hps_scorer", "hpsv2.1"),
+    "clip": _lazy("prefcurate.curation.scorers.clip_family", "clip_scorer"),
+    "aesthetic": _lazy("prefcurate.curation.scorers.clip_family", "aesthetic_scorer"),
+    "imagereward": _lazy("prefcurate.curation.scorers.imagereward", "imagereward_scorer"),
 }
 
 

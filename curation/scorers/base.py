@@ -142,7 +142,7 @@ class NeuralScorer(Scorer):
 class ScoreMLP(torch.nn.Module):
     """The reward head shared by the LAION aesthetic predictor v2 and ImageReward: Linear 1024-128-64-16-1
     with Dropouts at indices 1, 3, 5, so checkpoint keys are layers.{0,2,4,6,7}. Both reference codes have
-    their ReLUs commented out, so at inference the head is one affine map (data-and-scorers.md §4.2)."""
+    their ReLUs commented out, so at inference the head is one affine map (docs/data-and-scorers.md §4.2)."""
 
     def __init__(self, embed_dim: int = 768):
         super().__init__()

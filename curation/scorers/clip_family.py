@@ -5,7 +5,7 @@
 - CLIPScore (Hessel et al. 2021, arXiv 2104.08718, eq. 1 with w = 100 as in torchmetrics):
   max(100·cosine(image, prompt), 0).
 - Aesthetic v2 (christophschuhmann/improved-aesthetic-predictor): a linear-only MLP on the L2-normalised
-  CLIP ViT-L/14 image embedding (data-and-scorers.md §4.2); prompt-independent, about 1-10.
+  CLIP ViT-L/14 image embedding (docs/data-and-scorers.md §4.2); prompt-independent, about 1-10.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curation.scorers.base import (
+from prefcurate.curation.scorers.base import (
     CheckpointFormatError, MissingWeightsError, NeuralScorer, ScoreMLP, file_digest, load_into,
     load_state_dict_file, require_file,
 )

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision import transforms
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from curation.scorers.base import (
+from prefcurate.curation.scorers.base import (
     CheckpointFormatError, NeuralScorer, ScoreMLP, file_digest, load_into, load_state_dict_file, require_file,
 )
 

@@ -17,7 +17,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from curation.scorers.base import CheckpointFormatError, MissingWeightsError, NeuralScorer, file_digest, require_file
+from prefcurate.curation.scorers.base import (
+    CheckpointFormatError, MissingWeightsError, NeuralScorer, file_digest, require_file,
+)
 
 
 PICKSCORE_CODE_VERSION = "1"

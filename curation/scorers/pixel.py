@@ -8,7 +8,7 @@
 - `prompt_colour` (higher = shows the colour the prompt names): −mean RGB distance (0-1 scale) to the named
   colour of the 20 % of pixels closest to it.
 
-`prompt_colour` reads colour words from `curation.palette.COLOR_NAMES` ("gray" counts as "grey").
+`prompt_colour` reads colour words from `prefcurate.curation.synthetic.palette.COLOR_NAMES` ("gray" counts as "grey").
 `prompt_colour` lies in [−√3, 0]. A prompt naming no known colour scores a neutral 0.0 for every image, so
 both images of a pair tie and the scorer casts no vote on it; compare its scores only between images of
 one prompt (as a pair's images are), never across prompts. Scores depend on resolution for `sharpness` (computed at the
@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from curation.palette import COLOR_NAMES
-from curation.scorers.base import Scorer
+from prefcurate.curation.synthetic.palette import COLOR_NAMES
+from prefcurate.curation.scorers.base import Scorer
 
 
 PIXEL_CODE_VERSION = "1"

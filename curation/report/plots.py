@@ -1,6 +1,6 @@
 """The report's figures: matplotlib (Agg, no pyplot, so no global state and no display) to PNG bytes.
 
-Each function takes plain numbers already computed by curation/report.py and returns one PNG. Sizes are
+Each function takes plain numbers already computed by curation/report/page.py and returns one PNG. Sizes are
 in inches at DPI dots per inch; the report shows the PNGs at their natural width (at most the page width).
 """
 from __future__ import annotations

@@ -79,7 +79,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_schemas import SCHEMA_VERSION, TABLES, UNIQUE_KEYS, conform
+from prefcurate.data_schemas import SCHEMA_VERSION, TABLES, UNIQUE_KEYS, conform
 
 
 LAKE_MARKER = "_lake.json"
@@ -327,7 +327,9 @@ class Lake:
                             f"any write (e.g. `prefcurate repair`) migrates it")
         infos = list(self.committed_files().values())
         problems = list(self._file_problems(infos, "sha256"))
-        from data_schemas.snapshot_contract import SnapshotError, verify_snapshot  # pyarrow only, on first use
+        from prefcurate.data_schemas.snapshot_contract import (  # pyarrow only, on first use
+            SnapshotError, verify_snapshot,
+        )
 
         snapshots = [p for p in (self.fs.ls(self.join("snapshots"), detail=False)
                                  if self.fs.isdir(self.join("snapshots")) else [])

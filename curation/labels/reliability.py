@@ -3,7 +3,7 @@
 The label model learns the scorers' evidence against the crowd instead of counting each scorer as
 one vote ("learning from crowds", Raykar et al. 2010, JMLR 11:1297-1322). Items are unordered image
 pairs (several people labelling the same two images inform each other); x_i holds each scorer's
-normalised margin toward the item's first image (`curation.votes`). Three steps, all over arrays:
+normalised margin toward the item's first image (`prefcurate.curation.labels.votes`). Three steps, all over arrays:
 
 1. Tastes (`taste_mixture`). Each annotator labels by one of one or two Bradley-Terry tastes
    sigmoid(c_j + w_k . x) (c_j its position intercept) or by none (spammers, position clickers); the
@@ -39,7 +39,7 @@ lambda = 0, the scorer posterior; a left-biased annotator's "left" is weaker evi
 Calibrated consensus. S = w . x, the fitted logistic's log-odds: BalancedDPO's scorer vote
 (Tamboli et al., arXiv 2503.12575) with each scorer weighted by a weight learned against the crowd
 instead of one vote each; calibrated_label = 1[S > 0]. The equal-vote form stays the `consensus`
-table's (`curation.consensus`, the paper baseline). Without scorers (e.g. WMT judges) the model is
+table's (`prefcurate.curation.labels.consensus`, the paper baseline). Without scorers (e.g. WMT judges) the model is
 plain two-coin Dawid-Skene (Dawid & Skene 1979, Applied Statistics 28(1)) over the peers' labels.
 
 Minority taste. A consistent minority group gets rho ~ 0: its labels carry no evidence about the
@@ -69,10 +69,12 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from curation.reliability_em import CrowdFit, _sigmoid, fit_crowd_model
-from curation.reliability_taste import Tastes, annotator_tastes, capped_rows, taste_mixture, weighted_median
-from curation.reliability_votes import _argsort_by, _dense_codes, _scorer_votes, _ScorerVotes
-from curation.votes import as_lazy
+from prefcurate.curation.labels.reliability_em import CrowdFit, _sigmoid, fit_crowd_model
+from prefcurate.curation.labels.reliability_taste import (
+    Tastes, annotator_tastes, capped_rows, taste_mixture, weighted_median,
+)
+from prefcurate.curation.labels.reliability_votes import _argsort_by, _dense_codes, _scorer_votes, _ScorerVotes
+from prefcurate.curation.labels.votes import as_lazy
 
 
 # The EM, the tastes and the vote gathering live in reliability_em, reliability_taste and reliability_votes;
@@ -195,7 +197,7 @@ def label_model(
 
     Args:
         pairs: columns pair_id, user_id, label_0, image_0_id, image_1_id (lake pairs, ids resolved).
-        votes: output of `curation.votes.compute_votes` (pair_id, scorer, vote and, when present,
+        votes: output of `prefcurate.curation.labels.votes.compute_votes` (pair_id, scorer, vote and, when present,
             normalized_margin: the scorer's feature; without it the vote's sign, +-1).
 
     Returns:

@@ -1,9 +1,9 @@
-"""Model evaluation (methods.md §5): base vs tuned images for the same prompts and seeds, scored by the chosen
+"""Model evaluation (docs/methods.md §5): base vs tuned images for the same prompts and seeds, scored by the chosen
 scorers, summarised as win rates with confidence intervals, written as eval.json, eval.md and scores.csv.
 
 `run_eval(config)` is the plain function the CLI calls (no Prefect needed). Flows may import both sides:
-generation comes from `training.generate`, scoring from `curation.scorers`, the statistics from
-`curation.winrate`.
+generation comes from `prefcurate.training.generate`, scoring from `prefcurate.curation.scorers`, the statistics from
+`prefcurate.evaluation.winrate`.
 
 "Base" is the model folder with the LoRA bypassed and "tuned" the same weights with the LoRA active, so one copy
 of the model is in memory. Without a LoRA, the model is compared with itself: every comparison ties (win rate
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.scorers import Scorer, build_scorer
-from curation.winrate import CI_METHODS, summarize
-from training.generate import LORA_FILE, SamplingConfig, generate, load_pipeline, lora_disabled, use_adapter
-from training.prompts import load_prompts
+from prefcurate.curation.scorers import Scorer, build_scorer
+from prefcurate.evaluation.winrate import CI_METHODS, summarize
+from prefcurate.training.generate import LORA_FILE, SamplingConfig, generate, load_pipeline, lora_disabled, use_adapter
+from prefcurate.training.prompts import load_prompts
 
 
 REPORT_FORMAT, REPORT_VERSION = "prefcurate-eval", 1
@@ -37,16 +37,16 @@ class EvalConfig:
     out: str  # folder for eval.json, eval.md, scores.csv and images/
     lora: str | None = None  # trainer output folder; None compares the model with itself
     against: str | None = None  # a second LoRA folder: compare lora (A) over this one (B) instead of over the base
-    prompts: str = "parti"  # parti, imagereward, geneval, or a prompt file (training.prompts)
+    prompts: str = "parti"  # parti, imagereward, geneval, or a prompt file (prefcurate.training.prompts)
     limit: int | None = None  # evenly spaced subset of this many prompts
     categories: tuple[str, ...] | None = None  # Parti Category / GenEval tag filter
     scorers: tuple[str, ...] = ("sharpness", "exposure", "colourfulness")  # weight-free defaults
-    weights: str | None = None  # folder of scorer checkpoints (curation.scorers table)
-    n_seeds: int = 1  # images per prompt per model; methods.md §5.4 uses one
+    weights: str | None = None  # folder of scorer checkpoints (prefcurate.curation.scorers table)
+    n_seeds: int = 1  # images per prompt per model; docs/methods.md §5.4 uses one
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     device: str = "cpu"
     dtype: str | None = None  # pipeline dtype; None: fp16 on CUDA, fp32 on the CPU
-    ci_method: str = "bootstrap"  # the interval shown; see curation.winrate for why bootstrap
+    ci_method: str = "bootstrap"  # the interval shown; see prefcurate.evaluation.winrate for why bootstrap
     confidence: float = 0.95
     n_bootstrap: int = 2000  # percentile-interval ends are stable to about ±0.005 at 2000 replicates
     bootstrap_seed: int = 0
@@ -160,7 +160,7 @@ def summarise(scores: EvalScores, config: EvalConfig) -> dict:
                        "ties": "count 0.5 (exactly equal scores)", "sign_test": "exact binomial over prompts, "
                        "a prompt won/lost when its mean outcome is above/below 0.5"},
         "scorers": results,
-        # BalancedDPO's "average win rate": the mean over metrics (methods.md §5.4)
+        # BalancedDPO's "average win rate": the mean over metrics (docs/methods.md §5.4)
         "average_win_rate": float(np.mean([r["win_rate"] for r in results])),
     }
 

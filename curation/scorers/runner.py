@@ -1,9 +1,9 @@
 """The scoring stage: every image the pairs table needs, scored once per (scorer version, image, prompt).
 
 Three concerns, three modules; the names callers use are importable from here:
-1. planning (curation/scoring_plan.py): `plan_work` lists the (image, prompt) work the pairs need, minus what
+1. planning (curation/scorers/plan.py): `plan_work` lists the (image, prompt) work the pairs need, minus what
    `scores` holds for the same scorer AND scorer_version; `WorkPlan.shards` cuts it between images;
-2. the worker side (curation/scoring_worker.py): `make_pool` starts the decode/preprocess processes, which get
+2. the worker side (curation/scorers/worker.py): `make_pool` starts the decode/preprocess processes, which get
    the picklable `image_transform`, or the weight-free pixel scorer, never a model;
 3. running (this module): `score_shard` reads only the needed rows of the images table (the Parquet files the
    plan names, with an IN filter on image_id that DuckDB applies inside the scan), feeds the workers, runs the
@@ -25,7 +25,7 @@ Failures are never silent. An image that does not decode, or whose header claims
 `max_image_pixels` (a decompression bomb, refused before any decode), and a scorer output that is NaN
 are stored as NaN (so the image is not retried by the same scorer version) and counted by reason in
 `ShardResult.failures` and the summary line. Child processes (the decode workers) die with the process
-that started them, even after `kill -9` (curation.child_guard).
+that started them, even after `kill -9` (prefcurate.curation.scorers.child_guard).
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curation.lake import DEFAULT_WAIT_S, Lake
-from curation.scorers import SCORERS, NeuralScorer, Scorer, build_scorer
-from curation.scoring_plan import WORK_SCHEMA, WorkPlan, plan_work, sql_str
-from curation.scoring_worker import FAILURES, MAX_IMAGE_PIXELS, _prepare, _ready, make_pool, worker_pids
+from prefcurate.curation.store.lake import DEFAULT_WAIT_S, Lake
+from prefcurate.curation.scorers import SCORERS, NeuralScorer, Scorer, build_scorer
+from prefcurate.curation.scorers.plan import WORK_SCHEMA, WorkPlan, plan_work, sql_str
+from prefcurate.curation.scorers.worker import FAILURES, MAX_IMAGE_PIXELS, _prepare, _ready, make_pool, worker_pids
 
 
 __all__ = ["FAILURES", "MAX_IMAGE_PIXELS", "WORK_SCHEMA", "ScorerSummary", "ScoringConfig", "ScoringResult",

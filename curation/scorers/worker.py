@@ -3,7 +3,7 @@
 Workers get the picklable `image_transform` of a neural scorer, or the weight-free pixel scorer itself, never
 a model. An image that does not decode, or whose header claims more pixels than `max_image_pixels` (a
 decompression bomb, refused before any decode), is reported by FAILURES reason, not raised. Workers die with
-the process that started them, even after `kill -9` (curation.child_guard).
+the process that started them, even after `kill -9` (prefcurate.curation.scorers.child_guard).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from curation.child_guard import die_with_parent
+from prefcurate.curation.scorers.child_guard import die_with_parent
 
 
 # Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS, ~89.5 Mpx): the same default as ingest.
@@ -84,7 +84,7 @@ def make_pool(workers: int, mp_context: str = "forkserver") -> ProcessPoolExecut
     context = multiprocessing.get_context(mp_context)
     if mp_context == "forkserver":
         # the whole stage (torch, PIL, the scorer classes whose transforms the jobs unpickle), imported once
-        context.set_forkserver_preload(["curation.scoring"])
+        context.set_forkserver_preload(["prefcurate.curation.scorers.runner"])
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
 
 

@@ -7,7 +7,7 @@ sign of the margin mapped to the `label_0` convention of the pairs table (1.0 = 
 dataset-wide spread of margins, so margins of scorers on different scales (a cosine near 0.2,
 an aesthetic score near 5) become comparable: one unit = one typical margin of that scorer.
 This is the dataset-wide stand-in for the per-batch L2 normalisation of Adaptive-DPO
-(`methods.md` §2.3); see `curation.pair_metrics` for how it is used.
+(`docs/methods.md` §2.3); see `prefcurate.curation.labels.pair_metrics` for how it is used.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def margin_spread(margin: pl.Expr, spread: Spread) -> pl.Expr:
     """Scale of a scorer's margins over all its pairs (an aggregate over one scorer's rows).
 
     - "rms": sqrt(mean(margin^2)), the uncentred L2 norm per pair. It is the dataset-wide
-      analogue of Adaptive-DPO's per-batch normalisation l_i / ||l||_batch (methods.md §2.3):
+      analogue of Adaptive-DPO's per-batch normalisation l_i / ||l||_batch (docs/methods.md §2.3):
       ||l||_batch ~ sqrt(B) * rms, so l_i / ||l||_batch ~ normalized_margin / sqrt(B).
     - "mad": 1.4826 * median(|margin|), a robust version (the MAD about zero, not about the median,
       because the sign of a margin is meaningful). Equals "rms" for zero-mean normal margins; it
@@ -261,7 +261,7 @@ class WideVotes:
 
     def counts(self) -> dict[str, np.ndarray]:
         """Per pair (P,): n_scorers, votes_for_0 and mean_margin (mean normalized margin; NaN without a
-        vote), the inputs of `curation.consensus.consensus_from_counts`, summed in scorer order."""
+        vote), the inputs of `prefcurate.curation.labels.consensus.consensus_from_counts`, summed in scorer order."""
         n_scorers = self.voted.sum(axis=0, dtype=np.int64)
         votes_for_0, margin_sum = np.zeros(n_scorers.size), np.zeros(n_scorers.size)
         for vote, normalized, voted in zip(self.vote, self.normalized_margin, self.voted):

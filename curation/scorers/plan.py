@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from curation.lake import Lake
-from curation.scorers import Scorer
-from curation.votes import PROMPT_FREE_PROMPT_ID
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.scorers import Scorer
+from prefcurate.curation.labels.votes import PROMPT_FREE_PROMPT_ID
 
 
 WORK_SCHEMA = pa.schema([("image_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),

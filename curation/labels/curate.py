@@ -12,9 +12,9 @@ A run is a full recompute, written as one folder per run:
 
 The stage runs out of core: DuckDB (memory-limited, spilling under the lake's `_staging/`) resolves
 the pairs' images and looks up their scores, and streams the pairs in chunks of `CHUNK_PAIRS`. A
-first pass takes each scorer's margin spread (one DuckDB aggregate, `curation.votes.rms_spreads`); the
+first pass takes each scorer's margin spread (one DuckDB aggregate, `curation.labels.votes.rms_spreads`); the
 second computes each chunk's votes, consensus and pair metrics as column-wise sums over its wide score
-columns (`curation.votes.WideVotes`) and appends them to the run's files, staging on disk the compact
+columns (`prefcurate.curation.labels.votes.WideVotes`) and appends them to the run's files, staging on disk the compact
 rows that the joint label model and the annotator statistics read at the end, over all pairs, one
 after the other. Memory is therefore DuckDB's limit plus one chunk's arrays in the loop, and each
 whole-lake phase's own arrays after it (BENCHMARKS.md).
@@ -43,12 +43,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.annotators import AnnotatorStatsConfig, annotator_rows, annotator_stats, annotator_table
-from curation.consensus import TiePolicy, consensus, consensus_from_counts
-from curation.lake import STAGING, Lake
-from curation.pair_metrics import PairMetricsConfig, pair_metrics, pair_metrics_from_sums, wide_sums
-from curation.reliability import LabelModelConfig, label_model
-from curation.votes import VOTES_SCHEMA, WideVotes, compute_votes, create_score_tables, rms_spreads, score_lookup_sql
+from prefcurate.curation.labels.annotators import (
+    AnnotatorStatsConfig, annotator_rows, annotator_stats, annotator_table,
+)
+from prefcurate.curation.labels.consensus import TiePolicy, consensus, consensus_from_counts
+from prefcurate.curation.store.lake import STAGING, Lake
+from prefcurate.curation.labels.pair_metrics import PairMetricsConfig, pair_metrics, pair_metrics_from_sums, wide_sums
+from prefcurate.curation.labels.reliability import LabelModelConfig, label_model
+from prefcurate.curation.labels.votes import (
+    VOTES_SCHEMA, WideVotes, compute_votes, create_score_tables, rms_spreads, score_lookup_sql,
+)
 
 
 # name -> (higher_is_better, prompt_free) of every registered scorer, kept here so the curate stage

@@ -1,4 +1,4 @@
-"""Procedural 64 px scenes for the synthetic sample (curation.sample), with three properties a pixel scorer
+"""Procedural 64 px scenes for the synthetic sample (curation.synthetic.sample), with three properties a pixel scorer
 can measure: the object's colour, sharpness (Gaussian blur; seen by the variance of the Laplacian of the grey
 image) and exposure (a gamma; seen by the distance of mean luminance from mid-grey)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tastes of the label model (`curation.reliability`, step 1): each annotator's own Bradley-Terry taste
+"""The tastes of the label model (`curation.labels.reliability`, step 1): each annotator's own Bradley-Terry taste
 and the mixture over annotators that finds the majority's taste and each annotator's share of it."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.reliability_em import _column_sums, _gram, _matvec, _sigmoid
+from prefcurate.curation.labels.reliability_em import _column_sums, _gram, _matvec, _sigmoid
 
 
 @dataclass(frozen=True)

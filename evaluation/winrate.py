@@ -1,10 +1,10 @@
-"""Win-rate statistics for model-vs-model evaluation (methods.md §5.4), numpy and the standard library only.
+"""Win-rate statistics for model-vs-model evaluation (docs/methods.md §5.4), numpy and the standard library only.
 
 Data layout: scores of the base and the tuned model as (P, S) arrays, P prompts × S seeds, where cell (p, s) of
 both arrays comes from the same prompt and the same initial noise. Each cell is one paired comparison.
 
 - Outcome of a comparison (tuned over base): 1 win, 0 loss, 0.5 tie (exactly equal scores); the win rate is the
-  mean outcome, and the tie count is always reported next to it (methods.md §5.4: tie handling is unspecified
+  mean outcome, and the tie count is always reported next to it (docs/methods.md §5.4: tie handling is unspecified
   in the papers, so it must be visible).
 - Confidence interval shown by default: a **percentile bootstrap over prompts**. The S comparisons of one prompt
   share that prompt's difficulty, so they are not independent; resampling whole prompts keeps that correlation

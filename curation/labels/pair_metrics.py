@@ -1,7 +1,7 @@
 """Adaptive-DPO's minority-instance-aware metric, computed offline from scorer margins.
 
 Adaptive-DPO (Zhang et al., "When Preferences Diverge", arXiv 2503.16921; official code
-`fanfanffff1/Adaptive-DPO` `dpo_train_un.py::cal_un_wy_wstd`, `methods.md` §2.3-2.4) scores each
+`fanfanffff1/Adaptive-DPO` `dpo_train_un.py::cal_un_wy_wstd`, `docs/methods.md` §2.3-2.4) scores each
 pair with K "annotators" (there: the model and two EMA copies; here: the preference scorers, and
 optionally the human label as one more annotator):
 
@@ -17,7 +17,7 @@ optionally the human label as one more annotator):
 Where the offline form necessarily differs from the official online one:
 - Normalisation. The official code L2-normalises each annotator's logits over the per-device batch,
   l_hat_i = l_i / sqrt(sum_j l_j^2), so u depends on the batch size B (|l_hat| ~ 1/sqrt(B)). Here the
-  margins are normalised once over the whole dataset (`curation.votes`, normalized_margin =
+  margins are normalised once over the whole dataset (`prefcurate.curation.labels.votes`, normalized_margin =
   margin / rms of that scorer's margins), and the batch scale is restored explicitly:
   l_hat = normalized_margin / sqrt(reference_batch_size), the expected value of the batch form for
   a batch of that size. This makes u batch-free and reproducible, at the official scale.
@@ -51,9 +51,11 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from curation.votes import as_lazy
-from data_schemas import adaptive
-from data_schemas.adaptive import MARGIN_TYPES, WEIGHT_TYPES, MarginType, WeightType  # noqa: F401  (re-exported)
+from prefcurate.curation.labels.votes import as_lazy
+from prefcurate.data_schemas import adaptive
+from prefcurate.data_schemas.adaptive import (  # noqa: F401  (re-exported)
+    MARGIN_TYPES, WEIGHT_TYPES, MarginType, WeightType,
+)
 
 
 MARGIN_OFFSETS = ("zero", "dataset_mean")
@@ -68,7 +70,7 @@ PAIR_METRICS_SCHEMA = {
 
 @dataclass(frozen=True)
 class PairMetricsConfig:
-    """Defaults are the official README run (SD1.5, `methods.md` §2.5) unless said otherwise."""
+    """Defaults are the official README run (SD1.5, `docs/methods.md` §2.5) unless said otherwise."""
 
     rho: float = adaptive.RHO
     """`logits_rho` with `use_logits_normalization=True`: sharpens l_hat before the sigmoid."""
@@ -93,7 +95,7 @@ class PairMetricsConfig:
     """Official default "quadratic" (u^2 / beta); "linear" uses u / beta."""
     margin_scale: float = adaptive.MARGIN_SCALE
     """Multiplies the u-term of Gamma. 1 reproduces the code, where the term is at most 1e-3 at
-    beta = 1000 and so almost negligible (`methods.md` §2.4 scale caveat); raise it for a real margin."""
+    beta = 1000 and so almost negligible (`docs/methods.md` §2.4 scale caveat); raise it for a real margin."""
     margin_offset: Literal["zero", "dataset_mean"] = "zero"
     """Stand-in for the batch-mean logit term of Gamma (module docstring)."""
     use_human_annotator: bool = True
@@ -121,13 +123,13 @@ class PairMetricsConfig:
 
 
 def reweight(u: pl.Expr, config: PairMetricsConfig) -> pl.Expr:
-    """Adaptive-DPO weight W(u) = 1 / `data_schemas.adaptive.weight_denominator` (`methods.md` §2.4)."""
+    """Adaptive-DPO weight W(u) = 1 / `data_schemas.adaptive.weight_denominator` (`docs/methods.md` §2.4)."""
     return 1.0 / adaptive.weight_denominator(u, config.weight_type, config.k1, config.c1)
 
 
 def adaptive_margin(u: pl.Expr, offset: pl.Expr | float, config: PairMetricsConfig) -> pl.Expr:
     """Adaptive-DPO margin Gamma = -scale * u^2 / beta + offset ("quadratic"; "linear": u / beta), beta being
-    the code's beta_dpo (`data_schemas.adaptive.margin`)."""
+    the code's beta_dpo (`prefcurate.data_schemas.adaptive.margin`)."""
     return adaptive.margin(u, offset, beta_dpo=config.beta, margin_type=config.margin_type,
                            margin_scale=config.margin_scale)
 
@@ -143,10 +145,10 @@ def pair_metrics(
     one row per pair of `pairs`, in its order (formulas in the module docstring).
 
     Args:
-        votes: output of `curation.votes.compute_votes` (normalized_margin is used).
+        votes: output of `prefcurate.curation.labels.votes.compute_votes` (normalized_margin is used).
         pairs: columns pair_id, label_0.
         config: see `PairMetricsConfig`.
-        consensus: output of `curation.consensus.consensus`; required when config.label_source is
+        consensus: output of `prefcurate.curation.labels.consensus.consensus`; required when config.label_source is
             "consensus" (its consensus_label is then the labelled winner).
     """
     pair_frame = as_lazy(pairs, "pairs", ["pair_id", "label_0"]).select(

@@ -1,8 +1,8 @@
 """Per-annotator statistics and reliability for pairwise preference labels.
 
-Statistics (`data-and-scorers.md` §6): tie rate, position (image_0) rate, agreement with the
+Statistics (`docs/data-and-scorers.md` §6): tie rate, position (image_0) rate, agreement with the
 scorers' majority, agreement with other annotators on the same unordered image pair, and the mean
-Adaptive-DPO minority score of the annotator's pairs (`curation.pair_metrics`). Two reliability
+Adaptive-DPO minority score of the annotator's pairs (`prefcurate.curation.labels.pair_metrics`). Two reliability
 estimators (higher = more trustworthy), both always computed; `reliability` holds the one chosen:
 
 - "beta_binomial": the empirical-Bayes posterior mean of the annotator's agreement with the scorer
@@ -13,7 +13,7 @@ estimators (higher = more trustworthy), both always computed; `reliability` hold
 - "dawid_skene": a two-coin Dawid-Skene model (Dawid & Skene 1979, Applied Statistics 28(1)) over
   unordered image pairs; reliability = balanced accuracy (sensitivity + specificity) / 2, about 1/2
   both for a spammer and for an annotator who mostly picks the same side. The curate stage fills it
-  from the joint label model (`curation.reliability.label_model`: scorer weights learned against the
+  from the joint label model (`prefcurate.curation.labels.reliability.label_model`: scorer weights learned against the
   crowd, a minority taste found as its own group, the accuracy measured without the annotator's own
   labels); given no label model, `dawid_skene_pairs` with the scorers' equal-vote majority as each
   pair's soft prior (the baseline).
@@ -26,8 +26,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from curation.votes import as_lazy
-from data_schemas.vocab import MINORITY_THRESHOLD
+from prefcurate.curation.labels.votes import as_lazy
+from prefcurate.data_schemas.vocab import MINORITY_THRESHOLD
 
 
 RELIABILITY_METHODS = ("beta_binomial", "dawid_skene")
@@ -41,7 +41,7 @@ class AnnotatorStatsConfig:
     reliability_method: Literal["beta_binomial", "dawid_skene"] = "dawid_skene"
     """Which estimator fills `reliability` (both are returned in their own columns). Dawid-Skene (from
     the joint label model in curate) is the default by measurement: on the small world v2 its AUROC of
-    non-reliable vs reliable annotators is in curation/reliability.py's docstring; on the embedded
+    non-reliable vs reliable annotators is in curation/labels/reliability.py's docstring; on the embedded
     sample (6 small + 3 full seeds) the equal-vote-prior Dawid-Skene had 0.958-1.0, against
     0.931-1.0 for beta_binomial, whose penalties were moreover tuned on that same sample."""
     agreement_reference: Literal["scorer_majority", "consensus_label"] = "scorer_majority"
@@ -274,11 +274,11 @@ def annotator_stats(
 
     Args:
         pairs: columns pair_id, user_id, label_0, image_0_id, image_1_id.
-        consensus: output of `curation.consensus.consensus` (n_scorers, votes_for_0, consensus_label).
-        pair_metrics: output of `curation.pair_metrics.pair_metrics` with label_source="human", so
+        consensus: output of `curation.labels.consensus.consensus` (n_scorers, votes_for_0, consensus_label).
+        pair_metrics: output of `prefcurate.curation.labels.pair_metrics.pair_metrics` with label_source="human", so
             that minority_score measures this annotator's label.
         config: see `AnnotatorStatsConfig`.
-        label_model: the per-annotator frame of `curation.reliability.label_model` (the joint crowd
+        label_model: the per-annotator frame of `prefcurate.curation.labels.reliability.label_model` (the joint crowd
             model with the scorers as learned features). Given, its sensitivity, specificity and
             leave-one-out reliability fill the Dawid-Skene columns; None: a two-coin Dawid-Skene
             with the scorers' equal-vote majority as each item's prior (`dawid_skene_pairs`).

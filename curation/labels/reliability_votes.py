@@ -1,4 +1,4 @@
-"""The label model's inputs gathered as arrays (`curation.reliability`): the scorers' votes per item, dense
+"""The label model's inputs gathered as arrays (`curation.labels.reliability`): the scorers' votes per item, dense
 codes of keys and a two-key sort."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The label model's EM (`curation.reliability`): Raykar et al.'s learning from crowds, a logistic truth on the
+"""The label model's EM (`curation.labels.reliability`): Raykar et al.'s learning from crowds, a logistic truth on the
 scorers' margins fitted jointly with each annotator's two-coin confusion (`fit_crowd_model`), and the column-wise
 products it uses.
 
@@ -8,7 +8,7 @@ image_0 with probability a_j when image_0 is better and image_1 with probability
 is (Raykar §2.1's sensitivity alpha and specificity beta, read on the shown order so that a
 position bias shows as a_j >> b_j). EM (Raykar §2.3):
     E-step  mu_i = sigmoid(w . x_i + sum over the item's labels of lambda_j(y) * orient)
-            (lambda_j as in curation.reliability's docstring; orient = -1 for a flipped label), Raykar's
+            (lambda_j as in curation.labels.reliability's docstring; orient = -1 for a flipped label), Raykar's
             mu_i = a_i p_i / (a_i p_i + b_i (1 - p_i)) in log-odds form;
     M-step  a_j = sum_r q_r [chose_0] / sum_r q_r, b_j = sum_r (1 - q_r) [not chose_0] / sum_r (1 - q_r)
             with q_r = P(label r's image_0 better) (Raykar's closed form, here shrunk toward the

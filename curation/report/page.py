@@ -1,11 +1,11 @@
 """`prefcurate report`: one self-contained HTML page about a lake (and optionally a training run).
 
-The page needs no network to view: figures are base64 PNGs (curation/report_plots.py), styles are inline
+The page needs no network to view: figures are base64 PNGs (curation/report/plots.py), styles are inline
 and there is no script. Every figure is a `<figure id=...>` whose `data-values` attribute holds the numbers
 it draws (JSON), so a reader or a test can check them. A stage that has not run yet gives a
 `<div class="missing" id="<figure id>-missing" data-needs="<command>">` saying which command to run.
 
-Queries go through curation/sql.py's read-only views (pairs, ingests, quarantine, scores, votes,
+Queries go through curation/store/sql.py's read-only views (pairs, ingests, quarantine, scores, votes,
 consensus, pair_metrics, annotators).
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from curation import report_plots as plots
-from curation.curate import current_run, input_versions
-from curation.lake import Lake
-from curation.sql import connect
-from data_schemas.vocab import MINORITY_THRESHOLD
+from prefcurate.curation.report import plots
+from prefcurate.curation.labels.curate import current_run, input_versions
+from prefcurate.curation.store.lake import Lake
+from prefcurate.curation.store.sql import connect
+from prefcurate.data_schemas.vocab import MINORITY_THRESHOLD
 
 
 class MetricsFileError(ValueError):
@@ -89,7 +89,7 @@ def lake_summary(con, lake: Lake) -> dict:
 
 def scorer_agreement(con) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(voters, share, n): share[i, j] = fraction of the n[i, j] pairs both voters voted on where their votes
-    are equal. Voters are the scorers (vote 1 / 0 / 0.5 from curation/votes.py) and, last, `human`: the
+    are equal. Voters are the scorers (vote 1 / 0 / 0.5 from curation/labels/votes.py) and, last, `human`: the
     decisive human labels (label_0 ∈ {0, 1}; human ties are not votes)."""
     frame = con.sql("""
         WITH v AS (SELECT pair_id, scorer AS voter, vote FROM votes WHERE vote IS NOT NULL

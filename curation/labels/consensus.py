@@ -13,7 +13,7 @@ as Diffusion-DPO drops Pick-a-Pic's tied pairs (Wallace et al., arXiv 2311.12908
 Tie policies, for a split vote (vote fraction exactly 1/2):
 - "drop" (default, the paper form): no label (consensus_label null, consensus_source "split");
 - "scorer_margin": still scorers only; the sign of the mean normalized margin of the scorers
-  (`curation.votes`: one unit = one typical margin of that scorer) decides; an exact 0 stays split;
+  (`prefcurate.curation.labels.votes`: one unit = one typical margin of that scorer) decides; an exact 0 stays split;
 - "human_fallback": use the human label_0 (not the paper's method: the human decides splits);
 - "human_vote": the human label_0 is one more voter (with M = 4 scorers: 5 voters; the human then
   decides every 2-2 split, so labels follow the human's noise).
@@ -39,7 +39,7 @@ from typing import Literal
 
 import polars as pl
 
-from curation.votes import as_lazy
+from prefcurate.curation.labels.votes import as_lazy
 
 
 TiePolicy = Literal["drop", "scorer_margin", "human_fallback", "human_vote"]
@@ -71,7 +71,7 @@ def consensus(
     """One row per pair of `pairs`, in the order of `pairs`.
 
     Args:
-        votes: output of `curation.votes.compute_votes`.
+        votes: output of `prefcurate.curation.labels.votes.compute_votes`.
         pairs: columns pair_id, label_0 (the human label: 1, 0 or 0.5 for a tie).
         scorers: the scorers that vote; None = every scorer in `votes`.
         tie_policy: "drop" (default), "scorer_margin", "human_fallback" or "human_vote" (module docstring).
@@ -129,7 +129,7 @@ def consensus_from_counts(counts: pl.DataFrame | pl.LazyFrame, tie_policy: TiePo
                           method: Method = "majority") -> pl.DataFrame:
     """The consensus rule (module docstring) on per-pair vote counts: CONSENSUS_SCHEMA, one row per row
     of `counts`, in its order. `consensus` aggregates the long votes into these counts; the curate stage
-    sums them over a chunk's wide score columns (`curation.votes.WideVotes`) and calls this directly.
+    sums them over a chunk's wide score columns (`prefcurate.curation.labels.votes.WideVotes`) and calls this directly.
 
     counts: pair_id (optional: without it the result has no pair_id column either, and the caller adds
     the ids it already holds), human_label (label_0), n_scorers (null or 0: no scorer vote), votes_for_0 (sum of

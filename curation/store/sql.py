@@ -29,8 +29,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from curation.lake import Lake
-from data_schemas import TABLES
+from prefcurate.curation.store.lake import Lake
+from prefcurate.data_schemas import TABLES
 
 
 class ReadOnlyError(ValueError):
@@ -51,7 +51,7 @@ _ALLOWED = {"SELECT", "EXPLAIN", "PRAGMA"}
 # PRAGMA is allowed only for these read-only informational pragmas.
 _ALLOWED_PRAGMAS = ("show_tables", "table_info", "database_size", "version", "storage_info")
 
-# Tables of the current curation run (curation/curate.py); views are made once a run exists.
+# Tables of the current curation run (curation/labels/curate.py); views are made once a run exists.
 DERIVED_TABLES = ("votes", "consensus", "pair_metrics", "annotators", "scorer_reliability")
 
 

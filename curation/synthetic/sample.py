@@ -4,7 +4,7 @@ Every later stage (ingest, scorers, annotator statistics, weighting) is tested a
 `generate_sample(out_dir, config)` writes:
 
 - `pickapic/train-0000i-of-0000N.parquet`: the exact Pick-a-Pic v2 schema (`pickapic_arrow_schema()`,
-  data-and-scorers.md §1.2). Ties are 0.5/0.5 with best_image_uid "". URLs are dead (.invalid host).
+  docs/data-and-scorers.md §1.2). Ties are 0.5/0.5 with best_image_uid "". URLs are dead (.invalid host).
 - `truth/annotators.parquet`: user_id, annotator_type (ANNOTATOR_TYPES), n_rows (rows in the shards).
 - `truth/rows.parquet`: one row per shard row, in shard order (row_number = position in the shards read in
   order; shard = file index). true_label_0 is the majority utility's winner (null for identical images);
@@ -17,7 +17,7 @@ Every later stage (ingest, scorers, annotator statistics, weighting) is tested a
 Annotators: reliable (Bradley-Terry on the majority utility U), minority (the same, but it flips the sign
 of sharpness: it prefers soft images; it is shown pairs where sharpness decides), position_biased (image_0
 with P = position_bias), spammer (coin flip), tie_prone (ties with P = tie_prone_tie_rate, else reliable).
-Images come from curation.sample_scene: colour match, sharpness and exposure are measurable from pixels.
+Images come from prefcurate.curation.synthetic.scene: colour match, sharpness and exposure are measurable from pixels.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.palette import COLOR_NAMES
-from curation.sample_scene import render_scene
+from prefcurate.curation.synthetic.palette import COLOR_NAMES
+from prefcurate.curation.synthetic.scene import render_scene
 
 ANNOTATOR_TYPES = ("reliable", "minority", "position_biased", "spammer", "tie_prone")
 DEFECT_KINDS = ("duplicate_row", "corrupt_image", "nan_label", "inconsistent_labels", "empty_prompt",
@@ -67,7 +67,7 @@ class SampleConfig:
     # majority utility U = w_c*colour_match + w_s*sharpness + w_e*exposure_quality; weights sum to 1 so U is in [0, 1]
     utility_weights: tuple[float, float, float] = (0.45, 0.35, 0.20)
     bt_scale: float = 12.0             # Bradley-Terry P(0 wins) = sigmoid(scale*(U0-U1)): ~85 % majority agreement
-    position_bias: float = 0.90        # P(position-biased annotator picks image_0), as in data-and-scorers.md §6.2
+    position_bias: float = 0.90        # P(a position-biased annotator picks image_0): docs/data-and-scorers.md §6.2
     tie_rate: float = 0.05             # P(tie) for every annotator type except tie_prone
     tie_prone_tie_rate: float = 0.40   # P(tie) for tie-prone annotators
     named_colour_rate: float = 0.5     # share of a prompt's images drawn in the named colour (at least one, not all)
@@ -125,7 +125,7 @@ class SamplePaths:
 
 
 def pickapic_arrow_schema() -> pa.Schema:
-    """The exact column names and types of a Pick-a-Pic v2 Parquet shard (data-and-scorers.md §1.2)."""
+    """The exact column names and types of a Pick-a-Pic v2 Parquet shard (docs/data-and-scorers.md §1.2)."""
     s, b, f, i = pa.string(), pa.bool_(), pa.float64(), pa.int64()
     return pa.schema([
         ("are_different", b), ("best_image_uid", s), ("caption", s), ("created_at", pa.timestamp("ns")),

@@ -1,0 +1,2 @@
+"""The curation report: one HTML page (page) with its figures (plots) from a curation run.
+"""

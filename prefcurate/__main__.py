@@ -1,0 +1,4 @@
+"""`python -m prefcurate ...`: the same command line as the `prefcurate` script."""
+from prefcurate.cli.main import entry
+
+entry()
