@@ -8,9 +8,10 @@ import argparse
 import textwrap
 
 from prefcurate.cli.errors import EXIT_OK, UserError
+from prefcurate.data_schemas.vocab import WEIGHT_FREE_SCORERS
 
 
-PIXEL_SCORERS = "sharpness,exposure,colourfulness"
+PIXEL_SCORERS = ", ".join(WEIGHT_FREE_SCORERS)
 
 
 def add_parser(sub) -> None:
@@ -43,8 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default="parti", help="parti, imagereward, geneval or a prompt file (default parti)")
     p.add_argument("--limit", type=int, help="evenly spaced subset of N prompts")
     p.add_argument("--categories", help="comma-separated categories to keep (Parti Category, GenEval tag)")
-    p.add_argument("--scorers", required=True, help=f"comma-separated scorer names (weight-free: {PIXEL_SCORERS},"
-                                                    f"prompt_colour; with --weights: pickscore, hpsv2, ...)")
+    p.add_argument("--scorers", required=True, help=f"comma-separated scorer names (weight-free: {PIXEL_SCORERS}; "
+                                                    f"with --weights: pickscore, hpsv2, ...)")
     p.add_argument("--weights", help="directory holding the scorers' checkpoint files")
     p.add_argument("--seeds", type=int, default=1, help="images per prompt per model (default 1)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")

@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
                    help="processes of each triggered training run (accelerate launch when above 1; default 1)")
     p.add_argument("--train-min-pairs", type=int, help="gate: fewest pairs worth a run (default 1000)")
     p.add_argument("--train-max-minority-share", type=float,
-                   help="gate: most pairs with minority score u > 0.5, as a share (default 0.5)")
+                   help=f"gate: most pairs with minority score u > {MINORITY_THRESHOLD}, as a share (default 0.5)")
 
 
 def _scorers(text: str) -> list[str]:

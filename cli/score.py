@@ -51,9 +51,9 @@ def scorer_names(text: str) -> list[str]:
 
 
 def _check_options(args, names: list[str]) -> None:
-    from prefcurate.curation.scorers import SCORERS
+    from prefcurate.data_schemas.vocab import WEIGHT_FREE_SCORERS
 
-    needs_weights = [n for n in names if getattr(SCORERS[n], "__module__", "") != "prefcurate.curation.scorers.pixel"]
+    needs_weights = [n for n in names if n not in WEIGHT_FREE_SCORERS]
     if needs_weights and not args.weights:
         raise UserError(f"scorer(s) {', '.join(needs_weights)} need --weights DIR, the folder with their "
                         "checkpoint files (see prefcurate score --help)")

@@ -20,3 +20,16 @@ MINORITY_THRESHOLD = 0.5
 
 # Input formats `prefcurate ingest --format` accepts (prefcurate.curation.ingest.READERS has one reader per name).
 INPUT_FORMATS = ("pickapic", "hpdv2", "jsonl", "csv", "wmt")
+
+# name -> (higher_is_better, prompt_free, needs_weights) of every registered scorer (curation/scorers/__init__.py
+# SCORERS); here so curation and the CLI need no torch import. tests/test_curate_snapshot.py checks the first two
+# against the scorer objects themselves.
+SCORER_TRAITS: dict[str, tuple[bool, bool, bool]] = {
+    "sharpness": (True, True, False), "exposure": (True, True, False), "prompt_colour": (True, False, False),
+    "colourfulness": (True, True, False), "pickscore": (True, False, True), "hpsv2": (True, False, True),
+    "hpsv2.1": (True, False, True), "clip": (True, False, True), "aesthetic": (True, True, True),
+    "imagereward": (True, False, True),
+}
+# Scorers that need no checkpoint (pixel statistics): the demo's and the pipeline's default, and the only ones
+# `prefcurate score` runs without --weights.
+WEIGHT_FREE_SCORERS = tuple(name for name, (_, _, needs_weights) in SCORER_TRAITS.items() if not needs_weights)

@@ -12,6 +12,7 @@ from prefcurate.curation.report.page import write_report
 from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
 from prefcurate.curation.snapshot import SnapshotPolicy
 from prefcurate.curation.store.sql import query
+from prefcurate.data_schemas.vocab import WEIGHT_FREE_SCORERS
 from prefcurate.flows.stages import run_curate, run_ingest, run_score, run_snapshot, run_train
 
 
@@ -22,7 +23,7 @@ SELECT user_id, count(*) AS labels,
 FROM pairs GROUP BY user_id ORDER BY labels DESC LIMIT 5
 """
 # The weight-free scorers: they need no checkpoint, so the demo stays offline and fast.
-DEMO_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]
+DEMO_SCORERS = list(WEIGHT_FREE_SCORERS)
 LEAST_RELIABLE = """
 SELECT user_id, n_labels, round(reliability, 3) AS reliability, round(consensus_agreement, 3) AS agreement,
        round(left_rate, 3) AS left_rate, round(minority_rate, 3) AS minority_rate

@@ -35,7 +35,7 @@ from prefcurate.curation.ingest import quarantine_reasons
 from prefcurate.curation.store.lake import Lake
 from prefcurate.curation.snapshot import SnapshotPolicy
 from prefcurate.curation.store.sql import query
-from prefcurate.data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD
+from prefcurate.data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD, WEIGHT_FREE_SCORERS
 from prefcurate.flows.curate import curate_flow, snapshot_flow
 from prefcurate.flows.ingest import ingest_flow
 from prefcurate.flows.score import score_flow
@@ -47,7 +47,7 @@ PIPELINE_FLOW_NAME = "prefcurate-pipeline"
 SUMMARY_KEY = "prefcurate-pipeline-summary"
 ANNOTATORS_KEY = "prefcurate-least-reliable-annotators"
 # The weight-free scorers: no checkpoint needed, so a pipeline with defaults runs anywhere.
-PIXEL_SCORERS = ("sharpness", "exposure", "prompt_colour", "colourfulness")
+PIXEL_SCORERS = WEIGHT_FREE_SCORERS
 LEAST_RELIABLE = """
 SELECT user_id, n_labels, round(reliability, 3) AS reliability, round(consensus_agreement, 3) AS agreement,
        round(left_rate, 3) AS left_rate, round(tie_rate, 3) AS tie_rate, round(minority_rate, 3) AS minority_rate

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prefcurate.curation.labels.annotators import auroc
-from prefcurate.curation.labels.curate import SCORER_TRAITS, CurateConfig, curate, current_run
+from prefcurate.curation.labels.curate import CurateConfig, curate, current_run
 from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
 from prefcurate.curation.store.lake import Lake
 from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
@@ -22,10 +22,11 @@ from prefcurate.curation.snapshot import (
 from prefcurate.curation.store.sql import query_polars
 from prefcurate.data_schemas import SNAPSHOT_PAIRS, snapshot_contract
 from prefcurate.data_schemas.adaptive import manifest_record
+from prefcurate.data_schemas.vocab import SCORER_TRAITS, WEIGHT_FREE_SCORERS
 from tests.shared_data import shared_data
 
 
-PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]
+PIXEL_SCORERS = list(WEIGHT_FREE_SCORERS)
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +110,16 @@ def test_curate_is_a_noop_until_new_pairs_arrive_then_right_again(curated, tmp_p
     assert labels == query_polars(copy, "SELECT count(*) AS n FROM pairs WHERE user_id IS NOT NULL")["n"][0]
 
 
-def test_scorer_traits_match_the_scorers():
-    from prefcurate.curation.scorers import SCORERS, build_scorer
+def test_scorer_traits_match_the_scorers(tmp_path):
+    from prefcurate.curation.scorers import SCORERS, MissingWeightsError, build_scorer
 
     assert set(SCORER_TRAITS) == set(SCORERS)
     for name in PIXEL_SCORERS:  # the neural ones need weights to build; their traits are in the README table
         scorer = build_scorer(name)
-        assert SCORER_TRAITS[name] == (scorer.higher_is_better, not scorer.uses_prompt)
+        assert SCORER_TRAITS[name] == (scorer.higher_is_better, not scorer.uses_prompt, False)
+    for name in set(SCORERS) - set(PIXEL_SCORERS):  # the rest refuse to build without their checkpoint files
+        with pytest.raises(MissingWeightsError):
+            build_scorer(name, weights_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown scorer"):
         CurateConfig(scorers=("nope",))
 

@@ -175,7 +175,7 @@ def test_every_cited_file_is_in_the_repository():
     assert sum(1 for _ in _cited_files()) > 40  # the check sees the citations (about 50 point into docs/)
 
 
-@pytest.mark.parametrize("name", ["LOSS_TYPES", "SNAPSHOT_POLICIES", "INPUT_FORMATS"])
+@pytest.mark.parametrize("name", ["LOSS_TYPES", "SNAPSHOT_POLICIES", "INPUT_FORMATS", "WEIGHT_FREE_SCORERS"])
 def test_name_lists_are_written_once(name):
     """No module keeps its own literal copy of a vocab list (in any order): they import it from vocab."""
     wanted = set(getattr(vocab, name))

@@ -22,9 +22,10 @@ from prefcurate.curation.report.page import read_training_metrics, write_report
 from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
 from prefcurate.curation.scorers.runner import run_scoring
 from prefcurate.cli.main import main
+from prefcurate.data_schemas.vocab import WEIGHT_FREE_SCORERS
 
 
-PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]
+PIXEL_SCORERS = list(WEIGHT_FREE_SCORERS)
 FIGURES = ("annotator-scatter", "minority-histogram", "scorer-agreement", "source-agreement", "training-curves")
 TRAIN_STEPS = 30
 

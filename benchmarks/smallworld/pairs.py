@@ -29,10 +29,11 @@ from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
 from prefcurate.curation.store.lake import Lake
 from prefcurate.curation.scorers.runner import run_scoring
 from prefcurate.curation.snapshot import SnapshotPolicy, write_snapshot
+from prefcurate.data_schemas.vocab import WEIGHT_FREE_SCORERS
 
 
 SOURCE = "smallworld"
-PIXEL_SCORERS = ["sharpness", "exposure", "prompt_colour", "colourfulness"]  # the weight-free scorers
+PIXEL_SCORERS = list(WEIGHT_FREE_SCORERS)
 
 
 def plant_labels(reward_a: np.ndarray, reward_b: np.ndarray, flip_rate: float, bt_scale: float,

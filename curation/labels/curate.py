@@ -53,15 +53,9 @@ from prefcurate.curation.labels.reliability import LabelModelConfig, label_model
 from prefcurate.curation.labels.votes import (
     VOTES_SCHEMA, WideVotes, compute_votes, create_score_tables, rms_spreads, score_lookup_sql,
 )
+from prefcurate.data_schemas.vocab import SCORER_TRAITS
 
 
-# name -> (higher_is_better, prompt_free) of every registered scorer, kept here so the curate stage
-# needs no torch import; tests/test_curate.py checks it against the scorer classes themselves.
-SCORER_TRAITS: dict[str, tuple[bool, bool]] = {
-    "sharpness": (True, True), "colourfulness": (True, True), "exposure": (True, True),
-    "prompt_colour": (True, False), "pickscore": (True, False), "hpsv2": (True, False),
-    "hpsv2.1": (True, False), "clip": (True, False), "aesthetic": (True, True), "imagereward": (True, False),
-}
 CURRENT = "curation/CURRENT.json"
 RUNS_KEPT = 3  # older run folders are deleted; a snapshot copies what it needs, so nothing depends on them
 CHUNK_PAIRS = 122_880
