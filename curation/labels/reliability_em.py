@@ -112,7 +112,7 @@ def fit_crowd_model(
     worker = np.asarray(worker, dtype=np.int64)
     item = np.asarray(item, dtype=np.int64)
     flipped, chose_0 = np.asarray(flipped, dtype=bool), np.asarray(chose_0, dtype=bool)
-    features = np.asarray(features, dtype=np.float32)  # (I, M): 20 bytes an item at M = 5
+    features = np.asfortranarray(features, dtype=np.float32)  # (I, M): 20 bytes an item at M = 5; columns contiguous
     if features.ndim != 2 or features.shape[0] < (int(item.max()) + 1 if item.size else 0):
         raise ValueError(f"features must be (I, M) with a row per item, got {features.shape}")
     n_items, n_features = features.shape
@@ -122,7 +122,7 @@ def fit_crowd_model(
     label_type = (2 * worker + chose_0).astype(np.int32 if 2 * n_workers < 2**31 else np.int64)  # (R,) (W, 2) table
     labelled = np.flatnonzero(np.bincount(item, minlength=n_items) > 0)  # items the logistic is fitted on
     labelled = labelled[::-(-labelled.size // max_fit_items)] if labelled.size > max_fit_items else labelled
-    x = features[labelled].astype(np.float64)  # (I', M)
+    x = features[labelled].astype(np.float64, order="F")  # (I', M), columns contiguous for _newton's products
     sens, spec = np.full(n_workers, 0.7), np.full(n_workers, 0.7)
     w = np.zeros(n_features) if initial_weight is None else np.asarray(initial_weight, dtype=np.float64).copy()
     crowd = _Crowd(worker, chose_0, n_workers, accuracy_prior_strength, taste_share)
@@ -130,8 +130,9 @@ def fit_crowd_model(
     evidence = np.bincount(item, crowd.lambdas(sens, spec)[label_type] * orient, n_items)  # (I,)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        mu = _sigmoid(prior + evidence)  # E-step, (I,)
-        new_sens, new_spec = crowd.confusion(_sigmoid((prior + evidence)[item] * orient))
+        log_odds = prior + evidence  # (I,)
+        mu = _sigmoid(log_odds)  # E-step
+        new_sens, new_spec = crowd.confusion(_sigmoid(log_odds[item] * orient))
         new_w = _newton(x, mu[labelled], w, prior_log_odds, ridge, newton_steps) if n_features else w.copy()
         change = max(np.abs(new_sens - sens).max(initial=0.0), np.abs(new_spec - spec).max(initial=0.0),
                      np.abs(new_w - w).max(initial=0.0))
@@ -158,8 +159,10 @@ class _Crowd:
                  taste_share: np.ndarray | None):
         self.worker, self.chose_0, self.n_workers, self.strength = worker, chose_0, n_workers, strength
         self.rho = np.ones(n_workers) if taste_share is None else np.asarray(taste_share, dtype=float)  # (W,)
-        # (W,) q_j, the annotator's own rate of image_0 (Laplace-smoothed)
-        self.left = (np.bincount(worker, chose_0, n_workers) + 1.0) / (np.bincount(worker, minlength=n_workers) + 2.0)
+        # (W,) labels and labels "image_0" per annotator, the M-step's counts over all labels (`confusion`)
+        self.n_labels = np.bincount(worker, minlength=n_workers)
+        self.n_chose_0 = np.bincount(worker, chose_0, n_workers)
+        self.left = (self.n_chose_0 + 1.0) / (self.n_labels + 2.0)  # (W,) q_j, own rate of image_0 (Laplace-smoothed)
 
     def effective(self, sens: np.ndarray, spec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(a', b'), each (W,): the confusion of an annotator that labels by the majority's taste w.p. rho."""
@@ -175,10 +178,12 @@ class _Crowd:
         """The shrunk M-step (a, b), each (W,), from q (R,) = P(label's image_0 better); use (R,) bool, the
         labels counted (None: all)."""
         worker, chose_0, n_workers, strength, eps = self.worker, self.chose_0, self.n_workers, self.strength, 1e-4
-        if use is not None:
+        if use is None:
+            n_labels, n_chose_0 = self.n_labels.astype(float), self.n_chose_0
+        else:
             q = np.where(use, q, 0.0)
-        n_labels = np.bincount(worker, use, n_workers).astype(float)
-        n_chose_0 = np.bincount(worker, chose_0 if use is None else chose_0 & use, n_workers)
+            n_labels = np.bincount(worker, use, n_workers).astype(float)
+            n_chose_0 = np.bincount(worker, chose_0 & use, n_workers)
         q_sum = np.bincount(worker, q, n_workers)
         q_agree = np.bincount(worker, np.where(chose_0, q, 0.0), n_workers)
         not_q_sum = n_labels - q_sum
