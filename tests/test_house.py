@@ -136,12 +136,24 @@ def test_no_import_circle():
     assert circles == []
 
 
+# The tests and benchmarks: they import the namespace too and keep their functions short.
+OTHER_TREES = {path: ast.parse(path.read_text(encoding="utf-8"), str(path))
+               for path in [*REPO.glob("tests/*.py"), *REPO.glob("benchmarks/**/*.py")]}
+
+
 def test_no_function_over_80_lines():
-    long = [f"{SOURCES[name]}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for name, tree in TREES.items() for node in ast.walk(tree)
+    trees = [*((SOURCES[name], tree) for name, tree in TREES.items()), *OTHER_TREES.items()]
+    long = [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path, tree in trees for node in ast.walk(tree)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert long == []
+
+
+def test_tests_and_benchmarks_import_the_namespace():
+    bad = [f"{path}:{line}: `{name}`" for path, tree in OTHER_TREES.items() for name, line in _imports(tree)
+           if name.split(".")[0] in PACKAGES]
+    assert bad == []
 
 
 CITED_FILE = re.compile(r"(?<![\w/.:-])((?:\.\./|[\w-]+/)*([\w-]+\.md))\b`?(\s*§)?")
