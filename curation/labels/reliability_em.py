@@ -31,8 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+def _sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """1 / (1 + exp(-x)), computed in one array (`out`, which may be x itself; None: a new one). Each fresh array
+    of a few MB is a new mapping whose pages fault on first touch (at 1M pairs ~1/3 of the label model's CPU
+    was system time), so the label model's loops reuse their buffers."""
+    out = np.negative(x, out=out)
+    np.exp(out, out=out)
+    np.add(1.0, out, out=out)
+    return np.divide(1.0, out, out=out)
 
 
 # The label model's products have 5-odd columns and up to millions of rows. Through BLAS they would wake its
@@ -128,17 +134,22 @@ def fit_crowd_model(
     crowd = _Crowd(worker, chose_0, n_workers, accuracy_prior_strength, taste_share)
     prior = prior_log_odds + _matvec(features, w.astype(np.float32)).astype(np.float64)  # (I,)
     evidence = np.bincount(item, crowd.lambdas(sens, spec)[label_type] * orient, n_items)  # (I,)
+    rows = np.empty(item.size)  # (R,) per-label buffer of the loop (no fresh array per step: `_sigmoid`)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         log_odds = prior + evidence  # (I,)
         mu = _sigmoid(log_odds)  # E-step
-        new_sens, new_spec = crowd.confusion(_sigmoid(log_odds[item] * orient))
+        np.take(log_odds, item, out=rows)
+        rows *= orient  # P(label's image_0 better), as log-odds
+        new_sens, new_spec = crowd.confusion(_sigmoid(rows, out=rows))
         new_w = _newton(x, mu[labelled], w, prior_log_odds, ridge, newton_steps) if n_features else w.copy()
         change = max(np.abs(new_sens - sens).max(initial=0.0), np.abs(new_spec - spec).max(initial=0.0),
                      np.abs(new_w - w).max(initial=0.0))
         sens, spec, w = new_sens, new_spec, new_w
         prior = prior_log_odds + _matvec(features, w.astype(np.float32)).astype(np.float64)
-        evidence = np.bincount(item, crowd.lambdas(sens, spec)[label_type] * orient, n_items)
+        np.take(crowd.lambdas(sens, spec), label_type, out=rows)
+        rows *= orient  # each label's evidence toward its item's first image
+        evidence = np.bincount(item, rows, n_items)
         if change < tol:
             break
     log_odds = prior + evidence
