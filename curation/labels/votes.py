@@ -273,16 +273,22 @@ class WideVotes:
             voted[i] = pc.and_(pc.is_valid(a), pc.is_valid(b)).to_numpy(zero_copy_only=False)
         sign = np.array([1.0 if up else -1.0 for up in scorers.values()])[:, None]  # (M, 1)
         spread = np.array([spreads[name] for name in scorers])[:, None]  # (M, 1)
+        # each (M, P) array made once and then changed in place: a fresh one of a few MB faults its pages in
         with np.errstate(divide="ignore", invalid="ignore"):  # inf - inf: a NaN margin, a tie
-            margin = sign * (score_0 - score_1)  # the same floats as the polars form, _margin
+            margin = np.subtract(score_0, score_1)
+            margin *= sign  # the same floats as the polars form, _margin
             # margin * (1 / spread): polars divides a column by a number so, and the long form must match
-            normalized = np.where(spread > 0, margin * (1.0 / spread), 0.0)
+            normalized = np.multiply(margin, 1.0 / spread)
+        normalized[~(spread[:, 0] > 0)] = 0.0
         return cls(tuple(scorers), score_0, score_1, voted, margin, normalized)
 
     @functools.cached_property
     def vote(self) -> np.ndarray:
         """(M, P) 1.0 if the scorer prefers image_0, 0.0 if image_1, 0.5 for an exact tie (or a NaN margin)."""
-        return np.where(self.margin > 0, 1.0, np.where(self.margin < 0, 0.0, 0.5))
+        vote = np.full(self.margin.shape, 0.5)
+        vote[self.margin > 0] = 1.0
+        vote[self.margin < 0] = 0.0
+        return vote
 
     def counts(self) -> dict[str, np.ndarray]:
         """Per pair (P,): n_scorers, votes_for_0 and mean_margin (mean normalized margin; NaN without a
@@ -308,7 +314,8 @@ class WideVotes:
                                 for k, v in zip(counts, self.voted)], type=pa.large_string())
         scorer_code = pa.array(np.repeat(np.arange(len(self.names)), counts))
         scorer = pc.take(pa.array(self.names, pa.large_string()), scorer_code)
-        columns = [ids, scorer, *(pa.array(values[self.voted]) for values in (
+        every = bool((counts == len(pair_id)).all())  # every scorer voted on every pair: its arrays need no copy
+        columns = [ids, scorer, *(pa.array(values.ravel() if every else values[self.voted]) for values in (
             self.score_0, self.score_1, self.margin, self.vote, self.normalized_margin))]
         return pa.Table.from_arrays(columns, schema=VOTES_ARROW_SCHEMA)
 
