@@ -124,6 +124,8 @@ def fit_crowd_model(
     n_items, n_features = features.shape
     if n_workers is None:
         n_workers = int(worker.max()) + 1 if worker.size else 0
+    if item.size and (item.min() < 0 or worker.min() < 0 or worker.max() >= n_workers):
+        raise ValueError(f"item and worker must be in [0, I) and [0, {n_workers}) (the loop's gathers rely on it)")
     orient = np.where(flipped, -1.0, 1.0).astype(np.float32)  # (R,) label's image_0 log-odds -> item's first image
     label_type = (2 * worker + chose_0).astype(np.int32 if 2 * n_workers < 2**31 else np.int64)  # (R,) (W, 2) table
     labelled = np.flatnonzero(np.bincount(item, minlength=n_items) > 0)  # items the logistic is fitted on
@@ -139,7 +141,7 @@ def fit_crowd_model(
     for n_iter in range(1, max_iter + 1):
         log_odds = prior + evidence  # (I,)
         mu = _sigmoid(log_odds)  # E-step
-        np.take(log_odds, item, out=rows)
+        np.take(log_odds, item, out=rows, mode="clip")  # indices checked above; "raise" would buffer the gather
         rows *= orient  # P(label's image_0 better), as log-odds
         new_sens, new_spec = crowd.confusion(_sigmoid(rows, out=rows))
         new_w = _newton(x, mu[labelled], w, prior_log_odds, ridge, newton_steps) if n_features else w.copy()
@@ -147,7 +149,7 @@ def fit_crowd_model(
                      np.abs(new_w - w).max(initial=0.0))
         sens, spec, w = new_sens, new_spec, new_w
         prior = prior_log_odds + _matvec(features, w.astype(np.float32)).astype(np.float64)
-        np.take(crowd.lambdas(sens, spec), label_type, out=rows)
+        np.take(crowd.lambdas(sens, spec), label_type, out=rows, mode="clip")
         rows *= orient  # each label's evidence toward its item's first image
         evidence = np.bincount(item, rows, n_items)
         if change < tol:
