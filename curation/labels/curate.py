@@ -351,12 +351,13 @@ class _ChunkedRun:
                      image_0_id=pl.col("image_0_id").hash(),
                      image_1_id=pl.col("image_1_id").hash()).write_ipc(
             self._staged("model-pairs", self.model_files["pairs"]))
-        scorer_of_row, pair_of_row = np.nonzero(wide.voted & (wide.vote != 0.5))  # decisive votes
+        decisive = wide.voted & (wide.vote != 0.5)  # (M, P); its True cells in row-major order: scorer by scorer
+        scorer_of_row = np.repeat(np.arange(len(wide.names)), decisive.sum(axis=1))
         pl.DataFrame({
-            "pair_id": row_id.gather(pair_of_row),
+            "pair_id": np.broadcast_to(row_id.to_numpy(), decisive.shape)[decisive],
             "scorer": pl.Series(wide.names, dtype=pl.Categorical).gather(scorer_of_row),  # no string per vote
-            "vote": wide.vote[scorer_of_row, pair_of_row],
-            "normalized_margin": wide.normalized_margin[scorer_of_row, pair_of_row],
+            "vote": wide.vote[decisive],
+            "normalized_margin": wide.normalized_margin[decisive],
         }).write_ipc(self._staged("model-votes", self.model_files["votes"]))
 
     def finish(self) -> dict:
