@@ -201,8 +201,9 @@ def label_model(
             normalized_margin: the scorer's feature; without it the vote's sign, +-1).
 
     Returns:
-        per pair, in the order of `pairs` (LABEL_RELIABILITY_SCHEMA): scorer_log_odds (the fitted
-        logistic's log-odds w . x toward image_0, null without a decisive scorer vote),
+        per pair, in the order of `pairs` (LABEL_RELIABILITY_SCHEMA; integer pair ids, curate's row
+        numbers, stay integers): scorer_log_odds (the fitted logistic's log-odds w . x toward image_0,
+        null without a decisive scorer vote),
         calibrated_label (1 / 0 / null), peer_log_odds (the other humans' evidence on the same
         images, 0 when none or use_peers is off), label_log_odds (the label's own lambda toward its
         chosen image) and label_posterior (P(label right); null for ties and missing labels);
@@ -356,7 +357,8 @@ def _per_pair(pairs: _PairRows, humans: _HumanLabels, gathered: _ScorerVotes, fi
         .fill_nan(None),
         "label_posterior": pl.Series(np.where(is_decisive, 1.0 / (1.0 + np.exp(-toward_label)), np.nan))
         .fill_nan(None),
-    }).cast(LABEL_RELIABILITY_SCHEMA)
+    }).cast({name: dtype for name, dtype in LABEL_RELIABILITY_SCHEMA.items()  # integer ids: no string each
+             if name != "pair_id" or not pairs.pair_id.dtype.is_integer()})
 
 
 def _per_scorer(gathered: _ScorerVotes, fit: CrowdFit) -> pl.DataFrame:
