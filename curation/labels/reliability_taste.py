@@ -142,38 +142,43 @@ def taste_mixture(worker: np.ndarray, chose_0: np.ndarray, x: np.ndarray, *, n_w
     tastes = annotator_tastes(worker, chose_0, x, n_workers=n_workers, ridge=ridge)
     start = weighted_median(tastes.taste, n_labels)
 
-    def log_likelihoods(w: np.ndarray, c: np.ndarray) -> np.ndarray:  # (W, K)
-        return np.stack([_label_log_likelihood(worker, chose_0, c[worker] + _matvec(x, wk), n_workers) for wk in w], 1)
+    def logits(w: np.ndarray, c: np.ndarray) -> list[np.ndarray]:  # K arrays (R,): c_j + w_k . x_r
+        return [c[worker] + _matvec(x, wk) for wk in w]
+
+    def log_likelihoods(logit: list[np.ndarray]) -> np.ndarray:  # (W, K)
+        return np.stack([_label_log_likelihood(worker, chose_0, z, n_workers) for z in logit], 1)
 
     def fit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         w, c = w.copy(), tastes.intercept.copy()
         log_pi, previous = np.full(len(w), -np.log(len(w))), None
         for _ in range(n_iter):
-            joint = log_likelihoods(w, c) + log_pi
+            logit = logits(w, c)  # also each component's logit below: w_k and c change only after its use
+            joint = log_likelihoods(logit) + log_pi
             resp = np.exp(joint - joint.max(axis=1, keepdims=True))
             resp /= resp.sum(axis=1, keepdims=True)  # (W, K)
             log_pi = np.log(np.maximum((resp * n_labels[:, None]).sum(0) / max(n_labels.sum(), 1.0), 1e-12))
             gradient_c, hessian_c = -ridge * c, np.full(n_workers, ridge)
             for k in range(len(w)):
                 weight = resp[worker, k]  # (R,)
-                p = _sigmoid(c[worker] + _matvec(x, w[k]))
-                gradient_c += np.bincount(worker, weight * (y - p), n_workers)
-                hessian_c += np.bincount(worker, weight * p * (1 - p), n_workers)
+                p = _sigmoid(logit[k])
+                residual, curvature = weight * (y - p), weight * p * (1 - p)  # (R,)
+                gradient_c += np.bincount(worker, residual, n_workers)
+                hessian_c += np.bincount(worker, curvature, n_workers)
                 if k < len(w) - 1:  # the last component stays w = 0
-                    hessian = _gram(x, weight * p * (1 - p))  # (M, M)
-                    gradient = _column_sums(x, weight * (y - p)) - ridge * w[k]
+                    hessian = _gram(x, curvature)  # (M, M)
+                    gradient = _column_sums(x, residual) - ridge * w[k]
                     w[k] = w[k] + np.linalg.solve(hessian + ridge * np.eye(m), gradient)
             c = c + gradient_c / hessian_c
             if previous is not None and np.abs(resp - previous).max(initial=0.0) < tol:
                 break
             previous = resp
-        joint = log_likelihoods(w, c) + log_pi
+        joint = log_likelihoods(logits(w, c)) + log_pi
         resp = np.exp(joint - joint.max(axis=1, keepdims=True))
         resp /= resp.sum(axis=1, keepdims=True)
         return w, resp, np.exp(log_pi), float(np.logaddexp.reduce(joint, axis=1).sum())
 
     one = fit(np.stack([start, np.zeros(m)]))
-    common = log_likelihoods(start[None], tastes.intercept)[:, 0]
+    common = log_likelihoods(logits(start[None], tastes.intercept))[:, 0]
     two = fit(np.stack([start, tastes.taste[np.argmax(tastes.log_likelihood - common)], np.zeros(m)]))
     if 2 * (two[3] - one[3]) > 2 * (m + 1):  # AIC: the second taste's M weights + its mixing share
         w, resp, pi, _ = two
