@@ -124,7 +124,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "every OpenMP barrier for a descheduled thread, which the control shows")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for the dtype (H100 SXM bf16)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.prompts < 16:
+        parser.error(f"--prompts must be 16 or more (the sample lake needs 24 annotators), got {args.prompts}")
+    return args
 
 
 def _setup(args: argparse.Namespace, work: str):
