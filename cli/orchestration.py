@@ -14,12 +14,10 @@ from prefcurate.cli.train import (
     TRAINER_OPTIONS, TrainerOptionError, check_num_processes, check_trainer_options, preflight, usage_error,
 )
 from prefcurate.data_schemas.vocab import (
-    DEFAULT_SNAPSHOT_POLICY, INPUT_FORMATS, LOSS_TYPES, MINORITY_THRESHOLD, SNAPSHOT_POLICIES,
+    DEFAULT_SNAPSHOT_POLICY, INPUT_FORMATS, LANDING_PATTERNS, LOSS_TYPES, MINORITY_THRESHOLD, SNAPSHOT_POLICIES,
 )
 
 
-# The landing files each reader picks up by default (one per prefcurate.data_schemas.vocab.INPUT_FORMATS name).
-PATTERNS = {"pickapic": "*.parquet", "hpdv2": "*.json", "jsonl": "*.jsonl", "csv": "*.csv", "wmt": "*.csv"}
 
 
 def add_parser(sub) -> None:
@@ -46,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--name", default="prefcurate", help="deployment name: prefcurate-pipeline/NAME")
     p.add_argument("--format", default="pickapic", choices=sorted(INPUT_FORMATS), help="reader of the landing files")
     p.add_argument("--pattern", help="file name pattern in the landing folder (default by format: "
-                                     + ", ".join(f"{k} {v}" for k, v in PATTERNS.items()) + ")")
+                                     + ", ".join(f"{k} {v}" for k, v in LANDING_PATTERNS.items()) + ")")
     p.add_argument("--source", help="source label of the pairs (default: the format name)")
     p.add_argument("--image-root", help="folder that image paths are relative to (hpdv2, jsonl, csv)")
     p.add_argument("--scorers", default="sharpness,exposure,prompt_colour,colourfulness",
@@ -124,7 +122,7 @@ def run(args) -> int:
     score_options = {"weights_dir": args.weights, "device": args.device, "workers": args.workers}
     try:
         serve_pipeline(args.name, args.lake, args.landing, cron=args.cron, interval=args.interval, fmt=args.format,
-                       pattern=args.pattern or PATTERNS[args.format], source=args.source,
+                       pattern=args.pattern or LANDING_PATTERNS[args.format], source=args.source,
                        reader_options={"image_root": args.image_root} if args.image_root else None,
                        scorers=scorers, score_options=score_options,
                        snapshot_name=args.snapshot_name, policy=policy, train=train)

@@ -18,8 +18,10 @@ DEFAULT_SNAPSHOT_POLICY = "adaptive"
 # (Adaptive-DPO: u in [0, 1], 0.5 is the point where the label is as likely minority as majority).
 MINORITY_THRESHOLD = 0.5
 
-# Input formats `prefcurate ingest --format` accepts (prefcurate.curation.ingest.READERS has one reader per name).
-INPUT_FORMATS = ("pickapic", "hpdv2", "jsonl", "csv", "wmt")
+# Input formats `prefcurate ingest --format` accepts (prefcurate.curation.ingest.READERS has one reader per name),
+# each with the landing-folder file pattern that `serve` and the pipeline pick up by default.
+LANDING_PATTERNS = {"pickapic": "*.parquet", "hpdv2": "*.json", "jsonl": "*.jsonl", "csv": "*.csv", "wmt": "*.csv"}
+INPUT_FORMATS = tuple(LANDING_PATTERNS)
 
 # name -> (higher_is_better, prompt_free, needs_weights) of every registered scorer (curation/scorers/__init__.py
 # SCORERS); here so curation and the CLI need no torch import. tests/test_curate_snapshot.py checks the first two

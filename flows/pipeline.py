@@ -35,7 +35,9 @@ from prefcurate.curation.ingest import quarantine_reasons
 from prefcurate.curation.store.lake import Lake
 from prefcurate.curation.snapshot import SnapshotPolicy
 from prefcurate.curation.store.sql import query
-from prefcurate.data_schemas.vocab import DEFAULT_SNAPSHOT_POLICY, MINORITY_THRESHOLD, WEIGHT_FREE_SCORERS
+from prefcurate.data_schemas.vocab import (
+    DEFAULT_SNAPSHOT_POLICY, LANDING_PATTERNS, MINORITY_THRESHOLD, WEIGHT_FREE_SCORERS,
+)
 from prefcurate.flows.curate import curate_flow, snapshot_flow
 from prefcurate.flows.ingest import ingest_flow
 from prefcurate.flows.score import score_flow
@@ -136,17 +138,19 @@ def _training(snapshot: dict, train: TrainRequest) -> dict:
 
 
 @flow(name=PIPELINE_FLOW_NAME, log_prints=True)
-def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str = "*.parquet",
+def pipeline_flow(lake: str, landing: str, fmt: str = "pickapic", pattern: str | None = None,
                   source: str | None = None, reader_options: dict | None = None,
                   scorers: list[str] | None = None, score_options: dict | None = None,
                   curate: CurateConfig | None = None, snapshot_name: str = "curated",
                   policy: SnapshotPolicy | None = None, train: TrainRequest | None = None) -> dict:
     """Ingest the landing folder's new files into `lake`, score, curate, write the `snapshot_name` snapshot
     of `policy` (default adaptive), and start training on it if `train` is given and its gate passes.
+    `pattern`: the landing files to ingest, by default the format's (data_schemas.vocab.LANDING_PATTERNS).
     `source`, `reader_options`: as prefcurate.flows.ingest.ingest_flow (e.g. {"image_root": DIR}). `scorers`: default
     the pixel scorers; [] skips scoring. `score_options` go to prefcurate.flows.score.score_flow (weights_dir, device,
     batch_size, workers, shard_size)."""
     check_served(lake=lake, landing=landing)  # a run served for another lake fails here, before any write
+    pattern = pattern or LANDING_PATTERNS[fmt]
     files = landing_files(landing, pattern)
     summary: dict = {"lake": lake, "landing": landing, "files": files}
     if not files and not Lake.exists(lake):

@@ -194,13 +194,6 @@ def test_snapshot_default_policy_and_choices_come_from_the_vocabulary(small_lake
     assert manifest["policy"]["kind"] == DEFAULT_SNAPSHOT_POLICY
 
 
-def test_serve_patterns_cover_the_input_formats():
-    from prefcurate.cli.orchestration import PATTERNS
-    from prefcurate.data_schemas.vocab import INPUT_FORMATS
-
-    assert tuple(PATTERNS) == INPUT_FORMATS
-
-
 def test_cli_modules_import_nothing_heavy_and_flows_do_not_import_cli():
     """`prefcurate --help` stays fast: the cli package imports no torch, Polars, pyarrow or Prefect (the
     data_schemas package loads its Arrow schemas on first use, so reading its vocab costs nothing); and the
