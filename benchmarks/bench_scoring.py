@@ -134,7 +134,7 @@ def _setup(args: argparse.Namespace, work: str):
     """The sample lake, a random-weight HPSv2 checkpoint, the scorer, and the plan's items written as image
     files (the reference packages read files from disk): (lake, weights folder, scorer, items, paths)."""
     from prefcurate.curation.scorers import build_scorer
-    from prefcurate.curation.scorers.runner import plan_work
+    from prefcurate.curation.scorers.plan import plan_work
 
     t0 = time.perf_counter()
     lake = build_lake(work, args.prompts, args.size, args.seed)

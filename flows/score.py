@@ -27,9 +27,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefcurate.curation.store.lake import Lake
-from prefcurate.curation.scorers.runner import (
-    ScorerSummary, ScoringConfig, load_scorers, make_pool, plan_work, score_shard,
-)
+from prefcurate.curation.scorers.plan import plan_work
+from prefcurate.curation.scorers.runner import ScorerSummary, ScoringConfig, load_scorers, score_shard
+from prefcurate.curation.scorers.worker import make_pool
 
 
 _CACHE: dict = {}  # per process: built scorers and the decode pool, reused by later tasks

@@ -314,7 +314,7 @@ def planted_taste_crowd(seed: int, n_items: int = 3000, minority_share: float = 
 def test_crowd_model_recovers_a_planted_logistic_truth_and_two_coin_annotators():
     """Raykar et al. 2010: the truth P(first better) = sigmoid(w . x) with w = (2, -1); annotators 0-4
     right 90 %, 5-9 right 70 %, 10-11 always pick image_0 (a = 1, b = 0); 2 labels per item."""
-    from prefcurate.curation.labels.reliability import fit_crowd_model
+    from prefcurate.curation.labels.reliability_em import fit_crowd_model
 
     rng = np.random.default_rng(0)
     n_items = 4000
@@ -346,7 +346,7 @@ def test_leave_one_out_confusion_does_not_let_a_label_confirm_itself():
     """One label per item and no features: without its own label an item has no evidence at all, so the
     leave-one-out confusion has nothing to go on and stays at the pooled values for everyone, while the
     in-sample a, b are moved by the annotator's own labels."""
-    from prefcurate.curation.labels.reliability import fit_crowd_model
+    from prefcurate.curation.labels.reliability_em import fit_crowd_model
 
     rng = np.random.default_rng(1)
     worker = np.repeat(np.arange(3), 50)
@@ -357,7 +357,7 @@ def test_leave_one_out_confusion_does_not_let_a_label_confirm_itself():
 
 
 def test_annotator_tastes_recover_a_planted_taste_and_position_intercept():
-    from prefcurate.curation.labels.reliability import annotator_tastes
+    from prefcurate.curation.labels.reliability_taste import annotator_tastes
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6000, 2))
@@ -374,7 +374,7 @@ def test_annotator_tastes_recover_a_planted_taste_and_position_intercept():
 
 
 def test_weighted_median_by_hand():
-    from prefcurate.curation.labels.reliability import weighted_median
+    from prefcurate.curation.labels.reliability_taste import weighted_median
 
     values = np.array([[1.0, 10.0], [2.0, 30.0], [3.0, 20.0]])
     assert weighted_median(values, np.array([1, 1, 1])).tolist() == [2.0, 20.0]
@@ -387,7 +387,7 @@ def test_taste_mixture_keeps_the_majority_taste_and_finds_the_minority_group():
     """A consistent minority taste with 40 % of the labels: the majority taste is the one of the other 60 %
     (direction (2, 1, 0), not a compromise with the minority's (0, 0, 3)), the minority's members get a
     small rho, and so does a spammer (it belongs to the no-taste component)."""
-    from prefcurate.curation.labels.reliability import taste_mixture
+    from prefcurate.curation.labels.reliability_taste import taste_mixture
 
     worker, item, flipped, chose_0, x, truth_first, first_minority = planted_taste_crowd(seed=3)
     x_label = x[item] * np.where(flipped, -1.0, 1.0)[:, None]  # toward the label's image_0
@@ -430,7 +430,7 @@ def test_label_model_detects_a_minority_taste_group_below_half_of_the_labels():
 
 
 def test_capped_rows_water_fills_the_heaviest_annotators():
-    from prefcurate.curation.labels.reliability import capped_rows
+    from prefcurate.curation.labels.reliability_taste import capped_rows
 
     worker = np.array([0] * 10 + [1] * 3 + [2] * 1)  # 14 rows; a cap of 5 keeps 5 + 3 + 1 = 9
     kept = capped_rows(worker, 3, 9)

@@ -405,7 +405,7 @@ def test_curation_tables_are_described(curated):
 
 
 def test_dense_codes_match_the_keys_exactly():
-    from prefcurate.curation.labels.reliability import _dense_codes
+    from prefcurate.curation.labels.reliability_votes import _dense_codes
 
     keys = pl.DataFrame({"lo": ["x", "y", "x", "z", "y", "x"], "hi": ["1", "1", "1", "2", "2", "2"]})
     codes = _dense_codes(keys)

@@ -28,7 +28,8 @@ from prefcurate.curation.ingest import IngestConfig, ingest_file, make_reader
 from prefcurate.curation.store.lake import Lake, LakeError
 from prefcurate.curation.synthetic.sample import SampleConfig, generate_sample
 from prefcurate.curation.scorers import build_scorer
-from prefcurate.curation.scorers.runner import ScoringConfig, plan_work, run_scoring
+from prefcurate.curation.scorers.plan import plan_work
+from prefcurate.curation.scorers.runner import ScoringConfig, run_scoring
 from prefcurate.curation.store.sql import query
 from prefcurate.curation.labels.votes import PROMPT_FREE_PROMPT_ID
 from prefcurate.cli.main import main
@@ -229,7 +230,8 @@ TWIN_SCRIPT = textwrap.dedent("""
     import os, sys, time
     from prefcurate.curation.store.lake import Lake, LakeError
     from prefcurate.curation.scorers import build_scorer
-    from prefcurate.curation.scorers.runner import ScoringConfig, plan_work, score_shard
+    from prefcurate.curation.scorers.plan import plan_work
+    from prefcurate.curation.scorers.runner import ScoringConfig, score_shard
     root, me, other = sys.argv[1], sys.argv[2], sys.argv[3]
     lake, scorer = Lake(root), build_scorer("prompt_colour")
     plan = plan_work(lake, scorer)

@@ -70,22 +70,9 @@ import numpy as np
 import polars as pl
 
 from prefcurate.curation.labels.reliability_em import CrowdFit, _sigmoid, fit_crowd_model
-from prefcurate.curation.labels.reliability_taste import (
-    Tastes, annotator_tastes, capped_rows, taste_mixture, weighted_median,
-)
+from prefcurate.curation.labels.reliability_taste import capped_rows, taste_mixture
 from prefcurate.curation.labels.reliability_votes import _argsort_by, _dense_codes, _scorer_votes, _ScorerVotes
 from prefcurate.curation.labels.votes import as_lazy
-
-
-# The EM, the tastes and the vote gathering live in reliability_em, reliability_taste and reliability_votes;
-# their public names are importable from here as before.
-__all__ = [
-    "ANONYMOUS", "LABEL_MODEL_ANNOTATORS_SCHEMA", "LABEL_RELIABILITY_SCHEMA", "SCORER_RELIABILITY_SCHEMA",
-    "TASTE_LABELS",
-    "CrowdFit", "LabelModelConfig", "Tastes", "annotator_tastes", "capped_rows", "fit_crowd_model", "label_model",
-    "label_posterior", "label_reliability", "log_likelihood_ratio", "normalise_weights", "taste_mixture",
-    "weighted_median", "winner_truth_share",
-]
 
 
 TASTE_LABELS = 200_000  # labels the taste mixture reads at most (`capped_rows`); see taste_mixture

@@ -1,6 +1,6 @@
 """The scoring stage: every image the pairs table needs, scored once per (scorer version, image, prompt).
 
-Three concerns, three modules; the names callers use are importable from here:
+Three concerns, three modules:
 1. planning (curation/scorers/plan.py): `plan_work` lists the (image, prompt) work the pairs need, minus what
    `scores` holds for the same scorer AND scorer_version; `WorkPlan.shards` cuts it between images;
 2. the worker side (curation/scorers/worker.py): `make_pool` starts the decode/preprocess processes, which get
@@ -44,13 +44,8 @@ import torch
 
 from prefcurate.curation.store.lake import DEFAULT_WAIT_S, Lake
 from prefcurate.curation.scorers import SCORERS, NeuralScorer, Scorer, build_scorer
-from prefcurate.curation.scorers.plan import WORK_SCHEMA, WorkPlan, plan_work, sql_str
-from prefcurate.curation.scorers.worker import FAILURES, MAX_IMAGE_PIXELS, _prepare, _ready, make_pool, worker_pids
-
-
-__all__ = ["FAILURES", "MAX_IMAGE_PIXELS", "WORK_SCHEMA", "ScorerSummary", "ScoringConfig", "ScoringResult",
-           "ShardResult", "WorkPlan", "commit_scores", "load_scorers", "make_pool", "plan_work", "run_scoring",
-           "score_shard", "worker_pids"]
+from prefcurate.curation.scorers.plan import plan_work, sql_str
+from prefcurate.curation.scorers.worker import MAX_IMAGE_PIXELS, _prepare, _ready, make_pool
 
 
 @dataclass
