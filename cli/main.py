@@ -13,6 +13,7 @@ import os
 import sys
 import textwrap
 
+from prefcurate import __version__
 from prefcurate.cli import curate, evaluate, ingest, lake, orchestration, query, report, sample, score, snapshot, train
 from prefcurate.cli.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, UserError
 
@@ -38,24 +39,13 @@ EPILOG = """\
     exit codes: 0 ok, 1 internal error, 2 usage error, 3 input error"""
 
 
-def version() -> str:
-    """The installed distribution's version ("unknown" in a source tree that was never installed)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed_version
-
-    try:
-        return installed_version("prefcurate")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefcurate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Curate human-preference pair data and fine-tune text-to-image models on it.",
         epilog=textwrap.dedent(EPILOG))
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    parser.add_argument("--version", action="version", version=f"prefcurate {version()}")
+    parser.add_argument("--version", action="version", version=f"prefcurate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in dict.fromkeys(COMMANDS.values()):  # each group once, in the order of its first command
         group.add_parser(sub)

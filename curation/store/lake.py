@@ -188,7 +188,6 @@ class Lake:
         """The filesystem path (for `self.fs`) of a path relative to the lake."""
         return "/".join([self.path, *parts])
 
-
     @staticmethod
     def exists(root: str) -> bool:
         """Whether a lake (its marker) is at `root`, a local path or any fsspec URL (`file://`, `s3://`, ...):
