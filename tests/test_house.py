@@ -7,6 +7,7 @@ import is still reported by name.
 from __future__ import annotations
 
 import ast
+import graphlib
 import re
 import tomllib
 from pathlib import Path
@@ -107,33 +108,10 @@ def test_imports_use_the_namespace_and_flow_one_way():
 
 def test_no_import_circle():
     graph = {name: _our_targets(tree) - {name} for name, tree in TREES.items()}
-    index, low, stack, on_stack, circles = {}, {}, [], set(), []
-
-    def visit(node):  # Tarjan's strongly connected components
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for nxt in graph.get(node, ()):
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in on_stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            component = set()
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.add(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                circles.append(sorted(component))
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    assert circles == []
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as err:
+        pytest.fail(f"import circle: {' -> '.join(err.args[1])}")
 
 
 # The tests and benchmarks: they import the namespace too and keep their functions short.
